@@ -1,0 +1,166 @@
+//! The driver shared by the dense and lean convolutions: y = W ⊛ x (im2col GEMM) plus a grouped
+//! stencil of the same input, in one pass over each sample, and the matching backward.
+
+use super::gemm_conv::ConvGeom;
+use super::stencil::StencilGeom;
+use crate::real::{par_over_samples, Real};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// y = [dense/pointwise(x; P)] + [grouped stencil(x; Q)] over a batch of `n` samples.
+#[derive(Clone, Debug)]
+pub(crate) struct ConvSum {
+    pub n: usize,
+    pub dense: Option<ConvGeom>,
+    pub stencil: Option<StencilGeom>,
+}
+
+/// The gradients of one backward pass.
+pub(crate) struct ConvSumGrads<T> {
+    pub x: Vec<T>,
+    pub dense: Option<Vec<T>>,
+    pub stencil: Option<Vec<T>>,
+}
+
+impl ConvSum {
+    fn in_len(&self) -> usize {
+        match (&self.dense, &self.stencil) {
+            (Some(d), _) => d.in_len(),
+            (None, Some(s)) => s.cin * s.in_plane(),
+            (None, None) => 0,
+        }
+    }
+    fn out_len(&self) -> usize {
+        match (&self.dense, &self.stencil) {
+            (Some(d), _) => d.out_len(),
+            (None, Some(s)) => s.cout * s.out_plane(),
+            (None, None) => 0,
+        }
+    }
+    fn cols_len(&self) -> usize {
+        self.dense.map_or(0, |d| d.cols_len())
+    }
+
+    /// The output of the whole batch, NCHW.
+    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
+        let (il, ol) = (self.in_len(), self.out_len());
+        let mut y = vec![T::zero(); self.n * ol];
+        let sample = |ni: usize, yn: &mut [T], cols: &mut [T], par: Parallelism| {
+            let xn = &x[ni * il..(ni + 1) * il];
+            if let (Some(g), Some(p)) = (&self.dense, p) {
+                g.forward(xn, p, yn, cols, par);
+            }
+            if let (Some(st), Some(q)) = (&self.stencil, q) {
+                let chunk = st.opg() * st.out_plane();
+                if matches!(par, Parallelism::None) {
+                    yn.chunks_mut(chunk).enumerate().for_each(|(grp, yc)| st.forward_group(grp, xn, q, yc));
+                } else {
+                    yn.par_chunks_mut(chunk).enumerate().for_each(|(grp, yc)| st.forward_group(grp, xn, q, yc));
+                }
+            }
+        };
+        if ol == 0 {
+            return y;
+        }
+        if par_over_samples(self.n) {
+            y.par_chunks_mut(ol)
+                .enumerate()
+                .for_each_init(|| vec![T::zero(); self.cols_len()], |cols, (ni, yn)| sample(ni, yn, cols, Parallelism::None));
+        } else {
+            let mut cols = vec![T::zero(); self.cols_len()];
+            let par = Parallelism::Rayon(rayon::current_num_threads());
+            for (ni, yn) in y.chunks_mut(ol).enumerate() {
+                sample(ni, yn, &mut cols, par);
+            }
+        }
+        y
+    }
+
+    /// The gradients of x, of the dense weight (if any) and of the stencil weight (if any).
+    pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> ConvSumGrads<T> {
+        ConvSumGrads {
+            x: self.backward_input(p, q, gy),
+            dense: self.dense.zip(p).map(|(g, _)| self.backward_dense_weight(&g, x, gy)),
+            stencil: self.stencil.as_ref().zip(q).map(|(st, _)| self.backward_stencil_weight(st, x, gy)),
+        }
+    }
+
+    fn backward_input<T: Real>(&self, p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> Vec<T> {
+        let (il, ol) = (self.in_len(), self.out_len());
+        let mut gx = vec![T::zero(); self.n * il];
+        if il == 0 {
+            return gx;
+        }
+        let sample = |ni: usize, gxn: &mut [T], cols: &mut [T], par: Parallelism| {
+            let gyn = &gy[ni * ol..(ni + 1) * ol];
+            if let (Some(g), Some(p)) = (&self.dense, p) {
+                g.backward_input(gyn, p, gxn, cols, par);
+            }
+            if let (Some(st), Some(q)) = (&self.stencil, q) {
+                let chunk = st.g * st.in_plane();
+                if matches!(par, Parallelism::None) {
+                    gxn.chunks_mut(chunk).enumerate().for_each(|(grp, c)| st.backward_input_group(grp, gyn, q, c));
+                } else {
+                    gxn.par_chunks_mut(chunk).enumerate().for_each(|(grp, c)| st.backward_input_group(grp, gyn, q, c));
+                }
+            }
+        };
+        if par_over_samples(self.n) {
+            gx.par_chunks_mut(il)
+                .enumerate()
+                .for_each_init(|| vec![T::zero(); self.cols_len()], |cols, (ni, gxn)| sample(ni, gxn, cols, Parallelism::None));
+        } else {
+            let mut cols = vec![T::zero(); self.cols_len()];
+            let par = Parallelism::Rayon(rayon::current_num_threads());
+            for (ni, gxn) in gx.chunks_mut(il).enumerate() {
+                sample(ni, gxn, &mut cols, par);
+            }
+        }
+        gx
+    }
+
+    fn backward_dense_weight<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
+        let (il, ol, wl) = (self.in_len(), self.out_len(), g.cout * g.k());
+        let one = |ni: usize, acc: &mut [T], cols: &mut [T], par: Parallelism| {
+            g.backward_weight(&x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], acc, cols, par);
+        };
+        if par_over_samples(self.n) {
+            (0..self.n)
+                .into_par_iter()
+                .fold(
+                    || (vec![T::zero(); wl], vec![T::zero(); self.cols_len()]),
+                    |(mut acc, mut cols), ni| {
+                        one(ni, &mut acc, &mut cols, Parallelism::None);
+                        (acc, cols)
+                    },
+                )
+                .map(|(acc, _)| acc)
+                .reduce(
+                    || vec![T::zero(); wl],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(u, v)| *u += *v);
+                        a
+                    },
+                )
+        } else {
+            let mut acc = vec![T::zero(); wl];
+            let mut cols = vec![T::zero(); self.cols_len()];
+            let par = Parallelism::Rayon(rayon::current_num_threads());
+            for ni in 0..self.n {
+                one(ni, &mut acc, &mut cols, par);
+            }
+            acc
+        }
+    }
+
+    fn backward_stencil_weight<T: Real>(&self, st: &StencilGeom, x: &[T], gy: &[T]) -> Vec<T> {
+        let (il, ol, per) = (self.in_len(), self.out_len(), st.g * st.nt());
+        let mut gq = vec![T::zero(); st.cout * per];
+        gq.par_chunks_mut(per).enumerate().for_each(|(o, gqo)| {
+            for ni in 0..self.n {
+                st.backward_weight_channel(o, &x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], gqo);
+            }
+        });
+        gq
+    }
+}

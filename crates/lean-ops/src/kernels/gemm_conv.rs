@@ -1,0 +1,229 @@
+//! Dense convolution as im2col + GEMM, one sample at a time.
+//!
+//! The lean convolution's pointwise branch is the 1x1 case of the same geometry (a stride-2 1x1
+//! conv gathers every other pixel; a stride-1 one reads the input in place, no copy).
+
+use crate::real::Real;
+use gemm::Parallelism;
+
+/// The geometry of a dense (groups = 1) 2-d convolution over one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConvGeom {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub dil: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvGeom {
+    /// Length of the reduction dimension: Cin·kh·kw.
+    pub fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+    pub fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    pub fn out_len(&self) -> usize {
+        self.cout * self.ho * self.wo
+    }
+    pub fn out_pixels(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// A 1x1, stride-1, unpadded conv reads its input as the GEMM operand directly.
+    pub fn is_identity_im2col(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Scratch needed for the column matrix (0 when the input is used in place).
+    pub fn cols_len(&self) -> usize {
+        if self.is_identity_im2col() {
+            0
+        } else {
+            self.k() * self.out_pixels()
+        }
+    }
+
+    /// The range of output indices `o` whose input index `o*stride + off` lies in `[0, len)`.
+    #[inline]
+    fn valid(&self, off: isize, len: usize, out: usize) -> (usize, usize) {
+        valid_range(off, self.stride, len, out)
+    }
+
+    /// Fills `cols` (K x Ho·Wo, row-major) with the input patches of one sample.
+    fn im2col<T: Real>(&self, x: &[T], cols: &mut [T]) {
+        let p = self.out_pixels();
+        let s = self.stride;
+        for ci in 0..self.cin {
+            let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+            for ky in 0..self.kh {
+                let oy = (ky * self.dil) as isize - self.pad as isize;
+                let (ylo, yhi) = self.valid(oy, self.h, self.ho);
+                for kx in 0..self.kw {
+                    let ox = (kx * self.dil) as isize - self.pad as isize;
+                    let (xlo, xhi) = self.valid(ox, self.w, self.wo);
+                    let row = (ci * self.kh + ky) * self.kw + kx;
+                    let dst = &mut cols[row * p..(row + 1) * p];
+                    for (yo, drow) in dst.chunks_exact_mut(self.wo).enumerate() {
+                        if yo < ylo || yo >= yhi || xlo >= xhi {
+                            drow.fill(T::zero());
+                            continue;
+                        }
+                        let yi = (yo as isize * s as isize + oy) as usize;
+                        let src = &plane[yi * self.w..(yi + 1) * self.w];
+                        drow[..xlo].fill(T::zero());
+                        drow[xhi..].fill(T::zero());
+                        let x0 = (xlo as isize * s as isize + ox) as usize;
+                        if s == 1 {
+                            drow[xlo..xhi].copy_from_slice(&src[x0..x0 + (xhi - xlo)]);
+                        } else {
+                            for (d, v) in drow[xlo..xhi].iter_mut().zip(src[x0..].iter().step_by(s)) {
+                                *d = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the column matrix `cols` back onto the input grid (the adjoint of `im2col`).
+    fn col2im_add<T: Real>(&self, cols: &[T], gx: &mut [T]) {
+        let p = self.out_pixels();
+        let s = self.stride;
+        for ci in 0..self.cin {
+            let plane = &mut gx[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+            for ky in 0..self.kh {
+                let oy = (ky * self.dil) as isize - self.pad as isize;
+                let (ylo, yhi) = self.valid(oy, self.h, self.ho);
+                for kx in 0..self.kw {
+                    let ox = (kx * self.dil) as isize - self.pad as isize;
+                    let (xlo, xhi) = self.valid(ox, self.w, self.wo);
+                    if xlo >= xhi {
+                        continue;
+                    }
+                    let row = (ci * self.kh + ky) * self.kw + kx;
+                    let src = &cols[row * p..(row + 1) * p];
+                    for yo in ylo..yhi {
+                        let yi = (yo as isize * s as isize + oy) as usize;
+                        let dst = &mut plane[yi * self.w..(yi + 1) * self.w];
+                        let srow = &src[yo * self.wo + xlo..yo * self.wo + xhi];
+                        let x0 = (xlo as isize * s as isize + ox) as usize;
+                        if s == 1 {
+                            for (d, v) in dst[x0..x0 + srow.len()].iter_mut().zip(srow) {
+                                *d += *v;
+                            }
+                        } else {
+                            for (d, v) in dst[x0..].iter_mut().step_by(s).zip(srow) {
+                                *d += *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The GEMM right operand for one sample: the input itself or its column matrix in `cols`.
+    fn operand<'a, T: Real>(&self, x: &'a [T], cols: &'a mut [T]) -> &'a [T] {
+        if self.is_identity_im2col() {
+            x
+        } else {
+            self.im2col(x, cols);
+            cols
+        }
+    }
+
+    /// y (Cout x P) = W (Cout x K) · cols(x), overwriting `y`.
+    pub fn forward<T: Real>(&self, x: &[T], w: &[T], y: &mut [T], cols: &mut [T], par: Parallelism) {
+        let b = self.operand(x, cols);
+        let (m, n, k) = (self.cout, self.out_pixels(), self.k());
+        gemm_rm(m, n, k, y, false, w, (k, 1), b, (n, 1), par);
+    }
+
+    /// gx += cols⁻¹(Wᵀ · gy): the input gradient of one sample, accumulated into `gx`.
+    pub fn backward_input<T: Real>(&self, gy: &[T], w: &[T], gx: &mut [T], cols: &mut [T], par: Parallelism) {
+        let (m, n, k) = (self.k(), self.out_pixels(), self.cout);
+        if self.is_identity_im2col() {
+            gemm_rm(m, n, k, gx, true, w, (1, m), gy, (n, 1), par);
+        } else {
+            gemm_rm(m, n, k, cols, false, w, (1, m), gy, (n, 1), par);
+            self.col2im_add(cols, gx);
+        }
+    }
+
+    /// gw += gy (Cout x P) · cols(x)ᵀ: one sample's contribution to the weight gradient.
+    pub fn backward_weight<T: Real>(&self, x: &[T], gy: &[T], gw: &mut [T], cols: &mut [T], par: Parallelism) {
+        let b = self.operand(x, cols);
+        let (m, n, k) = (self.cout, self.k(), self.out_pixels());
+        gemm_rm(m, n, k, gw, true, gy, (k, 1), b, (1, k), par);
+    }
+}
+
+/// The range `[lo, hi)` of output positions `o < out` with `o*stride + off` inside `[0, len)`.
+#[inline]
+pub(crate) fn valid_range(off: isize, stride: usize, len: usize, out: usize) -> (usize, usize) {
+    let s = stride as isize;
+    let lo = if off >= 0 { 0 } else { ((-off) + s - 1) / s };
+    let last = len as isize - 1 - off;
+    let hi = if last < 0 { 0 } else { (last / s + 1).min(out as isize) };
+    let lo = lo.min(out as isize);
+    (lo as usize, hi.max(lo) as usize)
+}
+
+/// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n), with (row, column) strides for the operands;
+/// dst is a dense row-major slice.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn gemm_rm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    (lrs, lcs): (usize, usize),
+    rhs: &[T],
+    (rrs, rcs): (usize, usize),
+    par: Parallelism,
+) {
+    assert!(dst.len() >= m * n, "gemm: destination too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs, "gemm: lhs too small");
+        assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs, "gemm: rhs too small");
+    }
+    // SAFETY: the asserts above check that every element the strided views address lies inside
+    // the slices (the largest index is (rows-1)*rs + (cols-1)*cs), and `dst` is borrowed mutably,
+    // so the GEMM neither reads nor writes out of bounds and does not alias its inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}

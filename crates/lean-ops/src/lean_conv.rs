@@ -1,0 +1,309 @@
+//! The lean convolution: a pointwise 1x1 convolution plus a grouped sparse-stencil convolution
+//! of the same input (LEAN_SPEC.md section 1), as one fused CPU op with its backward.
+
+use crate::conv::add_channel_bias;
+use crate::cost::{Cost, CostModel};
+use crate::error::{check_float, config_err, dims4, shape_err, Result};
+use crate::kernels::conv_sum::ConvSum;
+use crate::kernels::gemm_conv::ConvGeom;
+use crate::kernels::stencil::StencilGeom;
+use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
+use crate::reference;
+use crate::stencil::Stencil;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Shape, Tensor, WithDType};
+use candle_nn::{Init, VarBuilder};
+
+/// Configuration of a [`LeanConv2d`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeanConv2dConfig {
+    /// Input channels Cin.
+    pub in_channels: usize,
+    /// Output channels Cout; must be a multiple of Cin / group_size.
+    pub out_channels: usize,
+    /// The stencil of the grouped branch.
+    pub stencil: Stencil,
+    /// Input channels per group g (1 = depthwise, Cin = full coupling); must divide Cin.
+    pub group_size: usize,
+    /// Stride of both branches (>= 1).
+    pub stride: usize,
+    /// Dilation of the stencil, also its zero padding (>= 1).
+    pub dilation: usize,
+    /// Whether the layer adds a bias.
+    pub bias: bool,
+}
+
+impl LeanConv2dConfig {
+    /// A five-point, depthwise (g = 1), stride-1 lean convolution without bias.
+    pub fn new(in_channels: usize, out_channels: usize) -> Self {
+        LeanConv2dConfig { in_channels, out_channels, stencil: Stencil::Five, group_size: 1, stride: 1, dilation: 1, bias: false }
+    }
+    /// Sets the stencil.
+    pub fn stencil(mut self, s: Stencil) -> Self {
+        self.stencil = s;
+        self
+    }
+    /// Sets the group size g.
+    pub fn group_size(mut self, g: usize) -> Self {
+        self.group_size = g;
+        self
+    }
+    /// Sets the stride.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = s;
+        self
+    }
+    /// Sets the dilation.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.dilation = d;
+        self
+    }
+    /// Turns the bias on or off.
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+
+    /// Number of groups of the stencil branch: Cin / g.
+    pub fn groups(&self) -> usize {
+        self.in_channels / self.group_size.max(1)
+    }
+
+    /// Checks the divisibility rules and ranges of the spec.
+    pub fn validate(&self) -> Result<()> {
+        const OP: &str = "lean_conv2d";
+        let c = self;
+        if c.in_channels == 0 || c.out_channels == 0 {
+            return Err(config_err(OP, format!("channels must be positive, got in={} out={}", c.in_channels, c.out_channels)));
+        }
+        if c.group_size == 0 || c.in_channels % c.group_size != 0 {
+            return Err(config_err(OP, format!("group_size {} must divide in_channels {}", c.group_size, c.in_channels)));
+        }
+        if c.out_channels % c.groups() != 0 {
+            return Err(config_err(
+                OP,
+                format!("out_channels {} must be a multiple of the number of groups {} (= in_channels {} / group_size {})", c.out_channels, c.groups(), c.in_channels, c.group_size),
+            ));
+        }
+        if c.stride == 0 {
+            return Err(config_err(OP, "stride must be >= 1, got 0"));
+        }
+        if c.dilation == 0 {
+            return Err(config_err(OP, "dilation must be >= 1, got 0"));
+        }
+        Ok(())
+    }
+
+    /// Output spatial size: floor((H - 1) / s) + 1.
+    pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        ((h.max(1) - 1) / self.stride + 1, (w.max(1) - 1) / self.stride + 1)
+    }
+
+    /// Parameters: Cout·Cin + Cout·g·|S| (+ Cout with bias).
+    pub fn num_params(&self) -> usize {
+        self.out_channels * self.in_channels + self.out_channels * self.group_size * self.stencil.len() + if self.bias { self.out_channels } else { 0 }
+    }
+
+    /// Shape of the stored stencil weight: (Cout, g, |S|).
+    pub fn stencil_shape(&self) -> (usize, usize, usize) {
+        (self.out_channels, self.group_size, self.stencil.len())
+    }
+
+    fn geometry(&self, n: usize, h: usize, w: usize, with_pointwise: bool) -> ConvSum {
+        let (ho, wo) = self.output_hw(h, w);
+        let (cin, cout, s) = (self.in_channels, self.out_channels, self.stride);
+        ConvSum {
+            n,
+            dense: with_pointwise.then_some(ConvGeom { cin, h, w, cout, kh: 1, kw: 1, stride: s, pad: 0, dil: 1, ho, wo }),
+            stencil: Some(StencilGeom { cin, h, w, cout, g: self.group_size, stride: s, dil: self.dilation, ho, wo, taps: self.stencil.taps() }),
+        }
+    }
+}
+
+impl CostModel for LeanConv2dConfig {
+    fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
+        self.validate()?;
+        let &[n, c, h, w] = input else {
+            return Err(shape_err("lean_conv2d", format!("expected an (N, C, H, W) input shape, got {input:?}")));
+        };
+        if c != self.in_channels {
+            return Err(shape_err("lean_conv2d", format!("expected {} input channels, got {c}", self.in_channels)));
+        }
+        let (ho, wo) = self.output_hw(h, w);
+        let per_pixel = self.out_channels * (self.in_channels + self.group_size * self.stencil.len());
+        Ok((Cost::new(self.num_params() as u64, (n * ho * wo * per_pixel) as u64), vec![n, self.out_channels, ho, wo]))
+    }
+}
+
+/// Checks x, P, Q against the configuration; returns (N, H, W).
+fn check_inputs(op: &'static str, cfg: &LeanConv2dConfig, x: &Tensor, p: Option<&Tensor>, q: &Tensor) -> Result<(usize, usize, usize)> {
+    cfg.validate()?;
+    let (n, c, h, w) = dims4(op, x)?;
+    if c != cfg.in_channels {
+        return Err(shape_err(op, format!("input has {c} channels, the layer expects {} (input shape {:?})", cfg.in_channels, x.dims())));
+    }
+    if let Some(p) = p {
+        let want = [cfg.out_channels, cfg.in_channels, 1, 1];
+        if p.dims() != want {
+            return Err(shape_err(op, format!("pointwise weight must have shape {want:?}, got {:?}", p.dims())));
+        }
+    }
+    let (a, b, t) = cfg.stencil_shape();
+    if q.dims() != [a, b, t] {
+        return Err(shape_err(op, format!("stencil weight must have shape [{a}, {b}, {t}] (Cout, g, |S| of `{}`), got {:?}", cfg.stencil, q.dims())));
+    }
+    check_float(op, x)?;
+    for t in p.into_iter().chain([q]) {
+        if t.dtype() != x.dtype() {
+            return Err(shape_err(op, format!("weight dtype {:?} differs from input dtype {:?}", t.dtype(), x.dtype())));
+        }
+    }
+    Ok((n, h, w))
+}
+
+struct LeanOp(ConvSum, Shape);
+
+impl CustomOp3 for LeanOp {
+    fn name(&self) -> &'static str {
+        "lean-conv2d"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, |T| {
+            let y = self.0.forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), Some(slice::<T>(s3, l3)?));
+            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, p: &Tensor, q: &Tensor, _res: &Tensor, gy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(p, |ps| {
+                    with_data::<T, _>(q, |qs| {
+                        with_data::<T, _>(gy, |gys| {
+                            let g = self.0.backward(xs, Some(ps), Some(qs), gys);
+                            let gp = g.dense.map(|v| tensor(v, p.dims())).transpose()?;
+                            let gq = g.stencil.map(|v| tensor(v, q.dims())).transpose()?;
+                            Ok((Some(tensor(g.x, x.dims())?), gp, gq))
+                        })
+                    })
+                })
+            })
+        })
+    }
+}
+
+struct StencilOp(ConvSum, Shape);
+
+impl CustomOp2 for StencilOp {
+    fn name(&self) -> &'static str {
+        "grouped-stencil-conv2d"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, |T| {
+            let y = self.0.forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?));
+            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
+        })
+    }
+    fn bwd(&self, x: &Tensor, q: &Tensor, _res: &Tensor, gy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(q, |qs| {
+                    with_data::<T, _>(gy, |gys| {
+                        let g = self.0.backward(xs, None, Some(qs), gys);
+                        let gq = g.stencil.map(|v| tensor(v, q.dims())).transpose()?;
+                        Ok((Some(tensor(g.x, x.dims())?), gq))
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// The lean convolution y = pointwise(x; P) + grouped_stencil(x; Q) (+ bias).
+///
+/// `pointwise` is (Cout, Cin, 1, 1), `stencil` is (Cout, g, |S|) with taps in the order of
+/// [`Stencil::taps`]. On the CPU (f32/f64) this is one fused kernel; on other devices it runs the
+/// composite [`reference::lean_conv2d`].
+pub fn lean_conv2d(x: &Tensor, pointwise: &Tensor, stencil: &Tensor, bias: Option<&Tensor>, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+    const OP: &str = "lean_conv2d";
+    let (n, h, w) = check_inputs(OP, cfg, x, Some(pointwise), stencil)?;
+    let y = if x.device().is_cpu() {
+        let (ho, wo) = cfg.output_hw(h, w);
+        let op = LeanOp(cfg.geometry(n, h, w, true), Shape::from((n, cfg.out_channels, ho, wo)));
+        x.contiguous()?.apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
+    } else {
+        reference::lean_conv2d(x, pointwise, stencil, None, cfg)?
+    };
+    add_channel_bias(OP, y, bias)
+}
+
+/// The grouped sparse-stencil branch alone: y = grouped_stencil(x; Q).
+pub fn grouped_stencil_conv2d(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+    const OP: &str = "grouped_stencil_conv2d";
+    let (n, h, w) = check_inputs(OP, cfg, x, None, stencil)?;
+    if x.device().is_cpu() {
+        let (ho, wo) = cfg.output_hw(h, w);
+        let op = StencilOp(cfg.geometry(n, h, w, false), Shape::from((n, cfg.out_channels, ho, wo)));
+        Ok(x.contiguous()?.apply_op2(&stencil.contiguous()?, op)?)
+    } else {
+        reference::grouped_stencil_conv2d(x, stencil, cfg)
+    }
+}
+
+/// A lean convolution layer, a drop-in for a 3x3 `Conv2d`.
+///
+/// Parameters (torchvision-style names below the layer's prefix): `pointwise.weight`
+/// (Cout, Cin, 1, 1), `stencil.weight` (Cout, g, |S|) and, with bias, `bias` (Cout,).
+#[derive(Clone, Debug)]
+pub struct LeanConv2d {
+    pointwise: Tensor,
+    stencil: Tensor,
+    bias: Option<Tensor>,
+    cfg: LeanConv2dConfig,
+}
+
+impl LeanConv2d {
+    /// Builds the layer from `vb`. New weights are Kaiming-normal with ReLU gain over the fan-out
+    /// of the combined operator (Cout pointwise + Cout/groups·|S| stencil taps per input value),
+    /// so a deep lean network keeps activations of order one.
+    pub fn new(cfg: LeanConv2dConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let fan_out = (cfg.out_channels + cfg.out_channels / cfg.groups() * cfg.stencil.len()) as f64;
+        let init = Init::Randn { mean: 0., stdev: (2.0 / fan_out).sqrt() };
+        let pointwise = vb.get_with_hints((cfg.out_channels, cfg.in_channels, 1, 1), "pointwise.weight", init)?;
+        let stencil = vb.get_with_hints(cfg.stencil_shape(), "stencil.weight", init)?;
+        let bias = if cfg.bias { Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?) } else { None };
+        Ok(LeanConv2d { pointwise, stencil, bias, cfg })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LeanConv2dConfig {
+        &self.cfg
+    }
+    /// The pointwise weight (Cout, Cin, 1, 1).
+    pub fn pointwise_weight(&self) -> &Tensor {
+        &self.pointwise
+    }
+    /// The stencil weight (Cout, g, |S|).
+    pub fn stencil_weight(&self) -> &Tensor {
+        &self.stencil
+    }
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// The equivalent dense 3x3 kernel (Cout, Cin, 3, 3) of the spec's oracle.
+    pub fn dense_kernel(&self) -> Result<Tensor> {
+        reference::lean_dense_kernel(&self.pointwise, &self.stencil, &self.cfg)
+    }
+}
+
+impl Module for LeanConv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(lean_conv2d(x, &self.pointwise, &self.stencil, self.bias.as_ref(), &self.cfg)?)
+    }
+}
+
+impl CostModel for LeanConv2d {
+    fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
+        self.cfg.cost(input)
+    }
+}

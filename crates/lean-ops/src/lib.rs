@@ -1,0 +1,47 @@
+//! Lean convolutions for [candle](https://github.com/huggingface/candle), and the CNN operators
+//! candle lacks, with fast CPU kernels and their backward passes.
+//!
+//! A *lean convolution* replaces a dense 3x3 convolution (9·Cin·Cout weights) by the sum of a
+//! pointwise 1x1 convolution and a grouped convolution with a sparse stencil (the 5-point "+" by
+//! default): Cin·Cout + |S|·g·Cout weights and MACs per pixel.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use lean_ops::{LeanConv2d, LeanConv2dConfig, Stencil};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! // 16 -> 32 channels, five-point stencil, depthwise (g = 1), stride 2.
+//! let cfg = LeanConv2dConfig::new(16, 32).stencil(Stencil::Five).stride(2);
+//! let conv = LeanConv2d::new(cfg, vb.pp("conv"))?;
+//! let x = Tensor::randn(0f32, 1., (2, 16, 15, 15), &Device::Cpu)?;
+//! let y = conv.forward(&x)?;
+//! assert_eq!(y.dims(), &[2, 32, 8, 8]);
+//! // The same operator as one dense 3x3 convolution (the spec's oracle).
+//! let dense = x.conv2d(&conv.dense_kernel()?, 1, 2, 1, 1)?;
+//! let diff = (y - dense)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-4);
+//! # Ok(()) }
+//! ```
+//!
+//! Every operator here has a fast CPU kernel (f32 and f64) written as a candle `CustomOp` with a
+//! backward pass, and a composite implementation from candle primitives in [`reference`] that is
+//! used on other devices (CUDA, Metal) and as the tests' second implementation.
+#![deny(missing_docs)]
+
+mod conv;
+pub mod cost;
+mod error;
+mod kernels;
+mod lean_conv;
+mod real;
+pub mod reference;
+mod stencil;
+
+pub use conv::{conv2d, Conv2d, Conv2dConfig};
+pub use cost::{Cost, CostModel};
+pub use error::{Error, Result};
+pub use lean_conv::{grouped_stencil_conv2d, lean_conv2d, LeanConv2d, LeanConv2dConfig};
+pub use stencil::Stencil;
