@@ -2,7 +2,7 @@
 //! faster than candle's `conv2d` on CPU, forward and backward (docs/benchmarks.md).
 
 use crate::cost::{Cost, CostModel};
-use crate::error::{check_float, dims4, shape_err, config_err, Result};
+use crate::error::{check_float, config_err, dims4, shape_err, Result};
 use crate::kernels::conv_sum::ConvSum;
 use crate::kernels::gemm_conv::ConvGeom;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
@@ -31,7 +31,15 @@ pub struct Conv2dConfig {
 impl Conv2dConfig {
     /// A `kernel_size` x `kernel_size` convolution, stride 1, no padding, no bias.
     pub fn new(in_channels: usize, out_channels: usize, kernel_size: usize) -> Self {
-        Conv2dConfig { in_channels, out_channels, kernel_size, stride: 1, padding: 0, dilation: 1, bias: false }
+        Conv2dConfig {
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            bias: false,
+        }
     }
     /// Sets the stride.
     pub fn stride(mut self, s: usize) -> Self {
@@ -58,28 +66,50 @@ impl Conv2dConfig {
     pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let ext = self.dilation * (self.kernel_size - 1) + 1;
         if self.stride == 0 || self.dilation == 0 || self.kernel_size == 0 {
-            return Err(config_err("conv2d", format!("kernel_size, stride and dilation must be >= 1, got {self:?}")));
+            return Err(config_err(
+                "conv2d",
+                format!("kernel_size, stride and dilation must be >= 1, got {self:?}"),
+            ));
         }
         if h + 2 * self.padding < ext || w + 2 * self.padding < ext {
-            return Err(shape_err("conv2d", format!("input {h}x{w} with padding {} is smaller than the kernel extent {ext}", self.padding)));
+            return Err(shape_err(
+                "conv2d",
+                format!(
+                    "input {h}x{w} with padding {} is smaller than the kernel extent {ext}",
+                    self.padding
+                ),
+            ));
         }
-        Ok(((h + 2 * self.padding - ext) / self.stride + 1, (w + 2 * self.padding - ext) / self.stride + 1))
+        Ok((
+            (h + 2 * self.padding - ext) / self.stride + 1,
+            (w + 2 * self.padding - ext) / self.stride + 1,
+        ))
     }
 }
 
 impl CostModel for Conv2dConfig {
     fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
         let &[n, c, h, w] = input else {
-            return Err(shape_err("conv2d", format!("expected an (N, C, H, W) input shape, got {input:?}")));
+            return Err(shape_err(
+                "conv2d",
+                format!("expected an (N, C, H, W) input shape, got {input:?}"),
+            ));
         };
         if c != self.in_channels {
-            return Err(shape_err("conv2d", format!("expected {} input channels, got {c}", self.in_channels)));
+            return Err(shape_err(
+                "conv2d",
+                format!("expected {} input channels, got {c}", self.in_channels),
+            ));
         }
         let (ho, wo) = self.output_hw(h, w)?;
         let k2 = self.kernel_size * self.kernel_size;
-        let params = self.out_channels * self.in_channels * k2 + if self.bias { self.out_channels } else { 0 };
+        let params = self.out_channels * self.in_channels * k2
+            + if self.bias { self.out_channels } else { 0 };
         let macs = n * ho * wo * self.out_channels * self.in_channels * k2;
-        Ok((Cost::new(params as u64, macs as u64), vec![n, self.out_channels, ho, wo]))
+        Ok((
+            Cost::new(params as u64, macs as u64),
+            vec![n, self.out_channels, ho, wo],
+        ))
     }
 }
 
@@ -89,13 +119,27 @@ impl CustomOp2 for DenseConvOp {
     fn name(&self) -> &'static str {
         "lean-conv2d-dense"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
-            let y = self.0.forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None);
+            let y = self
+                .0
+                .forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None);
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, gy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
                 with_data::<T, _>(w, |ws| {
@@ -112,22 +156,73 @@ impl CustomOp2 for DenseConvOp {
 
 /// A dense 2-d convolution of `x` (N, Cin, H, W) with `weight` (Cout, Cin, k, k), plus an optional
 /// bias (Cout,). Uses the fast CPU kernel on the CPU (f32/f64), candle's `conv2d` elsewhere.
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Result<Tensor> {
     const OP: &str = "conv2d";
     let (n, cin, h, w) = dims4(OP, x)?;
-    let (cout, wcin, kh, kw) = dims4(OP, weight).map_err(|_| shape_err(OP, format!("weight must be (Cout, Cin, k, k), got {:?}", weight.dims())))?;
+    let (cout, wcin, kh, kw) = dims4(OP, weight).map_err(|_| {
+        shape_err(
+            OP,
+            format!("weight must be (Cout, Cin, k, k), got {:?}", weight.dims()),
+        )
+    })?;
     if wcin != cin {
-        return Err(shape_err(OP, format!("input has {cin} channels but weight {:?} expects {wcin}", weight.dims())));
+        return Err(shape_err(
+            OP,
+            format!(
+                "input has {cin} channels but weight {:?} expects {wcin}",
+                weight.dims()
+            ),
+        ));
     }
     if kh != kw {
-        return Err(shape_err(OP, format!("only square kernels are supported, got weight {:?}", weight.dims())));
+        return Err(shape_err(
+            OP,
+            format!(
+                "only square kernels are supported, got weight {:?}",
+                weight.dims()
+            ),
+        ));
     }
-    let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: kh, stride, padding, dilation, bias: bias.is_some() };
+    let cfg = Conv2dConfig {
+        in_channels: cin,
+        out_channels: cout,
+        kernel_size: kh,
+        stride,
+        padding,
+        dilation,
+        bias: bias.is_some(),
+    };
     let (ho, wo) = cfg.output_hw(h, w)?;
     check_float(OP, x)?;
     let y = if x.device().is_cpu() {
-        let geom = ConvGeom { cin, h, w, cout, kh, kw, stride, pad: padding, dil: dilation, ho, wo };
-        let op = DenseConvOp(ConvSum { n, dense: Some(geom), stencil: None }, Shape::from((n, cout, ho, wo)));
+        let geom = ConvGeom {
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride,
+            pad: padding,
+            dil: dilation,
+            ho,
+            wo,
+        };
+        let op = DenseConvOp(
+            ConvSum {
+                n,
+                dense: Some(geom),
+                stencil: None,
+            },
+            Shape::from((n, cout, ho, wo)),
+        );
         x.contiguous()?.apply_op2(&weight.contiguous()?, op)?
     } else {
         x.conv2d(weight, padding, stride, dilation, 1)?
@@ -136,13 +231,20 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
 }
 
 /// Adds a per-channel bias (C,) to an (N, C, H, W) tensor.
-pub(crate) fn add_channel_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn add_channel_bias(
+    op: &'static str,
+    y: Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     match bias {
         None => Ok(y),
         Some(b) => {
             let c = y.dim(1)?;
             if b.dims() != [c] {
-                return Err(shape_err(op, format!("bias must have shape [{c}], got {:?}", b.dims())));
+                return Err(shape_err(
+                    op,
+                    format!("bias must have shape [{c}], got {:?}", b.dims()),
+                ));
             }
             Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
         }
@@ -163,15 +265,37 @@ impl Conv2d {
     pub fn new(cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
         let k = cfg.kernel_size;
         let fan_out = (cfg.out_channels * k * k) as f64;
-        let init = Init::Randn { mean: 0., stdev: (2.0 / fan_out).sqrt() };
-        let weight = vb.get_with_hints((cfg.out_channels, cfg.in_channels, k, k), "weight", init)?;
-        let bias = if cfg.bias { Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?) } else { None };
+        let init = Init::Randn {
+            mean: 0.,
+            stdev: (2.0 / fan_out).sqrt(),
+        };
+        let weight =
+            vb.get_with_hints((cfg.out_channels, cfg.in_channels, k, k), "weight", init)?;
+        let bias = if cfg.bias {
+            Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?)
+        } else {
+            None
+        };
         Ok(Conv2d { weight, bias, cfg })
     }
     /// Builds the layer from existing tensors (weight (Cout, Cin, k, k)).
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize, dilation: usize) -> Result<Self> {
+    pub fn from_weights(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+    ) -> Result<Self> {
         let (cout, cin, k, _) = dims4("conv2d", &weight)?;
-        let cfg = Conv2dConfig { in_channels: cin, out_channels: cout, kernel_size: k, stride, padding, dilation, bias: bias.is_some() };
+        let cfg = Conv2dConfig {
+            in_channels: cin,
+            out_channels: cout,
+            kernel_size: k,
+            stride,
+            padding,
+            dilation,
+            bias: bias.is_some(),
+        };
         Ok(Conv2d { weight, bias, cfg })
     }
     /// The configuration.
@@ -191,7 +315,14 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let c = &self.cfg;
-        Ok(conv2d(x, &self.weight, self.bias.as_ref(), c.stride, c.padding, c.dilation)?)
+        Ok(conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            c.stride,
+            c.padding,
+            c.dilation,
+        )?)
     }
 }
 
@@ -200,4 +331,3 @@ impl CostModel for Conv2d {
         self.cfg.cost(input)
     }
 }
-

@@ -26,7 +26,10 @@ impl Cost {
 impl Add for Cost {
     type Output = Cost;
     fn add(self, o: Cost) -> Cost {
-        Cost { params: self.params + o.params, macs: self.macs + o.macs }
+        Cost {
+            params: self.params + o.params,
+            macs: self.macs + o.macs,
+        }
     }
 }
 
@@ -49,15 +52,26 @@ pub trait CostModel {
 }
 
 /// The cost of a linear layer `in_features -> out_features` over an input (.., in_features).
-pub fn linear_cost(in_features: usize, out_features: usize, bias: bool, input: &[usize]) -> crate::Result<(Cost, Vec<usize>)> {
+pub fn linear_cost(
+    in_features: usize,
+    out_features: usize,
+    bias: bool,
+    input: &[usize],
+) -> crate::Result<(Cost, Vec<usize>)> {
     match input.last() {
         Some(&f) if f == in_features => {
             let rows: usize = input[..input.len() - 1].iter().product();
             let params = in_features * out_features + if bias { out_features } else { 0 };
             let mut out = input.to_vec();
             *out.last_mut().expect("non-empty") = out_features;
-            Ok((Cost::new(params as u64, (rows * in_features * out_features) as u64), out))
+            Ok((
+                Cost::new(params as u64, (rows * in_features * out_features) as u64),
+                out,
+            ))
         }
-        _ => Err(crate::error::shape_err("linear", format!("expected input (.., {in_features}), got {input:?}"))),
+        _ => Err(crate::error::shape_err(
+            "linear",
+            format!("expected input (.., {in_features}), got {input:?}"),
+        )),
     }
 }

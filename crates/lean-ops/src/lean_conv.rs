@@ -35,7 +35,15 @@ pub struct LeanConv2dConfig {
 impl LeanConv2dConfig {
     /// A five-point, depthwise (g = 1), stride-1 lean convolution without bias.
     pub fn new(in_channels: usize, out_channels: usize) -> Self {
-        LeanConv2dConfig { in_channels, out_channels, stencil: Stencil::Five, group_size: 1, stride: 1, dilation: 1, bias: false }
+        LeanConv2dConfig {
+            in_channels,
+            out_channels,
+            stencil: Stencil::Five,
+            group_size: 1,
+            stride: 1,
+            dilation: 1,
+            bias: false,
+        }
     }
     /// Sets the stencil.
     pub fn stencil(mut self, s: Stencil) -> Self {
@@ -73,10 +81,22 @@ impl LeanConv2dConfig {
         const OP: &str = "lean_conv2d";
         let c = self;
         if c.in_channels == 0 || c.out_channels == 0 {
-            return Err(config_err(OP, format!("channels must be positive, got in={} out={}", c.in_channels, c.out_channels)));
+            return Err(config_err(
+                OP,
+                format!(
+                    "channels must be positive, got in={} out={}",
+                    c.in_channels, c.out_channels
+                ),
+            ));
         }
         if c.group_size == 0 || c.in_channels % c.group_size != 0 {
-            return Err(config_err(OP, format!("group_size {} must divide in_channels {}", c.group_size, c.in_channels)));
+            return Err(config_err(
+                OP,
+                format!(
+                    "group_size {} must divide in_channels {}",
+                    c.group_size, c.in_channels
+                ),
+            ));
         }
         if c.out_channels % c.groups() != 0 {
             return Err(config_err(
@@ -95,12 +115,17 @@ impl LeanConv2dConfig {
 
     /// Output spatial size: floor((H - 1) / s) + 1.
     pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        ((h.max(1) - 1) / self.stride + 1, (w.max(1) - 1) / self.stride + 1)
+        (
+            (h.max(1) - 1) / self.stride + 1,
+            (w.max(1) - 1) / self.stride + 1,
+        )
     }
 
     /// Parameters: Cout·Cin + Cout·g·|S| (+ Cout with bias).
     pub fn num_params(&self) -> usize {
-        self.out_channels * self.in_channels + self.out_channels * self.group_size * self.stencil.len() + if self.bias { self.out_channels } else { 0 }
+        self.out_channels * self.in_channels
+            + self.out_channels * self.group_size * self.stencil.len()
+            + if self.bias { self.out_channels } else { 0 }
     }
 
     /// Shape of the stored stencil weight: (Cout, g, |S|).
@@ -113,8 +138,31 @@ impl LeanConv2dConfig {
         let (cin, cout, s) = (self.in_channels, self.out_channels, self.stride);
         ConvSum {
             n,
-            dense: with_pointwise.then_some(ConvGeom { cin, h, w, cout, kh: 1, kw: 1, stride: s, pad: 0, dil: 1, ho, wo }),
-            stencil: Some(StencilGeom { cin, h, w, cout, g: self.group_size, stride: s, dil: self.dilation, ho, wo, taps: self.stencil.taps() }),
+            dense: with_pointwise.then_some(ConvGeom {
+                cin,
+                h,
+                w,
+                cout,
+                kh: 1,
+                kw: 1,
+                stride: s,
+                pad: 0,
+                dil: 1,
+                ho,
+                wo,
+            }),
+            stencil: Some(StencilGeom {
+                cin,
+                h,
+                w,
+                cout,
+                g: self.group_size,
+                stride: s,
+                dil: self.dilation,
+                ho,
+                wo,
+                taps: self.stencil.taps(),
+            }),
         }
     }
 }
@@ -123,38 +171,81 @@ impl CostModel for LeanConv2dConfig {
     fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
         self.validate()?;
         let &[n, c, h, w] = input else {
-            return Err(shape_err("lean_conv2d", format!("expected an (N, C, H, W) input shape, got {input:?}")));
+            return Err(shape_err(
+                "lean_conv2d",
+                format!("expected an (N, C, H, W) input shape, got {input:?}"),
+            ));
         };
         if c != self.in_channels {
-            return Err(shape_err("lean_conv2d", format!("expected {} input channels, got {c}", self.in_channels)));
+            return Err(shape_err(
+                "lean_conv2d",
+                format!("expected {} input channels, got {c}", self.in_channels),
+            ));
         }
         let (ho, wo) = self.output_hw(h, w);
-        let per_pixel = self.out_channels * (self.in_channels + self.group_size * self.stencil.len());
-        Ok((Cost::new(self.num_params() as u64, (n * ho * wo * per_pixel) as u64), vec![n, self.out_channels, ho, wo]))
+        let per_pixel =
+            self.out_channels * (self.in_channels + self.group_size * self.stencil.len());
+        Ok((
+            Cost::new(self.num_params() as u64, (n * ho * wo * per_pixel) as u64),
+            vec![n, self.out_channels, ho, wo],
+        ))
     }
 }
 
 /// Checks x, P, Q against the configuration; returns (N, H, W).
-fn check_inputs(op: &'static str, cfg: &LeanConv2dConfig, x: &Tensor, p: Option<&Tensor>, q: &Tensor) -> Result<(usize, usize, usize)> {
+fn check_inputs(
+    op: &'static str,
+    cfg: &LeanConv2dConfig,
+    x: &Tensor,
+    p: Option<&Tensor>,
+    q: &Tensor,
+) -> Result<(usize, usize, usize)> {
     cfg.validate()?;
     let (n, c, h, w) = dims4(op, x)?;
     if c != cfg.in_channels {
-        return Err(shape_err(op, format!("input has {c} channels, the layer expects {} (input shape {:?})", cfg.in_channels, x.dims())));
+        return Err(shape_err(
+            op,
+            format!(
+                "input has {c} channels, the layer expects {} (input shape {:?})",
+                cfg.in_channels,
+                x.dims()
+            ),
+        ));
     }
     if let Some(p) = p {
         let want = [cfg.out_channels, cfg.in_channels, 1, 1];
         if p.dims() != want {
-            return Err(shape_err(op, format!("pointwise weight must have shape {want:?}, got {:?}", p.dims())));
+            return Err(shape_err(
+                op,
+                format!(
+                    "pointwise weight must have shape {want:?}, got {:?}",
+                    p.dims()
+                ),
+            ));
         }
     }
     let (a, b, t) = cfg.stencil_shape();
     if q.dims() != [a, b, t] {
-        return Err(shape_err(op, format!("stencil weight must have shape [{a}, {b}, {t}] (Cout, g, |S| of `{}`), got {:?}", cfg.stencil, q.dims())));
+        return Err(shape_err(
+            op,
+            format!(
+                "stencil weight must have shape [{a}, {b}, {t}] (Cout, g, |S| of `{}`), got {:?}",
+                cfg.stencil,
+                q.dims()
+            ),
+        ));
     }
     check_float(op, x)?;
     for t in p.into_iter().chain([q]) {
         if t.dtype() != x.dtype() {
-            return Err(shape_err(op, format!("weight dtype {:?} differs from input dtype {:?}", t.dtype(), x.dtype())));
+            return Err(shape_err(
+                op,
+                format!(
+                    "weight dtype {:?} differs from input dtype {:?}",
+                    t.dtype(),
+                    x.dtype()
+                ),
+            ));
         }
     }
     Ok((n, h, w))
@@ -166,13 +257,32 @@ impl CustomOp3 for LeanOp {
     fn name(&self) -> &'static str {
         "lean-conv2d"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
-            let y = self.0.forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), Some(slice::<T>(s3, l3)?));
+            let y = self.0.forward(
+                slice::<T>(s1, l1)?,
+                Some(slice::<T>(s2, l2)?),
+                Some(slice::<T>(s3, l3)?),
+            );
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
-    fn bwd(&self, x: &Tensor, p: &Tensor, q: &Tensor, _res: &Tensor, gy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        q: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
                 with_data::<T, _>(p, |ps| {
@@ -196,13 +306,27 @@ impl CustomOp2 for StencilOp {
     fn name(&self) -> &'static str {
         "grouped-stencil-conv2d"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
-            let y = self.0.forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?));
+            let y = self
+                .0
+                .forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?));
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
-    fn bwd(&self, x: &Tensor, q: &Tensor, _res: &Tensor, gy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        _res: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
                 with_data::<T, _>(q, |qs| {
@@ -222,13 +346,23 @@ impl CustomOp2 for StencilOp {
 /// `pointwise` is (Cout, Cin, 1, 1), `stencil` is (Cout, g, |S|) with taps in the order of
 /// [`Stencil::taps`]. On the CPU (f32/f64) this is one fused kernel; on other devices it runs the
 /// composite [`reference::lean_conv2d`].
-pub fn lean_conv2d(x: &Tensor, pointwise: &Tensor, stencil: &Tensor, bias: Option<&Tensor>, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+pub fn lean_conv2d(
+    x: &Tensor,
+    pointwise: &Tensor,
+    stencil: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &LeanConv2dConfig,
+) -> Result<Tensor> {
     const OP: &str = "lean_conv2d";
     let (n, h, w) = check_inputs(OP, cfg, x, Some(pointwise), stencil)?;
     let y = if x.device().is_cpu() {
         let (ho, wo) = cfg.output_hw(h, w);
-        let op = LeanOp(cfg.geometry(n, h, w, true), Shape::from((n, cfg.out_channels, ho, wo)));
-        x.contiguous()?.apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
+        let op = LeanOp(
+            cfg.geometry(n, h, w, true),
+            Shape::from((n, cfg.out_channels, ho, wo)),
+        );
+        x.contiguous()?
+            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
     } else {
         reference::lean_conv2d(x, pointwise, stencil, None, cfg)?
     };
@@ -236,12 +370,19 @@ pub fn lean_conv2d(x: &Tensor, pointwise: &Tensor, stencil: &Tensor, bias: Optio
 }
 
 /// The grouped sparse-stencil branch alone: y = grouped_stencil(x; Q).
-pub fn grouped_stencil_conv2d(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+pub fn grouped_stencil_conv2d(
+    x: &Tensor,
+    stencil: &Tensor,
+    cfg: &LeanConv2dConfig,
+) -> Result<Tensor> {
     const OP: &str = "grouped_stencil_conv2d";
     let (n, h, w) = check_inputs(OP, cfg, x, None, stencil)?;
     if x.device().is_cpu() {
         let (ho, wo) = cfg.output_hw(h, w);
-        let op = StencilOp(cfg.geometry(n, h, w, false), Shape::from((n, cfg.out_channels, ho, wo)));
+        let op = StencilOp(
+            cfg.geometry(n, h, w, false),
+            Shape::from((n, cfg.out_channels, ho, wo)),
+        );
         Ok(x.contiguous()?.apply_op2(&stencil.contiguous()?, op)?)
     } else {
         reference::grouped_stencil_conv2d(x, stencil, cfg)
@@ -266,12 +407,29 @@ impl LeanConv2d {
     /// so a deep lean network keeps activations of order one.
     pub fn new(cfg: LeanConv2dConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let fan_out = (cfg.out_channels + cfg.out_channels / cfg.groups() * cfg.stencil.len()) as f64;
-        let init = Init::Randn { mean: 0., stdev: (2.0 / fan_out).sqrt() };
-        let pointwise = vb.get_with_hints((cfg.out_channels, cfg.in_channels, 1, 1), "pointwise.weight", init)?;
+        let fan_out =
+            (cfg.out_channels + cfg.out_channels / cfg.groups() * cfg.stencil.len()) as f64;
+        let init = Init::Randn {
+            mean: 0.,
+            stdev: (2.0 / fan_out).sqrt(),
+        };
+        let pointwise = vb.get_with_hints(
+            (cfg.out_channels, cfg.in_channels, 1, 1),
+            "pointwise.weight",
+            init,
+        )?;
         let stencil = vb.get_with_hints(cfg.stencil_shape(), "stencil.weight", init)?;
-        let bias = if cfg.bias { Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?) } else { None };
-        Ok(LeanConv2d { pointwise, stencil, bias, cfg })
+        let bias = if cfg.bias {
+            Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?)
+        } else {
+            None
+        };
+        Ok(LeanConv2d {
+            pointwise,
+            stencil,
+            bias,
+            cfg,
+        })
     }
 
     /// The configuration.
@@ -298,7 +456,13 @@ impl LeanConv2d {
 
 impl Module for LeanConv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(lean_conv2d(x, &self.pointwise, &self.stencil, self.bias.as_ref(), &self.cfg)?)
+        Ok(lean_conv2d(
+            x,
+            &self.pointwise,
+            &self.stencil,
+            self.bias.as_ref(),
+            &self.cfg,
+        )?)
     }
 }
 

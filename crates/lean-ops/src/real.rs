@@ -3,12 +3,21 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 
 /// f32 or f64: what the CPU kernels compute with.
-pub(crate) trait Real: WithDType + num_traits::Float + Default + std::iter::Sum {}
+pub(crate) trait Real: WithDType + num_traits::Float + Default + std::iter::Sum {
+    /// The value as f64.
+    #[inline]
+    fn f(self) -> f64 {
+        WithDType::to_f64(self)
+    }
+}
 impl Real for f32 {}
 impl Real for f64 {}
 
 /// The contiguous data of a storage seen through `layout`.
-pub(crate) fn slice<'a, T: Real>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [T]> {
+pub(crate) fn slice<'a, T: Real>(
+    s: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -17,7 +26,10 @@ pub(crate) fn slice<'a, T: Real>(s: &'a CpuStorage, layout: &Layout) -> candle_c
 }
 
 /// Runs `f` on the contiguous CPU data of a tensor (used in backward passes).
-pub(crate) fn with_data<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+pub(crate) fn with_data<T: Real, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -43,7 +55,11 @@ macro_rules! dispatch {
                 type $t = f64;
                 $body
             }
-            other => candle_core::bail!("{}: unsupported dtype {:?} (expected f32 or f64)", $op, candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "{}: unsupported dtype {:?} (expected f32 or f64)",
+                $op,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         }
     };
 }
@@ -61,7 +77,11 @@ macro_rules! dispatch_dtype {
                 type $t = f64;
                 $body
             }
-            other => candle_core::bail!("{}: unsupported dtype {:?} (expected f32 or f64)", $op, other),
+            other => candle_core::bail!(
+                "{}: unsupported dtype {:?} (expected f32 or f64)",
+                $op,
+                other
+            ),
         }
     };
 }

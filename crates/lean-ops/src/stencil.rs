@@ -21,7 +21,13 @@ pub enum Stencil {
 
 impl Stencil {
     /// Every stencil, in the order of the spec's table.
-    pub const ALL: [Stencil; 5] = [Stencil::Five, Stencil::Four, Stencil::H3, Stencil::V3, Stencil::Full];
+    pub const ALL: [Stencil; 5] = [
+        Stencil::Five,
+        Stencil::Four,
+        Stencil::H3,
+        Stencil::V3,
+        Stencil::Full,
+    ];
 
     /// The taps as (dy, dx) offsets, in the order used by the stored weight layout.
     pub fn taps(self) -> &'static [(isize, isize)] {
@@ -78,6 +84,11 @@ impl FromStr for Stencil {
         Stencil::ALL
             .into_iter()
             .find(|st| st.name() == s)
-            .ok_or_else(|| crate::error::config_err("stencil", format!("unknown stencil `{s}` (expected one of five, four, h3, v3, full)")))
+            .ok_or_else(|| {
+                crate::error::config_err(
+                    "stencil",
+                    format!("unknown stencil `{s}` (expected one of five, four, h3, v3, full)"),
+                )
+            })
     }
 }

@@ -53,9 +53,13 @@ impl ConvSum {
             if let (Some(st), Some(q)) = (&self.stencil, q) {
                 let chunk = st.opg() * st.out_plane();
                 if matches!(par, Parallelism::None) {
-                    yn.chunks_mut(chunk).enumerate().for_each(|(grp, yc)| st.forward_group(grp, xn, q, yc));
+                    yn.chunks_mut(chunk)
+                        .enumerate()
+                        .for_each(|(grp, yc)| st.forward_group(grp, xn, q, yc));
                 } else {
-                    yn.par_chunks_mut(chunk).enumerate().for_each(|(grp, yc)| st.forward_group(grp, xn, q, yc));
+                    yn.par_chunks_mut(chunk)
+                        .enumerate()
+                        .for_each(|(grp, yc)| st.forward_group(grp, xn, q, yc));
                 }
             }
         };
@@ -63,9 +67,10 @@ impl ConvSum {
             return y;
         }
         if par_over_samples(self.n) {
-            y.par_chunks_mut(ol)
-                .enumerate()
-                .for_each_init(|| vec![T::zero(); self.cols_len()], |cols, (ni, yn)| sample(ni, yn, cols, Parallelism::None));
+            y.par_chunks_mut(ol).enumerate().for_each_init(
+                || vec![T::zero(); self.cols_len()],
+                |cols, (ni, yn)| sample(ni, yn, cols, Parallelism::None),
+            );
         } else {
             let mut cols = vec![T::zero(); self.cols_len()];
             let par = Parallelism::Rayon(rayon::current_num_threads());
@@ -77,11 +82,24 @@ impl ConvSum {
     }
 
     /// The gradients of x, of the dense weight (if any) and of the stencil weight (if any).
-    pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> ConvSumGrads<T> {
+    pub fn backward<T: Real>(
+        &self,
+        x: &[T],
+        p: Option<&[T]>,
+        q: Option<&[T]>,
+        gy: &[T],
+    ) -> ConvSumGrads<T> {
         ConvSumGrads {
             x: self.backward_input(p, q, gy),
-            dense: self.dense.zip(p).map(|(g, _)| self.backward_dense_weight(&g, x, gy)),
-            stencil: self.stencil.as_ref().zip(q).map(|(st, _)| self.backward_stencil_weight(st, x, gy)),
+            dense: self
+                .dense
+                .zip(p)
+                .map(|(g, _)| self.backward_dense_weight(&g, x, gy)),
+            stencil: self
+                .stencil
+                .as_ref()
+                .zip(q)
+                .map(|(st, _)| self.backward_stencil_weight(st, x, gy)),
         }
     }
 
@@ -99,16 +117,21 @@ impl ConvSum {
             if let (Some(st), Some(q)) = (&self.stencil, q) {
                 let chunk = st.g * st.in_plane();
                 if matches!(par, Parallelism::None) {
-                    gxn.chunks_mut(chunk).enumerate().for_each(|(grp, c)| st.backward_input_group(grp, gyn, q, c));
+                    gxn.chunks_mut(chunk)
+                        .enumerate()
+                        .for_each(|(grp, c)| st.backward_input_group(grp, gyn, q, c));
                 } else {
-                    gxn.par_chunks_mut(chunk).enumerate().for_each(|(grp, c)| st.backward_input_group(grp, gyn, q, c));
+                    gxn.par_chunks_mut(chunk)
+                        .enumerate()
+                        .for_each(|(grp, c)| st.backward_input_group(grp, gyn, q, c));
                 }
             }
         };
         if par_over_samples(self.n) {
-            gx.par_chunks_mut(il)
-                .enumerate()
-                .for_each_init(|| vec![T::zero(); self.cols_len()], |cols, (ni, gxn)| sample(ni, gxn, cols, Parallelism::None));
+            gx.par_chunks_mut(il).enumerate().for_each_init(
+                || vec![T::zero(); self.cols_len()],
+                |cols, (ni, gxn)| sample(ni, gxn, cols, Parallelism::None),
+            );
         } else {
             let mut cols = vec![T::zero(); self.cols_len()];
             let par = Parallelism::Rayon(rayon::current_num_threads());
@@ -122,7 +145,13 @@ impl ConvSum {
     fn backward_dense_weight<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
         let (il, ol, wl) = (self.in_len(), self.out_len(), g.cout * g.k());
         let one = |ni: usize, acc: &mut [T], cols: &mut [T], par: Parallelism| {
-            g.backward_weight(&x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], acc, cols, par);
+            g.backward_weight(
+                &x[ni * il..(ni + 1) * il],
+                &gy[ni * ol..(ni + 1) * ol],
+                acc,
+                cols,
+                par,
+            );
         };
         if par_over_samples(self.n) {
             (0..self.n)
@@ -158,7 +187,12 @@ impl ConvSum {
         let mut gq = vec![T::zero(); st.cout * per];
         gq.par_chunks_mut(per).enumerate().for_each(|(o, gqo)| {
             for ni in 0..self.n {
-                st.backward_weight_channel(o, &x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], gqo);
+                st.backward_weight_channel(
+                    o,
+                    &x[ni * il..(ni + 1) * il],
+                    &gy[ni * ol..(ni + 1) * ol],
+                    gqo,
+                );
             }
         });
         gq

@@ -59,7 +59,14 @@ impl StencilGeom {
                 let (oy, ox) = (dy * self.dil as isize, dx * self.dil as isize);
                 let (ylo, yhi) = valid_range(oy, self.stride, self.h, self.ho);
                 let (xlo, xhi) = valid_range(ox, self.stride, self.w, self.wo);
-                TapWindow { oy, ox, ylo, yhi, xlo, xhi }
+                TapWindow {
+                    oy,
+                    ox,
+                    ylo,
+                    yhi,
+                    xlo,
+                    xhi,
+                }
             })
             .collect()
     }
@@ -155,7 +162,11 @@ impl StencilGeom {
                     if s == 1 {
                         acc += dot(gyrow, &xrow[..gyrow.len()]);
                     } else {
-                        acc += gyrow.iter().zip(xrow.iter().step_by(s)).map(|(a, b)| *a * *b).sum::<T>();
+                        acc += gyrow
+                            .iter()
+                            .zip(xrow.iter().step_by(s))
+                            .map(|(a, b)| *a * *b)
+                            .sum::<T>();
                     }
                 }
                 gq_o[j * nt + t] += acc;

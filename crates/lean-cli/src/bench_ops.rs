@@ -1,0 +1,244 @@
+//! `lean bench ops`: the lean convolution against candle's dense 3x3 and depthwise+1x1
+//! convolutions, measured in one run.
+
+use crate::output::{table, Format};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use clap::Args;
+use lean_ops::{conv2d, lean_conv2d, LeanConv2dConfig, Stencil};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Arguments of `lean bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to benchmark: `ops` (operator micro-benchmarks).
+    #[arg(required = true)]
+    what: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Timed repetitions per case (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Input shapes N,C,H,W, separated by `;` (default: the two shapes of docs/benchmarks.md).
+    #[arg(long)]
+    shapes: Option<String>,
+}
+
+/// One measured case; the JSON schema of `lean bench ops --format json`.
+#[derive(Serialize, Debug, Clone)]
+pub struct OpCase {
+    op: String,
+    stencil: Option<String>,
+    group_size: Option<usize>,
+    stride: usize,
+    shape: [usize; 4],
+    fwd_ms: f64,
+    fwd_bwd_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median wall time in ms of `f` over `reps` runs after one warm-up.
+fn time_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(v))
+}
+
+type Forward = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+
+/// Times forward on plain tensors, and forward + backward of sum(y) on variables.
+fn measure(reps: usize, params: &[Tensor], f: Forward) -> Result<(f64, f64)> {
+    let fwd = time_ms(reps, || {
+        f(params)?;
+        Ok(())
+    })?;
+    let vars: Vec<Var> = params
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let fwd_bwd = time_ms(reps, || {
+        let g = f(&vt)?.sum_all()?.backward()?;
+        if g.get(&vt[0]).is_none() {
+            bail!("no input gradient");
+        }
+        Ok(())
+    })?;
+    Ok((fwd, fwd_bwd))
+}
+
+fn parse_shapes(s: &str) -> Result<Vec<[usize; 4]>> {
+    s.split(';')
+        .map(|one| {
+            let v: Vec<usize> = one
+                .split(',')
+                .map(|d| d.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("bad shape `{one}`: expected N,C,H,W"))?;
+            match v[..] {
+                [n, c, h, w] if n * c * h * w > 0 => Ok([n, c, h, w]),
+                _ => bail!("bad shape `{one}`: expected four positive numbers N,C,H,W"),
+            }
+        })
+        .collect()
+}
+
+/// Runs every case on the CPU.
+pub fn measure_ops(shapes: &[[usize; 4]], reps: usize) -> Result<Vec<OpCase>> {
+    let dev = Device::Cpu;
+    let mut out = vec![];
+    for &shape @ [n, c, h, w] in shapes {
+        for stride in [1usize, 2] {
+            let x = Tensor::randn(0f32, 1., (n, c, h, w), &dev)?;
+            let case =
+                |op: &str, stencil: Option<Stencil>, g: Option<usize>, t: (f64, f64)| OpCase {
+                    op: op.into(),
+                    stencil: stencil.map(|s| s.to_string()),
+                    group_size: g,
+                    stride,
+                    shape,
+                    fwd_ms: t.0,
+                    fwd_bwd_ms: t.1,
+                };
+            let dense_w = (Tensor::randn(0f32, 1., (c, c, 3, 3), &dev)? * 0.05)?;
+            let t = measure(
+                reps,
+                &[x.clone(), dense_w.clone()],
+                Box::new(move |p| p[0].conv2d(&p[1], 1, stride, 1, 1)),
+            )?;
+            out.push(case("dense3x3", None, None, t));
+            let t = measure(
+                reps,
+                &[x.clone(), dense_w],
+                Box::new(move |p| Ok(conv2d(&p[0], &p[1], None, stride, 1, 1)?)),
+            )?;
+            out.push(case("dense3x3_lean_ops", None, None, t));
+            let dw = (Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev)? * 0.2)?;
+            let pw = (Tensor::randn(0f32, 1., (c, c, 1, 1), &dev)? * 0.1)?;
+            let t = measure(
+                reps,
+                &[x.clone(), dw, pw.clone()],
+                Box::new(move |p| {
+                    p[0].conv2d(&p[1], 1, stride, 1, c)? + p[0].conv2d(&p[2], 0, stride, 1, 1)?
+                }),
+            )?;
+            out.push(case("grouped+1x1", Some(Stencil::Full), Some(1), t));
+            let cfg = LeanConv2dConfig::new(c, c)
+                .stencil(Stencil::Five)
+                .group_size(1)
+                .stride(stride);
+            let q = (Tensor::randn(0f32, 1., cfg.stencil_shape(), &dev)? * 0.2)?;
+            let t = measure(
+                reps,
+                &[x.clone(), pw, q],
+                Box::new(move |p| Ok(lean_conv2d(&p[0], &p[1], &p[2], None, &cfg)?)),
+            )?;
+            out.push(case("lean", Some(Stencil::Five), Some(1), t));
+        }
+    }
+    Ok(out)
+}
+
+/// The speed-up of `lean` over the other ops of the same shape and stride.
+fn ratio_rows(cases: &[OpCase]) -> Vec<Vec<String>> {
+    let mut rows = vec![];
+    for lean in cases.iter().filter(|c| c.op == "lean") {
+        for other in cases
+            .iter()
+            .filter(|c| c.op != "lean" && c.shape == lean.shape && c.stride == lean.stride)
+        {
+            rows.push(vec![
+                format!("{:?}", lean.shape),
+                lean.stride.to_string(),
+                other.op.clone(),
+                format!("{:.1}x", other.fwd_ms / lean.fwd_ms),
+                format!("{:.1}x", other.fwd_bwd_ms / lean.fwd_bwd_ms),
+            ]);
+        }
+    }
+    rows
+}
+
+/// Entry point of `lean bench`.
+pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
+    for w in &args.what {
+        if w != "ops" {
+            bail!("unknown benchmark `{w}`: expected `ops` (model benchmarks come with the model zoo)");
+        }
+    }
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let shapes = match &args.shapes {
+        Some(s) => parse_shapes(s)?,
+        None => vec![[64, 64, 32, 32], [64, 256, 16, 16]],
+    };
+    let cases = measure_ops(&shapes, args.reps)?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&cases)?),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = cases
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.op.clone(),
+                        c.stencil.clone().unwrap_or_else(|| "-".into()),
+                        c.group_size.map_or("-".into(), |g| g.to_string()),
+                        c.stride.to_string(),
+                        format!("{:?}", c.shape),
+                        format!("{:.2}", c.fwd_ms),
+                        format!("{:.2}", c.fwd_bwd_ms),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                table(
+                    &[
+                        "op",
+                        "stencil",
+                        "g",
+                        "stride",
+                        "shape",
+                        "fwd_ms",
+                        "fwd_bwd_ms"
+                    ],
+                    &rows
+                )
+            );
+            println!(
+                "\nspeed-up of lean (other / lean, medians of {} runs):",
+                args.reps
+            );
+            println!(
+                "{}",
+                table(
+                    &["shape", "stride", "vs", "fwd", "fwd+bwd"],
+                    &ratio_rows(&cases)
+                )
+            );
+            println!(
+                "\n{} threads, f32, CPU; glibc allocator tuned: {tuned_allocator}",
+                rayon_threads()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}

@@ -1,0 +1,37 @@
+//! `lean`: the command-line front end of lean-convnets.
+//!
+//! Run `lean --help` for the subcommands. The binary tunes glibc's allocator at start
+//! (see [`lean_ops::runtime::tune_allocator`]).
+
+mod bench_ops;
+mod output;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Lean convolutional networks: measure, inspect, train and compare.
+#[derive(Parser, Debug)]
+#[command(name = "lean", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Benchmarks. `lean bench ops` times the lean convolution against candle's dense and
+    /// grouped convolutions, forward and forward+backward, and prints the speed-up ratios.
+    Bench(bench_ops::BenchArgs),
+}
+
+fn main() {
+    let tuned = lean_ops::runtime::tune_allocator();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Bench(args) => bench_ops::run(&args, tuned),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

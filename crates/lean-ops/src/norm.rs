@@ -1,0 +1,602 @@
+//! BatchNorm2d with PyTorch semantics, fused with ReLU / ReLU6, and the channel-wise affine op
+//! behind eval-mode BatchNorm and standalone activations.
+
+use crate::cost::{Cost, CostModel};
+use crate::error::{check_float, dims4, shape_err, Result};
+use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType,
+};
+use candle_nn::{Init, VarBuilder};
+use num_traits::Zero;
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// An activation fused into the preceding op.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activation {
+    /// The identity.
+    #[default]
+    None,
+    /// max(x, 0).
+    Relu,
+    /// min(max(x, 0), 6) (MobileNetV2).
+    Relu6,
+}
+
+impl Activation {
+    #[inline]
+    fn apply<T: Real>(self, v: T) -> T {
+        match self {
+            Activation::None => v,
+            Activation::Relu => num_traits::Float::max(v, T::zero()),
+            Activation::Relu6 => {
+                num_traits::Float::min(num_traits::Float::max(v, T::zero()), T::from_f64(6.0))
+            }
+        }
+    }
+    /// The derivative, read off the activation's output `y` (PyTorch's convention at the kinks:
+    /// 0 at y = 0 and at y = 6).
+    #[inline]
+    fn grad_from_output<T: Real>(self, y: T) -> T {
+        let on = match self {
+            Activation::None => true,
+            Activation::Relu => y > T::zero(),
+            Activation::Relu6 => y > T::zero() && y < T::from_f64(6.0),
+        };
+        if on {
+            T::one()
+        } else {
+            T::zero()
+        }
+    }
+    /// The activation from candle primitives (reference path).
+    pub fn apply_tensor(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::None => x.clone(),
+            Activation::Relu => x.relu()?,
+            Activation::Relu6 => x.clamp(0f32, 6f32)?,
+        })
+    }
+}
+
+/// Per-channel affine map and activation: y = act(x · scale[c] + shift[c]).
+struct ChannelAffineOp(Activation);
+
+fn planes(l: &Layout) -> (usize, usize, usize) {
+    let d = l.dims();
+    (d[0], d[1], d[2..].iter().product())
+}
+
+impl CustomOp3 for ChannelAffineOp {
+    fn name(&self) -> &'static str {
+        "channel-affine-act"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = planes(l1);
+        let act = self.0;
+        dispatch!(self.name(), s1, |T| {
+            let (x, sc, sh) = (
+                slice::<T>(s1, l1)?,
+                slice::<T>(s2, l2)?,
+                slice::<T>(s3, l3)?,
+            );
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(p, (yp, xp))| {
+                    let (a, b) = (sc[p % c], sh[p % c]);
+                    yp.iter_mut()
+                        .zip(xp)
+                        .for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
+                });
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        sc: &Tensor,
+        _sh: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (c, hw) = (x.dim(1)?, x.dims()[2..].iter().product::<usize>());
+        let act = self.0;
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(sc, |scs| {
+                    with_data::<T, _>(y, |ys| {
+                        with_data::<T, _>(gy, |gys| {
+                            let gz: Vec<T> = gys
+                                .par_iter()
+                                .zip(ys.par_iter())
+                                .map(|(g, y)| *g * act.grad_from_output(*y))
+                                .collect();
+                            let mut gx = vec![T::zero(); xs.len()];
+                            gx.par_chunks_mut(hw)
+                                .zip(gz.par_chunks(hw))
+                                .enumerate()
+                                .for_each(|(p, (gxp, gzp))| {
+                                    let a = scs[p % c];
+                                    gxp.iter_mut().zip(gzp).for_each(|(o, g)| *o = *g * a);
+                                });
+                            let (gs, gb) = channel_sums(c, hw, &gz, Some(xs));
+                            Ok((
+                                Some(tensor(gx, x.dims())?),
+                                Some(tensor(gs, &[c])?),
+                                Some(tensor(gb, &[c])?),
+                            ))
+                        })
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// Per channel: (Σ gz·x, Σ gz) over all samples and pixels (Σ gz·x only when `x` is given).
+fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<&[T]>) -> (Vec<T>, Vec<T>) {
+    let n = gz.len() / (c * hw).max(1);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sx, mut s) = (T::zero(), T::zero());
+            for ni in 0..n {
+                let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
+                s += gz[r.clone()].iter().copied().sum::<T>();
+                if let Some(x) = x {
+                    sx += gz[r.clone()]
+                        .iter()
+                        .zip(&x[r])
+                        .map(|(a, b)| *a * *b)
+                        .sum::<T>();
+                }
+            }
+            (sx, s)
+        })
+        .unzip()
+}
+
+/// y = act(x · scale + shift) with per-channel `scale` and `shift` (C,), x (N, C, ...).
+pub fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    const OP: &str = "channel_affine";
+    if x.rank() < 2 {
+        return Err(shape_err(
+            OP,
+            format!("expected an (N, C, ...) input, got {:?}", x.dims()),
+        ));
+    }
+    let c = x.dim(1)?;
+    for (name, t) in [("scale", scale), ("shift", shift)] {
+        if t.dims() != [c] {
+            return Err(shape_err(
+                OP,
+                format!("{name} must have shape [{c}], got {:?}", t.dims()),
+            ));
+        }
+    }
+    check_float(OP, x)?;
+    if x.device().is_cpu() {
+        Ok(x.contiguous()?.apply_op3(
+            &scale.contiguous()?,
+            &shift.contiguous()?,
+            ChannelAffineOp(act),
+        )?)
+    } else {
+        let mut bshape = vec![1; x.rank()];
+        bshape[1] = c;
+        let y = x
+            .broadcast_mul(&scale.reshape(bshape.clone())?)?
+            .broadcast_add(&shift.reshape(bshape)?)?;
+        act.apply_tensor(&y)
+    }
+}
+
+struct ActOp(Activation);
+
+impl CustomOp1 for ActOp {
+    fn name(&self) -> &'static str {
+        "activation"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let act = self.0;
+        dispatch!(self.name(), s, |T| {
+            let y: Vec<T> = slice::<T>(s, l)?
+                .par_iter()
+                .map(|v| act.apply(*v))
+                .collect();
+            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+        })
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let act = self.0;
+        dispatch_dtype!(self.name(), y.dtype(), |T| {
+            with_data::<T, _>(y, |ys| {
+                with_data::<T, _>(gy, |gys| {
+                    let g: Vec<T> = gys
+                        .par_iter()
+                        .zip(ys.par_iter())
+                        .map(|(g, y)| *g * act.grad_from_output(*y))
+                        .collect();
+                    Ok(Some(tensor(g, y.dims())?))
+                })
+            })
+        })
+    }
+}
+
+/// ReLU / ReLU6 with a one-pass backward (candle's ReLU backward takes ~6 passes, its ReLU6
+/// goes through `clamp`).
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    if act == Activation::None {
+        return Ok(x.clone());
+    }
+    check_float("activation", x)?;
+    if x.device().is_cpu() {
+        Ok(x.contiguous()?.apply_op1(ActOp(act))?)
+    } else {
+        act.apply_tensor(x)
+    }
+}
+
+/// Per-channel mean and biased variance of x (N, C, ...), accumulated in f64.
+fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
+    let n = x.len() / (c * hw).max(1);
+    let m = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let plane = |ni: usize| &x[(ni * c + ch) * hw..(ni * c + ch + 1) * hw];
+            let mean = (0..n)
+                .map(|ni| plane(ni).iter().map(|v| v.f()).sum::<f64>())
+                .sum::<f64>()
+                / m;
+            let var = (0..n)
+                .map(|ni| {
+                    plane(ni)
+                        .iter()
+                        .map(|v| (v.f() - mean).powi(2))
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / m;
+            (mean, var)
+        })
+        .unzip()
+}
+
+/// Train-mode BatchNorm over given batch statistics, fused with an activation.
+struct BnTrainOp {
+    mean: Vec<f64>,
+    invstd: Vec<f64>,
+    act: Activation,
+}
+
+impl CustomOp3 for BnTrainOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = planes(l1);
+        dispatch!(self.name(), s1, |T| {
+            let (x, w, b) = (
+                slice::<T>(s1, l1)?,
+                slice::<T>(s2, l2)?,
+                slice::<T>(s3, l3)?,
+            );
+            let scale: Vec<T> = (0..c)
+                .map(|ch| w[ch] * T::from_f64(self.invstd[ch]))
+                .collect();
+            let shift: Vec<T> = (0..c)
+                .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
+                .collect();
+            let mut y = vec![T::zero(); x.len()];
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(p, (yp, xp))| {
+                    let (a, s) = (scale[p % c], shift[p % c]);
+                    yp.iter_mut()
+                        .zip(xp)
+                        .for_each(|(yv, xv)| *yv = self.act.apply(*xv * a + s));
+                });
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (c, hw) = (x.dim(1)?, x.dims()[2..].iter().product::<usize>());
+        let m = (x.elem_count() / c) as f64;
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(w, |ws| {
+                    with_data::<T, _>(y, |ys| {
+                        with_data::<T, _>(gy, |gys| {
+                            let gz: Vec<T> = gys
+                                .par_iter()
+                                .zip(ys.par_iter())
+                                .map(|(g, y)| *g * self.act.grad_from_output(*y))
+                                .collect();
+                            // xhat = (x - mean) · invstd, so Σ gz·xhat = invstd·(Σ gz·x - mean·Σ gz).
+                            let (sgx, sg) = channel_sums(c, hw, &gz, Some(xs));
+                            let sgxhat: Vec<f64> = (0..c)
+                                .map(|ch| {
+                                    self.invstd[ch] * (sgx[ch].f() - self.mean[ch] * sg[ch].f())
+                                })
+                                .collect();
+                            let mut gx = vec![T::zero(); xs.len()];
+                            gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
+                                let ch = p % c;
+                                let k = ws[ch].f() * self.invstd[ch];
+                                let (mu, is) = (self.mean[ch], self.invstd[ch]);
+                                let (a, bsum) = (sg[ch].f() / m, sgxhat[ch] / m);
+                                let r = p * hw..(p + 1) * hw;
+                                for ((o, g), xv) in gxp.iter_mut().zip(&gz[r.clone()]).zip(&xs[r]) {
+                                    let xhat = (xv.f() - mu) * is;
+                                    *o = T::from_f64(k * (g.f() - a - xhat * bsum));
+                                }
+                            });
+                            let gw: Vec<T> = sgxhat.iter().map(|v| T::from_f64(*v)).collect();
+                            Ok((
+                                Some(tensor(gx, x.dims())?),
+                                Some(tensor(gw, &[c])?),
+                                Some(tensor(sg, &[c])?),
+                            ))
+                        })
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// Settings of a [`BatchNorm2d`] (PyTorch's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// Added to the variance before the square root.
+    pub eps: f64,
+    /// Weight of the new batch statistic in the running averages.
+    pub momentum: f64,
+    /// Whether the layer has a learned `weight` and `bias`.
+    pub affine: bool,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        BatchNormConfig {
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: true,
+        }
+    }
+}
+
+/// BatchNorm over the channels of (N, C, H, W) with PyTorch semantics: train mode normalises
+/// with the biased batch variance and updates `running_mean` / `running_var` (unbiased) with
+/// momentum and counts `num_batches_tracked`; eval mode uses the running statistics.
+/// Tensors are named as torchvision's: `weight`, `bias`, `running_mean`, `running_var`,
+/// `num_batches_tracked`.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: Mutex<Var>,
+    cfg: BatchNormConfig,
+    num_features: usize,
+}
+
+impl BatchNorm2d {
+    /// Builds the layer from `vb` (new layers: weight 1, bias 0, running mean 0, var 1).
+    pub fn new(num_features: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        let c = num_features;
+        let (weight, bias) = if cfg.affine {
+            (
+                vb.get_with_hints(c, "weight", Init::Const(1.))?,
+                vb.get_with_hints(c, "bias", Init::Const(0.))?,
+            )
+        } else {
+            (
+                Tensor::ones(c, vb.dtype(), vb.device())?,
+                Tensor::zeros(c, vb.dtype(), vb.device())?,
+            )
+        };
+        let running_mean =
+            Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.))?)?;
+        let running_var =
+            Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.))?)?;
+        // torchvision state dicts carry an I64 scalar; files without it start counting at 0.
+        let nbt =
+            match vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.), DType::I64) {
+                Ok(t) => t,
+                Err(_) if !vb.contains_tensor("num_batches_tracked") => {
+                    Tensor::zeros((), DType::I64, vb.device())?
+                }
+                Err(e) => return Err(e.into()),
+            };
+        let num_batches_tracked = Mutex::new(Var::from_tensor(&nbt)?);
+        Ok(BatchNorm2d {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            cfg,
+            num_features,
+        })
+    }
+
+    /// Number of channels.
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+    /// The configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.cfg
+    }
+    /// The scale γ.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The shift β.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+    /// The running mean.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+    /// The running (unbiased) variance.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+    /// How many train-mode batches updated the running statistics.
+    pub fn num_batches_tracked(&self) -> Result<i64> {
+        let v = self
+            .num_batches_tracked
+            .lock()
+            .map_err(|_| shape_err("batch_norm", "poisoned counter"))?;
+        Ok(v.as_tensor().to_dtype(DType::I64)?.to_scalar::<i64>()?)
+    }
+
+    /// The eval-mode map as per-channel (scale, shift): y = x · scale + shift. Used to fold the
+    /// BatchNorm into the preceding convolution for inference.
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let invstd = (self.running_var.as_tensor() + self.cfg.eps)?
+            .sqrt()?
+            .recip()?;
+        let scale = (&self.weight * invstd)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    /// BatchNorm followed by `act`, in train (batch statistics, running stats updated) or eval
+    /// mode.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        const OP: &str = "batch_norm";
+        let (_, c, _, _) = dims4(OP, x)?;
+        if c != self.num_features {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "input has {c} channels, the layer expects {} (input shape {:?})",
+                    self.num_features,
+                    x.dims()
+                ),
+            ));
+        }
+        if !train {
+            let (scale, shift) = self.eval_scale_shift()?;
+            return channel_affine(x, &scale, &shift, act);
+        }
+        check_float(OP, x)?;
+        let m = x.elem_count() / c;
+        if m < 2 {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "expected more than 1 value per channel when training, got input shape {:?}",
+                    x.dims()
+                ),
+            ));
+        }
+        let (y, mean, var) = if x.device().is_cpu() {
+            let hw = x.elem_count() / (x.dim(0)? * c);
+            let x = x.contiguous()?;
+            let stats = || -> candle_core::Result<_> {
+                dispatch_dtype!(OP, x.dtype(), |T| with_data::<T, _>(&x, |xs| Ok(
+                    batch_stats(c, hw, xs)
+                )))
+            };
+            let (mean, var) = stats()?;
+            let invstd = var
+                .iter()
+                .map(|v| 1.0 / (v + self.cfg.eps).sqrt())
+                .collect();
+            let op = BnTrainOp {
+                mean: mean.clone(),
+                invstd,
+                act,
+            };
+            let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?;
+            let dev = x.device();
+            (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
+        } else {
+            let (y, mean, var) =
+                crate::reference::batch_norm_train(x, &self.weight, &self.bias, self.cfg.eps, act)?;
+            (
+                y,
+                mean.detach().to_dtype(DType::F64)?,
+                var.detach().to_dtype(DType::F64)?,
+            )
+        };
+        self.update_running(&mean, &var, m)?;
+        Ok(y)
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, m: usize) -> Result<()> {
+        let mo = self.cfg.momentum;
+        let dt = self.running_mean.dtype();
+        let unbiased = (var * (m as f64 / (m as f64 - 1.0)))?;
+        let rm =
+            ((self.running_mean.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))? + (mean * mo)?)?;
+        let rv = ((self.running_var.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))?
+            + (unbiased * mo)?)?;
+        self.running_mean.set(&rm.to_dtype(dt)?)?;
+        self.running_var.set(&rv.to_dtype(dt)?)?;
+        let nbt = self
+            .num_batches_tracked
+            .lock()
+            .map_err(|_| shape_err("batch_norm", "poisoned counter"))?;
+        let next = (nbt.as_tensor().to_dtype(DType::F64)? + 1.0)?.to_dtype(nbt.dtype())?;
+        nbt.set(&next)?;
+        Ok(())
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.forward_act(x, train, Activation::None)?)
+    }
+}
+
+impl CostModel for BatchNorm2d {
+    fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
+        let params = if self.cfg.affine {
+            2 * self.num_features
+        } else {
+            0
+        };
+        Ok((Cost::new(params as u64, 0), input.to_vec()))
+    }
+}
