@@ -28,11 +28,27 @@ enum Command {
 
 /// (name, canonical archive URL(s), folder it extracts to).
 const SOURCES: &[(&str, &str, &str)] = &[
-    ("fashion-mnist", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", "fashion-mnist"),
+    (
+        "fashion-mnist",
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "fashion-mnist",
+    ),
     ("mnist", "https://storage.googleapis.com/cvdf-datasets/mnist/", "mnist"),
-    ("cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "cifar10"),
-    ("cifar100", "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "cifar100"),
-    ("stl10", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "stl10"),
+    (
+        "cifar10",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        "cifar10",
+    ),
+    (
+        "cifar100",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        "cifar100",
+    ),
+    (
+        "stl10",
+        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+        "stl10",
+    ),
 ];
 
 fn main() -> Result<()> {

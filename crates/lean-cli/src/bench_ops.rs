@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Input shapes N,C,H,W, separated by `;` (default: the two shapes of docs/benchmarks.md).
     #[arg(long)]
     shapes: Option<String>,
+    /// Only these ops (comma-separated): dense3x3, dense3x3_lean_ops, grouped+1x1, lean.
+    #[arg(long, value_delimiter = ',')]
+    ops: Vec<String>,
 }
 
 /// One measured case; the JSON schema of `lean bench ops --format json`.
@@ -94,57 +97,62 @@ fn parse_shapes(s: &str) -> Result<Vec<[usize; 4]>> {
         .collect()
 }
 
-/// Runs every case on the CPU.
-pub fn measure_ops(shapes: &[[usize; 4]], reps: usize) -> Result<Vec<OpCase>> {
+/// The ops `lean bench ops` measures.
+pub const OPS: [&str; 4] = ["dense3x3", "dense3x3_lean_ops", "grouped+1x1", "lean"];
+
+/// One op to measure: its name, stencil, group size, parameters (input first) and forward.
+type Candidate = (&'static str, Option<Stencil>, Option<usize>, Vec<Tensor>, Forward);
+
+/// Runs every case of `ops` (empty: all of [`OPS`]) on the CPU.
+pub fn measure_ops(shapes: &[[usize; 4]], reps: usize, ops: &[String]) -> Result<Vec<OpCase>> {
     let dev = Device::Cpu;
     let mut out = vec![];
     for &shape @ [n, c, h, w] in shapes {
         for stride in [1usize, 2] {
             let x = Tensor::randn(0f32, 1., (n, c, h, w), &dev)?;
-            let case =
-                |op: &str, stencil: Option<Stencil>, g: Option<usize>, t: (f64, f64)| OpCase {
-                    op: op.into(),
-                    stencil: stencil.map(|s| s.to_string()),
-                    group_size: g,
-                    stride,
-                    shape,
-                    fwd_ms: t.0,
-                    fwd_bwd_ms: t.1,
-                };
             let dense_w = (Tensor::randn(0f32, 1., (c, c, 3, 3), &dev)? * 0.05)?;
-            let t = measure(
-                reps,
-                &[x.clone(), dense_w.clone()],
-                Box::new(move |p| p[0].conv2d(&p[1], 1, stride, 1, 1)),
-            )?;
-            out.push(case("dense3x3", None, None, t));
-            let t = measure(
-                reps,
-                &[x.clone(), dense_w],
-                Box::new(move |p| Ok(conv2d(&p[0], &p[1], None, stride, 1, 1)?)),
-            )?;
-            out.push(case("dense3x3_lean_ops", None, None, t));
             let dw = (Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev)? * 0.2)?;
             let pw = (Tensor::randn(0f32, 1., (c, c, 1, 1), &dev)? * 0.1)?;
-            let t = measure(
-                reps,
-                &[x.clone(), dw, pw.clone()],
-                Box::new(move |p| {
-                    p[0].conv2d(&p[1], 1, stride, 1, c)? + p[0].conv2d(&p[2], 0, stride, 1, 1)?
-                }),
-            )?;
-            out.push(case("grouped+1x1", Some(Stencil::Full), Some(1), t));
-            let cfg = LeanConv2dConfig::new(c, c)
-                .stencil(Stencil::Five)
-                .group_size(1)
-                .stride(stride);
+            let cfg = LeanConv2dConfig::new(c, c).stencil(Stencil::Five).group_size(1).stride(stride);
             let q = (Tensor::randn(0f32, 1., cfg.stencil_shape(), &dev)? * 0.2)?;
-            let t = measure(
-                reps,
-                &[x.clone(), pw, q],
-                Box::new(move |p| Ok(lean_conv2d(&p[0], &p[1], &p[2], None, &cfg)?)),
-            )?;
-            out.push(case("lean", Some(Stencil::Five), Some(1), t));
+            let candidates: Vec<Candidate> = vec![
+                (
+                    "dense3x3",
+                    None,
+                    None,
+                    vec![x.clone(), dense_w.clone()],
+                    Box::new(move |p| p[0].conv2d(&p[1], 1, stride, 1, 1)),
+                ),
+                (
+                    "dense3x3_lean_ops",
+                    None,
+                    None,
+                    vec![x.clone(), dense_w],
+                    Box::new(move |p| Ok(conv2d(&p[0], &p[1], None, stride, 1, 1)?)),
+                ),
+                (
+                    "grouped+1x1",
+                    Some(Stencil::Full),
+                    Some(1),
+                    vec![x.clone(), dw, pw.clone()],
+                    Box::new(move |p| p[0].conv2d(&p[1], 1, stride, 1, c)? + p[0].conv2d(&p[2], 0, stride, 1, 1)?),
+                ),
+                (
+                    "lean",
+                    Some(Stencil::Five),
+                    Some(1),
+                    vec![x.clone(), pw, q],
+                    Box::new(move |p| Ok(lean_conv2d(&p[0], &p[1], &p[2], None, &cfg)?)),
+                ),
+            ];
+            for (op, stencil, group_size, params, f) in candidates {
+                if !ops.is_empty() && !ops.iter().any(|o| o == op) {
+                    continue;
+                }
+                let (fwd_ms, fwd_bwd_ms) = measure(reps, &params, f)?;
+                let stencil = stencil.map(|s| s.to_string());
+                out.push(OpCase { op: op.into(), stencil, group_size, stride, shape, fwd_ms, fwd_bwd_ms });
+            }
         }
     }
     Ok(out)
@@ -184,7 +192,10 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
         Some(s) => parse_shapes(s)?,
         None => vec![[64, 64, 32, 32], [64, 256, 16, 16]],
     };
-    let cases = measure_ops(&shapes, args.reps)?;
+    if let Some(bad) = args.ops.iter().find(|o| !OPS.contains(&o.as_str())) {
+        bail!("unknown op `{bad}` in --ops: expected some of {}", OPS.join(", "));
+    }
+    let cases = measure_ops(&shapes, args.reps, &args.ops)?;
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&cases)?),
         Format::Table => {
@@ -205,28 +216,14 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
             println!(
                 "{}",
                 table(
-                    &[
-                        "op",
-                        "stencil",
-                        "g",
-                        "stride",
-                        "shape",
-                        "fwd_ms",
-                        "fwd_bwd_ms"
-                    ],
+                    &["op", "stencil", "g", "stride", "shape", "fwd_ms", "fwd_bwd_ms"],
                     &rows
                 )
             );
-            println!(
-                "\nspeed-up of lean (other / lean, medians of {} runs):",
-                args.reps
-            );
+            println!("\nspeed-up of lean (other / lean, medians of {} runs):", args.reps);
             println!(
                 "{}",
-                table(
-                    &["shape", "stride", "vs", "fwd", "fwd+bwd"],
-                    &ratio_rows(&cases)
-                )
+                table(&["shape", "stride", "vs", "fwd", "fwd+bwd"], &ratio_rows(&cases))
             );
             println!(
                 "\n{} threads, f32, CPU; glibc allocator tuned: {tuned_allocator}",
@@ -238,7 +235,5 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

@@ -1,7 +1,8 @@
 //! `lean`: the command-line front end of lean-convnets.
 //!
 //! Run `lean --help` for the subcommands. The binary tunes glibc's allocator at start
-//! (see [`lean_ops::runtime::tune_allocator`]).
+//! (see [`lean_ops::runtime::tune_allocator`]); set `LEAN_DEFAULT_MALLOC=1` to keep glibc's
+//! defaults (e.g. to measure the difference).
 
 mod bench_ops;
 mod output;
@@ -25,7 +26,7 @@ enum Command {
 }
 
 fn main() {
-    let tuned = lean_ops::runtime::tune_allocator();
+    let tuned = std::env::var_os("LEAN_DEFAULT_MALLOC").is_none() && lean_ops::runtime::tune_allocator();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Bench(args) => bench_ops::run(&args, tuned),

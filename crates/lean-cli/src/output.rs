@@ -31,16 +31,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             .to_string()
     };
     let mut out = vec![line(header.to_vec())];
-    out.push(
-        width
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("  "),
-    );
-    out.extend(
-        rows.iter()
-            .map(|r| line(r.iter().map(|s| s.as_str()).collect())),
-    );
+    out.push(width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+    out.extend(rows.iter().map(|r| line(r.iter().map(|s| s.as_str()).collect())));
     out.join("\n")
 }

@@ -2,7 +2,10 @@
 use std::process::Command;
 
 fn lean(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lean")).args(args).output().expect("run lean")
+    Command::new(env!("CARGO_BIN_EXE_lean"))
+        .args(args)
+        .output()
+        .expect("run lean")
 }
 
 #[test]
@@ -25,7 +28,10 @@ fn bench_ops_json_has_one_object_per_case() {
         assert!(ops.contains(&op), "{op} missing from {ops:?}");
     }
     let lean = cases.iter().find(|c| c["op"] == "lean").unwrap();
-    assert_eq!((lean["stencil"].as_str(), lean["group_size"].as_u64()), (Some("five"), Some(1)));
+    assert_eq!(
+        (lean["stencil"].as_str(), lean["group_size"].as_u64()),
+        (Some("five"), Some(1))
+    );
 }
 
 #[test]

@@ -23,7 +23,10 @@ fn round_trips_images_plain_and_gzipped() {
     // The header is the canonical one: magic 0x00000803, then big-endian dims.
     let raw = std::fs::read(d.join("train-images-idx3-ubyte")).unwrap();
     assert_eq!(&raw[..8], &[0, 0, 8, 3, 0, 0, 0, 2]);
-    assert!(!d.join("train-images-idx3-ubyte.partial").exists(), "no temporary file is left behind");
+    assert!(
+        !d.join("train-images-idx3-ubyte.partial").exists(),
+        "no temporary file is left behind"
+    );
 }
 
 #[test]
@@ -37,9 +40,15 @@ fn broken_files_give_errors_naming_the_file() {
     let e = read_idx(&p).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, DataError::Format { .. }));
-    assert!(msg.contains("t10k-labels-idx1-ubyte") && msg.contains("expected 10 data bytes") && msg.contains("found 7"), "{msg}");
+    assert!(
+        msg.contains("t10k-labels-idx1-ubyte") && msg.contains("expected 10 data bytes") && msg.contains("found 7"),
+        "{msg}"
+    );
     std::fs::write(&p, [0x12, 0x34, 0x56, 0x78, 0, 0, 0, 1]).unwrap();
-    assert!(read_idx(&p).unwrap_err().to_string().contains("bad IDX magic 0x12345678"));
+    assert!(read_idx(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("bad IDX magic 0x12345678"));
     let gz = d.join("x.gz");
     std::fs::write(&gz, b"not gzip at all").unwrap();
     assert!(read_idx(&gz).unwrap_err().to_string().contains("corrupt gzip"));

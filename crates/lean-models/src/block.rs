@@ -2,7 +2,10 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use lean_ops::{activation, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel, LeanConv2d, LeanConv2dConfig, Stencil};
+use lean_ops::{
+    activation, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel, LeanConv2d,
+    LeanConv2dConfig, Stencil,
+};
 
 /// How a block's 3x3 convolutions are built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +26,11 @@ pub enum Conv3x3Kind {
 impl Conv3x3Kind {
     /// The default lean knobs: five-point stencil, depthwise, lean downsampling.
     pub fn lean() -> Self {
-        Conv3x3Kind::Lean { stencil: Stencil::Five, group_size: 1, dense_downsample: false }
+        Conv3x3Kind::Lean {
+            stencil: Stencil::Five,
+            group_size: 1,
+            dense_downsample: false,
+        }
     }
 }
 
@@ -40,11 +47,21 @@ impl Conv3x3 {
     /// Builds a `cin -> cout` 3x3 convolution with `stride`, named as torchvision names it.
     pub fn new(kind: Conv3x3Kind, cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> lean_ops::Result<Self> {
         match kind {
-            Conv3x3Kind::Lean { stencil, group_size, dense_downsample } if !(dense_downsample && stride > 1) => {
-                let cfg = LeanConv2dConfig::new(cin, cout).stencil(stencil).group_size(group_size).stride(stride);
+            Conv3x3Kind::Lean {
+                stencil,
+                group_size,
+                dense_downsample,
+            } if !(dense_downsample && stride > 1) => {
+                let cfg = LeanConv2dConfig::new(cin, cout)
+                    .stencil(stencil)
+                    .group_size(group_size)
+                    .stride(stride);
                 Ok(Conv3x3::Lean(LeanConv2d::new(cfg, vb)?))
             }
-            _ => Ok(Conv3x3::Dense(Conv2d::new(Conv2dConfig::new(cin, cout, 3).stride(stride).padding(1), vb)?)),
+            _ => Ok(Conv3x3::Dense(Conv2d::new(
+                Conv2dConfig::new(cin, cout, 3).stride(stride).padding(1),
+                vb,
+            )?)),
         }
     }
 }
@@ -83,7 +100,12 @@ pub struct BlockConfig {
 impl BlockConfig {
     /// A dense block `in_planes -> planes` with `stride`.
     pub fn new(in_planes: usize, planes: usize, stride: usize) -> Self {
-        BlockConfig { in_planes, planes, stride, conv: Conv3x3Kind::Dense }
+        BlockConfig {
+            in_planes,
+            planes,
+            stride,
+            conv: Conv3x3Kind::Dense,
+        }
     }
     /// Sets the kind of the 3x3 convolutions.
     pub fn conv(mut self, kind: Conv3x3Kind) -> Self {
@@ -112,18 +134,29 @@ impl BasicBlock {
         let conv2 = Conv3x3::new(cfg.conv, cfg.planes, cfg.planes, 1, vb.pp("conv2"))?;
         let bn2 = BatchNorm2d::new(cfg.planes, bn, vb.pp("bn2"))?;
         let downsample = if cfg.stride != 1 || cfg.in_planes != cfg.planes {
-            let c = Conv2d::new(Conv2dConfig::new(cfg.in_planes, cfg.planes, 1).stride(cfg.stride), vb.pp("downsample.0"))?;
+            let c = Conv2d::new(
+                Conv2dConfig::new(cfg.in_planes, cfg.planes, 1).stride(cfg.stride),
+                vb.pp("downsample.0"),
+            )?;
             Some((c, BatchNorm2d::new(cfg.planes, bn, vb.pp("downsample.1"))?))
         } else {
             None
         };
-        Ok(BasicBlock { conv1, bn1, conv2, bn2, downsample })
+        Ok(BasicBlock {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            downsample,
+        })
     }
 
     /// The block in train (batch statistics) or eval mode.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> lean_ops::Result<Tensor> {
         let h = self.bn1.forward_act(&self.conv1.forward(x)?, train, Activation::Relu)?;
-        let h = self.bn2.forward_act(&self.conv2.forward(&h)?, train, Activation::None)?;
+        let h = self
+            .bn2
+            .forward_act(&self.conv2.forward(&h)?, train, Activation::None)?;
         let shortcut = match &self.downsample {
             Some((c, bn)) => bn.forward_act(&c.forward(x)?, train, Activation::None)?,
             None => x.clone(),

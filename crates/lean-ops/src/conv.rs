@@ -103,8 +103,7 @@ impl CostModel for Conv2dConfig {
         }
         let (ho, wo) = self.output_hw(h, w)?;
         let k2 = self.kernel_size * self.kernel_size;
-        let params = self.out_channels * self.in_channels * k2
-            + if self.bias { self.out_channels } else { 0 };
+        let params = self.out_channels * self.in_channels * k2 + if self.bias { self.out_channels } else { 0 };
         let macs = n * ho * wo * self.out_channels * self.in_channels * k2;
         Ok((
             Cost::new(params as u64, macs as u64),
@@ -127,9 +126,7 @@ impl CustomOp2 for DenseConvOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
-            let y = self
-                .0
-                .forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None);
+            let y = self.0.forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None);
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
@@ -166,28 +163,18 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
     let (n, cin, h, w) = dims4(OP, x)?;
-    let (cout, wcin, kh, kw) = dims4(OP, weight).map_err(|_| {
-        shape_err(
-            OP,
-            format!("weight must be (Cout, Cin, k, k), got {:?}", weight.dims()),
-        )
-    })?;
+    let (cout, wcin, kh, kw) = dims4(OP, weight)
+        .map_err(|_| shape_err(OP, format!("weight must be (Cout, Cin, k, k), got {:?}", weight.dims())))?;
     if wcin != cin {
         return Err(shape_err(
             OP,
-            format!(
-                "input has {cin} channels but weight {:?} expects {wcin}",
-                weight.dims()
-            ),
+            format!("input has {cin} channels but weight {:?} expects {wcin}", weight.dims()),
         ));
     }
     if kh != kw {
         return Err(shape_err(
             OP,
-            format!(
-                "only square kernels are supported, got weight {:?}",
-                weight.dims()
-            ),
+            format!("only square kernels are supported, got weight {:?}", weight.dims()),
         ));
     }
     let cfg = Conv2dConfig {
@@ -231,20 +218,13 @@ pub fn conv2d(
 }
 
 /// Adds a per-channel bias (C,) to an (N, C, H, W) tensor.
-pub(crate) fn add_channel_bias(
-    op: &'static str,
-    y: Tensor,
-    bias: Option<&Tensor>,
-) -> Result<Tensor> {
+pub(crate) fn add_channel_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         None => Ok(y),
         Some(b) => {
             let c = y.dim(1)?;
             if b.dims() != [c] {
-                return Err(shape_err(
-                    op,
-                    format!("bias must have shape [{c}], got {:?}", b.dims()),
-                ));
+                return Err(shape_err(op, format!("bias must have shape [{c}], got {:?}", b.dims())));
             }
             Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
         }
@@ -269,8 +249,7 @@ impl Conv2d {
             mean: 0.,
             stdev: (2.0 / fan_out).sqrt(),
         };
-        let weight =
-            vb.get_with_hints((cfg.out_channels, cfg.in_channels, k, k), "weight", init)?;
+        let weight = vb.get_with_hints((cfg.out_channels, cfg.in_channels, k, k), "weight", init)?;
         let bias = if cfg.bias {
             Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?)
         } else {

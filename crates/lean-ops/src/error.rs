@@ -45,24 +45,15 @@ impl From<Error> for candle_core::Error {
 }
 
 pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> Error {
-    Error::Shape {
-        op,
-        msg: msg.into(),
-    }
+    Error::Shape { op, msg: msg.into() }
 }
 
 pub(crate) fn config_err(op: &'static str, msg: impl Into<String>) -> Error {
-    Error::Config {
-        op,
-        msg: msg.into(),
-    }
+    Error::Config { op, msg: msg.into() }
 }
 
 /// Checks that `t` has rank 4 and returns its dims as (N, C, H, W).
-pub(crate) fn dims4(
-    op: &'static str,
-    t: &candle_core::Tensor,
-) -> Result<(usize, usize, usize, usize)> {
+pub(crate) fn dims4(op: &'static str, t: &candle_core::Tensor) -> Result<(usize, usize, usize, usize)> {
     match t.dims() {
         &[n, c, h, w] => Ok((n, c, h, w)),
         d => Err(shape_err(

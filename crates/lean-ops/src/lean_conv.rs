@@ -92,16 +92,19 @@ impl LeanConv2dConfig {
         if c.group_size == 0 || c.in_channels % c.group_size != 0 {
             return Err(config_err(
                 OP,
-                format!(
-                    "group_size {} must divide in_channels {}",
-                    c.group_size, c.in_channels
-                ),
+                format!("group_size {} must divide in_channels {}", c.group_size, c.in_channels),
             ));
         }
         if c.out_channels % c.groups() != 0 {
             return Err(config_err(
                 OP,
-                format!("out_channels {} must be a multiple of the number of groups {} (= in_channels {} / group_size {})", c.out_channels, c.groups(), c.in_channels, c.group_size),
+                format!(
+                    "out_channels {} must be a multiple of the number of groups {} (= in_channels {} / group_size {})",
+                    c.out_channels,
+                    c.groups(),
+                    c.in_channels,
+                    c.group_size
+                ),
             ));
         }
         if c.stride == 0 {
@@ -115,10 +118,7 @@ impl LeanConv2dConfig {
 
     /// Output spatial size: floor((H - 1) / s) + 1.
     pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        (
-            (h.max(1) - 1) / self.stride + 1,
-            (w.max(1) - 1) / self.stride + 1,
-        )
+        ((h.max(1) - 1) / self.stride + 1, (w.max(1) - 1) / self.stride + 1)
     }
 
     /// Parameters: Cout·Cin + Cout·g·|S| (+ Cout with bias).
@@ -183,8 +183,7 @@ impl CostModel for LeanConv2dConfig {
             ));
         }
         let (ho, wo) = self.output_hw(h, w);
-        let per_pixel =
-            self.out_channels * (self.in_channels + self.group_size * self.stencil.len());
+        let per_pixel = self.out_channels * (self.in_channels + self.group_size * self.stencil.len());
         Ok((
             Cost::new(self.num_params() as u64, (n * ho * wo * per_pixel) as u64),
             vec![n, self.out_channels, ho, wo],
@@ -212,15 +211,15 @@ fn check_inputs(
             ),
         ));
     }
+    if h == 0 || w == 0 {
+        return Err(shape_err(op, format!("input has an empty spatial size {:?}", x.dims())));
+    }
     if let Some(p) = p {
         let want = [cfg.out_channels, cfg.in_channels, 1, 1];
         if p.dims() != want {
             return Err(shape_err(
                 op,
-                format!(
-                    "pointwise weight must have shape {want:?}, got {:?}",
-                    p.dims()
-                ),
+                format!("pointwise weight must have shape {want:?}, got {:?}", p.dims()),
             ));
         }
     }
@@ -240,11 +239,7 @@ fn check_inputs(
         if t.dtype() != x.dtype() {
             return Err(shape_err(
                 op,
-                format!(
-                    "weight dtype {:?} differs from input dtype {:?}",
-                    t.dtype(),
-                    x.dtype()
-                ),
+                format!("weight dtype {:?} differs from input dtype {:?}", t.dtype(), x.dtype()),
             ));
         }
     }
@@ -314,9 +309,7 @@ impl CustomOp2 for StencilOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
-            let y = self
-                .0
-                .forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?));
+            let y = self.0.forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?));
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
@@ -357,10 +350,7 @@ pub fn lean_conv2d(
     let (n, h, w) = check_inputs(OP, cfg, x, Some(pointwise), stencil)?;
     let y = if x.device().is_cpu() {
         let (ho, wo) = cfg.output_hw(h, w);
-        let op = LeanOp(
-            cfg.geometry(n, h, w, true),
-            Shape::from((n, cfg.out_channels, ho, wo)),
-        );
+        let op = LeanOp(cfg.geometry(n, h, w, true), Shape::from((n, cfg.out_channels, ho, wo)));
         x.contiguous()?
             .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
     } else {
@@ -370,19 +360,12 @@ pub fn lean_conv2d(
 }
 
 /// The grouped sparse-stencil branch alone: y = grouped_stencil(x; Q).
-pub fn grouped_stencil_conv2d(
-    x: &Tensor,
-    stencil: &Tensor,
-    cfg: &LeanConv2dConfig,
-) -> Result<Tensor> {
+pub fn grouped_stencil_conv2d(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
     const OP: &str = "grouped_stencil_conv2d";
     let (n, h, w) = check_inputs(OP, cfg, x, None, stencil)?;
     if x.device().is_cpu() {
         let (ho, wo) = cfg.output_hw(h, w);
-        let op = StencilOp(
-            cfg.geometry(n, h, w, false),
-            Shape::from((n, cfg.out_channels, ho, wo)),
-        );
+        let op = StencilOp(cfg.geometry(n, h, w, false), Shape::from((n, cfg.out_channels, ho, wo)));
         Ok(x.contiguous()?.apply_op2(&stencil.contiguous()?, op)?)
     } else {
         reference::grouped_stencil_conv2d(x, stencil, cfg)
@@ -407,17 +390,12 @@ impl LeanConv2d {
     /// so a deep lean network keeps activations of order one.
     pub fn new(cfg: LeanConv2dConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let fan_out =
-            (cfg.out_channels + cfg.out_channels / cfg.groups() * cfg.stencil.len()) as f64;
+        let fan_out = (cfg.out_channels + cfg.out_channels / cfg.groups() * cfg.stencil.len()) as f64;
         let init = Init::Randn {
             mean: 0.,
             stdev: (2.0 / fan_out).sqrt(),
         };
-        let pointwise = vb.get_with_hints(
-            (cfg.out_channels, cfg.in_channels, 1, 1),
-            "pointwise.weight",
-            init,
-        )?;
+        let pointwise = vb.get_with_hints((cfg.out_channels, cfg.in_channels, 1, 1), "pointwise.weight", init)?;
         let stencil = vb.get_with_hints(cfg.stencil_shape(), "stencil.weight", init)?;
         let bias = if cfg.bias {
             Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?)

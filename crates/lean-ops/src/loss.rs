@@ -73,23 +73,20 @@ impl CrossEntropyOp {
         let cnt = self.count().max(1) as f64;
         let mut gz = vec![T::zero(); z.len()];
         // One chunk per sample: positions (n, ·, ·).
-        gz.par_chunks_mut(self.c * self.s)
-            .enumerate()
-            .for_each(|(n, gn)| {
-                for s in 0..self.s {
-                    let t = self.targets[n * self.s + s];
-                    if self.ignored(t) {
-                        continue;
-                    }
-                    let lse = self.lse(z, n, s);
-                    for k in 0..self.c {
-                        let p = (z[(n * self.c + k) * self.s + s].f() - lse).exp();
-                        let target =
-                            eps / self.c as f64 + if k as i64 == t { 1.0 - eps } else { 0.0 };
-                        gn[k * self.s + s] = T::from_f64(g * (p - target) / cnt);
-                    }
+        gz.par_chunks_mut(self.c * self.s).enumerate().for_each(|(n, gn)| {
+            for s in 0..self.s {
+                let t = self.targets[n * self.s + s];
+                if self.ignored(t) {
+                    continue;
                 }
-            });
+                let lse = self.lse(z, n, s);
+                for k in 0..self.c {
+                    let p = (z[(n * self.c + k) * self.s + s].f() - lse).exp();
+                    let target = eps / self.c as f64 + if k as i64 == t { 1.0 - eps } else { 0.0 };
+                    gn[k * self.s + s] = T::from_f64(g * (p - target) / cnt);
+                }
+            }
+        });
         gz
     }
 }
@@ -107,10 +104,7 @@ impl CustomOp2 for CrossEntropyOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
             let v = self.forward(slice::<T>(s1, l1)?);
-            Ok((
-                T::to_cpu_storage_owned(vec![T::from_f64(v)]),
-                Shape::from(()),
-            ))
+            Ok((T::to_cpu_storage_owned(vec![T::from_f64(v)]), Shape::from(())))
         })
     }
     fn bwd(
@@ -157,10 +151,7 @@ pub(crate) fn read_targets(
     if !(0.0..=1.0).contains(&cfg.label_smoothing) {
         return Err(config_err(
             OP,
-            format!(
-                "label_smoothing must be in [0, 1], got {}",
-                cfg.label_smoothing
-            ),
+            format!("label_smoothing must be in [0, 1], got {}", cfg.label_smoothing),
         ));
     }
     let t: Vec<i64> = match targets.dtype() {
@@ -178,10 +169,7 @@ pub(crate) fn read_targets(
         .iter()
         .find(|&&v| cfg.ignore_index != Some(v) && (v < 0 || v >= c as i64))
     {
-        return Err(shape_err(
-            OP,
-            format!("target {bad} is out of range for {c} classes"),
-        ));
+        return Err(shape_err(OP, format!("target {bad} is out of range for {c} classes")));
     }
     Ok((t, n, c, s))
 }
@@ -189,11 +177,7 @@ pub(crate) fn read_targets(
 /// Mean cross-entropy of `logits` (N, C) or (N, C, H, W) against integer `targets` (N) or
 /// (N, H, W), with label smoothing and an ignore index, as PyTorch's `F.cross_entropy`
 /// (the mean over non-ignored positions; 0 when every position is ignored).
-pub fn cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    cfg: &CrossEntropyConfig,
-) -> Result<Tensor> {
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &CrossEntropyConfig) -> Result<Tensor> {
     check_float("cross_entropy", logits)?;
     let (t, n, c, s) = read_targets(logits, targets, cfg)?;
     if logits.device().is_cpu() {

@@ -4,9 +4,7 @@
 use crate::cost::{Cost, CostModel};
 use crate::error::{check_float, dims4, shape_err, Result};
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
 use num_traits::Zero;
 use rayon::prelude::*;
@@ -30,9 +28,7 @@ impl Activation {
         match self {
             Activation::None => v,
             Activation::Relu => num_traits::Float::max(v, T::zero()),
-            Activation::Relu6 => {
-                num_traits::Float::min(num_traits::Float::max(v, T::zero()), T::from_f64(6.0))
-            }
+            Activation::Relu6 => num_traits::Float::min(num_traits::Float::max(v, T::zero()), T::from_f64(6.0)),
         }
     }
     /// The derivative, read off the activation's output `y` (PyTorch's convention at the kinks:
@@ -84,20 +80,14 @@ impl CustomOp3 for ChannelAffineOp {
         let (_, c, hw) = planes(l1);
         let act = self.0;
         dispatch!(self.name(), s1, |T| {
-            let (x, sc, sh) = (
-                slice::<T>(s1, l1)?,
-                slice::<T>(s2, l2)?,
-                slice::<T>(s3, l3)?,
-            );
+            let (x, sc, sh) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
             let mut y = vec![T::zero(); x.len()];
             y.par_chunks_mut(hw)
                 .zip(x.par_chunks(hw))
                 .enumerate()
                 .for_each(|(p, (yp, xp))| {
                     let (a, b) = (sc[p % c], sh[p % c]);
-                    yp.iter_mut()
-                        .zip(xp)
-                        .for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
+                    yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
                 });
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
@@ -155,11 +145,7 @@ fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<&[T]>) -> (Vec
                 let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
                 s += gz[r.clone()].iter().copied().sum::<T>();
                 if let Some(x) = x {
-                    sx += gz[r.clone()]
-                        .iter()
-                        .zip(&x[r])
-                        .map(|(a, b)| *a * *b)
-                        .sum::<T>();
+                    sx += gz[r.clone()].iter().zip(&x[r]).map(|(a, b)| *a * *b).sum::<T>();
                 }
             }
             (sx, s)
@@ -168,12 +154,7 @@ fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<&[T]>) -> (Vec
 }
 
 /// y = act(x · scale + shift) with per-channel `scale` and `shift` (C,), x (N, C, ...).
-pub fn channel_affine(
-    x: &Tensor,
-    scale: &Tensor,
-    shift: &Tensor,
-    act: Activation,
-) -> Result<Tensor> {
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
     const OP: &str = "channel_affine";
     if x.rank() < 2 {
         return Err(shape_err(
@@ -192,11 +173,8 @@ pub fn channel_affine(
     }
     check_float(OP, x)?;
     if x.device().is_cpu() {
-        Ok(x.contiguous()?.apply_op3(
-            &scale.contiguous()?,
-            &shift.contiguous()?,
-            ChannelAffineOp(act),
-        )?)
+        Ok(x.contiguous()?
+            .apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffineOp(act))?)
     } else {
         let mut bshape = vec![1; x.rank()];
         bshape[1] = c;
@@ -216,10 +194,7 @@ impl CustomOp1 for ActOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let act = self.0;
         dispatch!(self.name(), s, |T| {
-            let y: Vec<T> = slice::<T>(s, l)?
-                .par_iter()
-                .map(|v| act.apply(*v))
-                .collect();
+            let y: Vec<T> = slice::<T>(s, l)?.par_iter().map(|v| act.apply(*v)).collect();
             Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
         })
     }
@@ -267,12 +242,7 @@ fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
                 .sum::<f64>()
                 / m;
             let var = (0..n)
-                .map(|ni| {
-                    plane(ni)
-                        .iter()
-                        .map(|v| (v.f() - mean).powi(2))
-                        .sum::<f64>()
-                })
+                .map(|ni| plane(ni).iter().map(|v| (v.f() - mean).powi(2)).sum::<f64>())
                 .sum::<f64>()
                 / m;
             (mean, var)
@@ -302,14 +272,8 @@ impl CustomOp3 for BnTrainOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, c, hw) = planes(l1);
         dispatch!(self.name(), s1, |T| {
-            let (x, w, b) = (
-                slice::<T>(s1, l1)?,
-                slice::<T>(s2, l2)?,
-                slice::<T>(s3, l3)?,
-            );
-            let scale: Vec<T> = (0..c)
-                .map(|ch| w[ch] * T::from_f64(self.invstd[ch]))
-                .collect();
+            let (x, w, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
+            let scale: Vec<T> = (0..c).map(|ch| w[ch] * T::from_f64(self.invstd[ch])).collect();
             let shift: Vec<T> = (0..c)
                 .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
                 .collect();
@@ -349,9 +313,7 @@ impl CustomOp3 for BnTrainOp {
                             // xhat = (x - mean) · invstd, so Σ gz·xhat = invstd·(Σ gz·x - mean·Σ gz).
                             let (sgx, sg) = channel_sums(c, hw, &gz, Some(xs));
                             let sgxhat: Vec<f64> = (0..c)
-                                .map(|ch| {
-                                    self.invstd[ch] * (sgx[ch].f() - self.mean[ch] * sg[ch].f())
-                                })
+                                .map(|ch| self.invstd[ch] * (sgx[ch].f() - self.mean[ch] * sg[ch].f()))
                                 .collect();
                             let mut gx = vec![T::zero(); xs.len()];
                             gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
@@ -431,19 +393,14 @@ impl BatchNorm2d {
                 Tensor::zeros(c, vb.dtype(), vb.device())?,
             )
         };
-        let running_mean =
-            Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.))?)?;
-        let running_var =
-            Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.))?)?;
+        let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.))?)?;
         // torchvision state dicts carry an I64 scalar; files without it start counting at 0.
-        let nbt =
-            match vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.), DType::I64) {
-                Ok(t) => t,
-                Err(_) if !vb.contains_tensor("num_batches_tracked") => {
-                    Tensor::zeros((), DType::I64, vb.device())?
-                }
-                Err(e) => return Err(e.into()),
-            };
+        let nbt = match vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.), DType::I64) {
+            Ok(t) => t,
+            Err(_) if !vb.contains_tensor("num_batches_tracked") => Tensor::zeros((), DType::I64, vb.device())?,
+            Err(e) => return Err(e.into()),
+        };
         let num_batches_tracked = Mutex::new(Var::from_tensor(&nbt)?);
         Ok(BatchNorm2d {
             weight,
@@ -492,9 +449,7 @@ impl BatchNorm2d {
     /// The eval-mode map as per-channel (scale, shift): y = x · scale + shift. Used to fold the
     /// BatchNorm into the preceding convolution for inference.
     pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
-        let invstd = (self.running_var.as_tensor() + self.cfg.eps)?
-            .sqrt()?
-            .recip()?;
+        let invstd = (self.running_var.as_tensor() + self.cfg.eps)?.sqrt()?.recip()?;
         let scale = (&self.weight * invstd)?;
         let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
         Ok((scale, shift))
@@ -534,15 +489,12 @@ impl BatchNorm2d {
             let hw = x.elem_count() / (x.dim(0)? * c);
             let x = x.contiguous()?;
             let stats = || -> candle_core::Result<_> {
-                dispatch_dtype!(OP, x.dtype(), |T| with_data::<T, _>(&x, |xs| Ok(
-                    batch_stats(c, hw, xs)
-                )))
+                dispatch_dtype!(OP, x.dtype(), |T| with_data::<T, _>(&x, |xs| Ok(batch_stats(
+                    c, hw, xs
+                ))))
             };
             let (mean, var) = stats()?;
-            let invstd = var
-                .iter()
-                .map(|v| 1.0 / (v + self.cfg.eps).sqrt())
-                .collect();
+            let invstd = var.iter().map(|v| 1.0 / (v + self.cfg.eps).sqrt()).collect();
             let op = BnTrainOp {
                 mean: mean.clone(),
                 invstd,
@@ -552,8 +504,7 @@ impl BatchNorm2d {
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {
-            let (y, mean, var) =
-                crate::reference::batch_norm_train(x, &self.weight, &self.bias, self.cfg.eps, act)?;
+            let (y, mean, var) = crate::reference::batch_norm_train(x, &self.weight, &self.bias, self.cfg.eps, act)?;
             (
                 y,
                 mean.detach().to_dtype(DType::F64)?,
@@ -568,10 +519,8 @@ impl BatchNorm2d {
         let mo = self.cfg.momentum;
         let dt = self.running_mean.dtype();
         let unbiased = (var * (m as f64 / (m as f64 - 1.0)))?;
-        let rm =
-            ((self.running_mean.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))? + (mean * mo)?)?;
-        let rv = ((self.running_var.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))?
-            + (unbiased * mo)?)?;
+        let rm = ((self.running_mean.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))? + (mean * mo)?)?;
+        let rv = ((self.running_var.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))? + (unbiased * mo)?)?;
         self.running_mean.set(&rm.to_dtype(dt)?)?;
         self.running_var.set(&rv.to_dtype(dt)?)?;
         let nbt = self
@@ -592,11 +541,7 @@ impl ModuleT for BatchNorm2d {
 
 impl CostModel for BatchNorm2d {
     fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
-        let params = if self.cfg.affine {
-            2 * self.num_features
-        } else {
-            0
-        };
+        let params = if self.cfg.affine { 2 * self.num_features } else { 0 };
         Ok((Cost::new(params as u64, 0), input.to_vec()))
     }
 }

@@ -86,10 +86,7 @@ impl PoolOp {
         );
         let div = if self.cfg.count_include_pad {
             // PyTorch counts padded positions but not positions past the padded border.
-            let (ye, xe) = (
-                (ys + k).min(self.h as isize + p),
-                (xs + k).min(self.w as isize + p),
-            );
+            let (ye, xe) = ((ys + k).min(self.h as isize + p), (xs + k).min(self.w as isize + p));
             ((ye - ys) * (xe - xs)) as usize
         } else {
             (y1 - y0) * (x1 - x0)
@@ -116,29 +113,22 @@ impl PoolOp {
     fn forward<T: Real>(&self, x: &[T]) -> Vec<T> {
         let (hw, ohw) = (self.h * self.w, self.ho * self.wo);
         let mut y = vec![T::zero(); x.len() / hw * ohw];
-        y.par_chunks_mut(ohw)
-            .zip(x.par_chunks(hw))
-            .for_each(|(yp, xp)| {
-                for oy in 0..self.ho {
-                    for ox in 0..self.wo {
-                        yp[oy * self.wo + ox] = match self.kind {
-                            Kind::Max => xp[self.argmax(xp, oy, ox)],
-                            Kind::Avg => {
-                                let (y0, y1, x0, x1, div) = self.window(oy, ox);
-                                let s: T = (y0..y1)
-                                    .map(|yy| {
-                                        xp[yy * self.w + x0..yy * self.w + x1]
-                                            .iter()
-                                            .copied()
-                                            .sum::<T>()
-                                    })
-                                    .sum();
-                                s / T::from_f64(div as f64)
-                            }
-                        };
-                    }
+        y.par_chunks_mut(ohw).zip(x.par_chunks(hw)).for_each(|(yp, xp)| {
+            for oy in 0..self.ho {
+                for ox in 0..self.wo {
+                    yp[oy * self.wo + ox] = match self.kind {
+                        Kind::Max => xp[self.argmax(xp, oy, ox)],
+                        Kind::Avg => {
+                            let (y0, y1, x0, x1, div) = self.window(oy, ox);
+                            let s: T = (y0..y1)
+                                .map(|yy| xp[yy * self.w + x0..yy * self.w + x1].iter().copied().sum::<T>())
+                                .sum();
+                            s / T::from_f64(div as f64)
+                        }
+                    };
                 }
-            });
+            }
+        });
         y
     }
 
@@ -158,9 +148,7 @@ impl PoolOp {
                                 let (y0, y1, x0, x1, div) = self.window(oy, ox);
                                 let v = g / T::from_f64(div as f64);
                                 for yy in y0..y1 {
-                                    gp[yy * self.w + x0..yy * self.w + x1]
-                                        .iter_mut()
-                                        .for_each(|e| *e += v);
+                                    gp[yy * self.w + x0..yy * self.w + x1].iter_mut().for_each(|e| *e += v);
                                 }
                             }
                         }
@@ -182,18 +170,13 @@ impl CustomOp1 for PoolOp {
         let d = l.dims();
         dispatch!(self.name(), s, |T| {
             let y = self.forward(slice::<T>(s, l)?);
-            Ok((
-                T::to_cpu_storage_owned(y),
-                Shape::from((d[0], d[1], self.ho, self.wo)),
-            ))
+            Ok((T::to_cpu_storage_owned(y), Shape::from((d[0], d[1], self.ho, self.wo))))
         })
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
-                with_data::<T, _>(gy, |gys| {
-                    Ok(Some(tensor(self.backward(xs, gys), x.dims())?))
-                })
+                with_data::<T, _>(gy, |gys| Ok(Some(tensor(self.backward(xs, gys), x.dims())?)))
             })
         })
     }

@@ -14,10 +14,7 @@ impl Real for f32 {}
 impl Real for f64 {}
 
 /// The contiguous data of a storage seen through `layout`.
-pub(crate) fn slice<'a, T: Real>(
-    s: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [T]> {
+pub(crate) fn slice<'a, T: Real>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -77,11 +74,7 @@ macro_rules! dispatch_dtype {
                 type $t = f64;
                 $body
             }
-            other => candle_core::bail!(
-                "{}: unsupported dtype {:?} (expected f32 or f64)",
-                $op,
-                other
-            ),
+            other => candle_core::bail!("{}: unsupported dtype {:?} (expected f32 or f64)", $op, other),
         }
     };
 }

@@ -15,14 +15,7 @@ fn strided_index(count: usize, s: usize, device: &Device) -> Result<Tensor> {
 }
 
 /// The (ho x wo) window of `t` (.., H, W) starting at (y0, x0) with stride `s`.
-pub(crate) fn strided_window(
-    t: &Tensor,
-    y0: usize,
-    x0: usize,
-    ho: usize,
-    wo: usize,
-    s: usize,
-) -> Result<Tensor> {
+pub(crate) fn strided_window(t: &Tensor, y0: usize, x0: usize, ho: usize, wo: usize, s: usize) -> Result<Tensor> {
     let r = t.rank();
     let win = t
         .narrow(r - 2, y0, (ho - 1) * s + 1)?
@@ -48,9 +41,7 @@ pub fn grouped_stencil_conv2d(x: &Tensor, q: &Tensor, cfg: &LeanConv2dConfig) ->
     let mut acc: Option<Tensor> = None;
     for j in 0..g {
         // Output channel o reads input channel grp(o)·g + j.
-        let idx: Vec<u32> = (0..cfg.out_channels)
-            .map(|o| ((o / opg) * g + j) as u32)
-            .collect();
+        let idx: Vec<u32> = (0..cfg.out_channels).map(|o| ((o / opg) * g + j) as u32).collect();
         let idx = Tensor::from_vec(idx, cfg.out_channels, x.device())?;
         let xj = xp.index_select(&idx, 1)?;
         for (t, &(dy, dx)) in cfg.stencil.taps().iter().enumerate() {
@@ -109,20 +100,12 @@ pub fn lean_dense_kernel(p: &Tensor, q: &Tensor, cfg: &LeanConv2dConfig) -> Resu
     let mut centre = vec![0f32; 9];
     centre[4] = 1.0;
     let centre = Tensor::from_vec(centre, (1, 9), dev)?.to_dtype(dt)?;
-    let kp = p
-        .reshape((cout * cin, 1))?
-        .matmul(&centre)?
-        .reshape((cout, cin, 9))?;
+    let kp = p.reshape((cout * cin, 1))?.matmul(&centre)?.reshape((cout, cin, 9))?;
     Ok((kq + kp)?.reshape((cout, cin, 3, 3))?)
 }
 
 /// The lean convolution as one dense 3x3 candle `conv2d` with [`lean_dense_kernel`]: the oracle.
-pub fn lean_conv2d_dense_oracle(
-    x: &Tensor,
-    p: &Tensor,
-    q: &Tensor,
-    cfg: &LeanConv2dConfig,
-) -> Result<Tensor> {
+pub fn lean_conv2d_dense_oracle(x: &Tensor, p: &Tensor, q: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
     let k = lean_dense_kernel(p, q, cfg)?;
     Ok(x.conv2d(&k, cfg.dilation, cfg.stride, cfg.dilation, 1)?)
 }
@@ -147,11 +130,7 @@ pub fn batch_norm_train(
     let y = xhat
         .broadcast_mul(&weight.reshape(shape)?)?
         .broadcast_add(&bias.reshape(shape)?)?;
-    Ok((
-        act.apply_tensor(&y)?,
-        mean.flatten_all()?,
-        var.flatten_all()?,
-    ))
+    Ok((act.apply_tensor(&y)?, mean.flatten_all()?, var.flatten_all()?))
 }
 
 /// Stacks the k·k strided windows of a padded input along a new last dimension.
@@ -183,13 +162,7 @@ pub fn avg_pool2d(x: &Tensor, cfg: &crate::Pool2dConfig) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (ho, wo) = cfg.output_hw("avg_pool2d", h, w)?;
     let p = cfg.padding;
-    let sum = pool_windows(
-        &x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?,
-        cfg,
-        ho,
-        wo,
-    )?
-    .sum(4)?;
+    let sum = pool_windows(&x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?, cfg, ho, wo)?.sum(4)?;
     let div = if cfg.count_include_pad {
         // Only padding positions inside the padded border count (never beyond it).
         let ones = Tensor::ones((1, 1, h + 2 * p, w + 2 * p), x.dtype(), x.device())?;
@@ -204,12 +177,7 @@ pub fn avg_pool2d(x: &Tensor, cfg: &crate::Pool2dConfig) -> Result<Tensor> {
 }
 
 /// The (out x in) bilinear interpolation matrix along one axis.
-fn interp_matrix(
-    input: usize,
-    output: usize,
-    align_corners: bool,
-    like: &Tensor,
-) -> Result<Tensor> {
+fn interp_matrix(input: usize, output: usize, align_corners: bool, like: &Tensor) -> Result<Tensor> {
     let mut m = vec![0f64; output * input];
     for (o, (i0, i1, l)) in crate::resample::interp_taps(input, output, align_corners)
         .into_iter()
@@ -222,12 +190,7 @@ fn interp_matrix(
 }
 
 /// Bilinear upsampling as two matmuls with interpolation matrices: y = A_h · x · A_wᵀ.
-pub fn upsample_bilinear2d(
-    x: &Tensor,
-    out_h: usize,
-    out_w: usize,
-    align_corners: bool,
-) -> Result<Tensor> {
+pub fn upsample_bilinear2d(x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let ah = interp_matrix(h, out_h, align_corners, x)?;
     let aw = interp_matrix(w, out_w, align_corners, x)?;
@@ -245,17 +208,10 @@ pub fn channel_shuffle(x: &Tensor, groups: usize) -> Result<Tensor> {
 }
 
 /// Cross-entropy from candle's log-softmax and a one-hot mask.
-pub fn cross_entropy(
-    logits: &Tensor,
-    targets: &Tensor,
-    cfg: &crate::CrossEntropyConfig,
-) -> Result<Tensor> {
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, cfg: &crate::CrossEntropyConfig) -> Result<Tensor> {
     let (t, n, c, s) = crate::loss::read_targets(logits, targets, cfg)?;
     // (N, C, S) -> (N·S, C)
-    let z = logits
-        .reshape((n, c, s))?
-        .transpose(1, 2)?
-        .reshape((n * s, c))?;
+    let z = logits.reshape((n, c, s))?.transpose(1, 2)?.reshape((n * s, c))?;
     let logp = candle_nn::ops::log_softmax(&z, 1)?;
     let eps = cfg.label_smoothing;
     let mut target = vec![0f64; n * s * c];

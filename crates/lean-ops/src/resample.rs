@@ -6,11 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// For each output index: (i0, i1, weight of i1), PyTorch's bilinear source coordinates.
-pub(crate) fn interp_taps(
-    input: usize,
-    output: usize,
-    align_corners: bool,
-) -> Vec<(usize, usize, f64)> {
+pub(crate) fn interp_taps(input: usize, output: usize, align_corners: bool) -> Vec<(usize, usize, f64)> {
     (0..output)
         .map(|o| {
             let src = if align_corners {
@@ -42,42 +38,35 @@ impl BilinearOp {
     fn forward<T: Real>(&self, x: &[T]) -> Vec<T> {
         let (hw, ohw) = (self.h * self.w, self.ho * self.wo);
         let mut y = vec![T::zero(); x.len() / hw * ohw];
-        y.par_chunks_mut(ohw)
-            .zip(x.par_chunks(hw))
-            .for_each(|(yp, xp)| {
-                for (oy, &(y0, y1, ly)) in self.ys.iter().enumerate() {
-                    for (ox, &(x0, x1, lx)) in self.xs.iter().enumerate() {
-                        let v = (1.0 - ly)
-                            * ((1.0 - lx) * xp[y0 * self.w + x0].f()
-                                + lx * xp[y0 * self.w + x1].f())
-                            + ly * ((1.0 - lx) * xp[y1 * self.w + x0].f()
-                                + lx * xp[y1 * self.w + x1].f());
-                        yp[oy * self.wo + ox] = T::from_f64(v);
-                    }
+        y.par_chunks_mut(ohw).zip(x.par_chunks(hw)).for_each(|(yp, xp)| {
+            for (oy, &(y0, y1, ly)) in self.ys.iter().enumerate() {
+                for (ox, &(x0, x1, lx)) in self.xs.iter().enumerate() {
+                    let v = (1.0 - ly) * ((1.0 - lx) * xp[y0 * self.w + x0].f() + lx * xp[y0 * self.w + x1].f())
+                        + ly * ((1.0 - lx) * xp[y1 * self.w + x0].f() + lx * xp[y1 * self.w + x1].f());
+                    yp[oy * self.wo + ox] = T::from_f64(v);
                 }
-            });
+            }
+        });
         y
     }
     fn backward<T: Real>(&self, gy: &[T]) -> Vec<T> {
         let (hw, ohw) = (self.h * self.w, self.ho * self.wo);
         let mut gx = vec![T::zero(); gy.len() / ohw * hw];
-        gx.par_chunks_mut(hw)
-            .zip(gy.par_chunks(ohw))
-            .for_each(|(gp, gyp)| {
-                for (oy, &(y0, y1, ly)) in self.ys.iter().enumerate() {
-                    for (ox, &(x0, x1, lx)) in self.xs.iter().enumerate() {
-                        let g = gyp[oy * self.wo + ox].f();
-                        for (i, wgt) in [
-                            (y0 * self.w + x0, (1.0 - ly) * (1.0 - lx)),
-                            (y0 * self.w + x1, (1.0 - ly) * lx),
-                            (y1 * self.w + x0, ly * (1.0 - lx)),
-                            (y1 * self.w + x1, ly * lx),
-                        ] {
-                            gp[i] += T::from_f64(g * wgt);
-                        }
+        gx.par_chunks_mut(hw).zip(gy.par_chunks(ohw)).for_each(|(gp, gyp)| {
+            for (oy, &(y0, y1, ly)) in self.ys.iter().enumerate() {
+                for (ox, &(x0, x1, lx)) in self.xs.iter().enumerate() {
+                    let g = gyp[oy * self.wo + ox].f();
+                    for (i, wgt) in [
+                        (y0 * self.w + x0, (1.0 - ly) * (1.0 - lx)),
+                        (y0 * self.w + x1, (1.0 - ly) * lx),
+                        (y1 * self.w + x0, ly * (1.0 - lx)),
+                        (y1 * self.w + x1, ly * lx),
+                    ] {
+                        gp[i] += T::from_f64(g * wgt);
                     }
                 }
-            });
+            }
+        });
         gx
     }
 }
@@ -90,27 +79,20 @@ impl CustomOp1 for BilinearOp {
         let d = l.dims();
         dispatch!(self.name(), s, |T| {
             let y = self.forward(slice::<T>(s, l)?);
-            Ok((
-                T::to_cpu_storage_owned(y),
-                Shape::from((d[0], d[1], self.ho, self.wo)),
-            ))
+            Ok((T::to_cpu_storage_owned(y), Shape::from((d[0], d[1], self.ho, self.wo))))
         })
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        dispatch_dtype!(self.name(), x.dtype(), |T| with_data::<T, _>(gy, |g| Ok(
-            Some(tensor(self.backward(g), x.dims())?)
-        )))
+        dispatch_dtype!(self.name(), x.dtype(), |T| with_data::<T, _>(gy, |g| Ok(Some(tensor(
+            self.backward(g),
+            x.dims()
+        )?))))
     }
 }
 
 /// Bilinear resampling of (N, C, H, W) to (N, C, out_h, out_w) with PyTorch's
 /// `F.interpolate(mode="bilinear", align_corners=...)` semantics (output size given).
-pub fn upsample_bilinear2d(
-    x: &Tensor,
-    out_h: usize,
-    out_w: usize,
-    align_corners: bool,
-) -> Result<Tensor> {
+pub fn upsample_bilinear2d(x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Result<Tensor> {
     const OP: &str = "upsample_bilinear2d";
     let (_, _, h, w) = dims4(OP, x)?;
     if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
@@ -170,8 +152,7 @@ impl CustomOp1 for ChannelPermuteOp {
             inv[i] = o;
         }
         Ok(Some(
-            gy.contiguous()?
-                .apply_op1_no_bwd(&ChannelPermuteOp { perm: inv })?,
+            gy.contiguous()?.apply_op1_no_bwd(&ChannelPermuteOp { perm: inv })?,
         ))
     }
 }
@@ -181,10 +162,7 @@ pub fn channel_shuffle(x: &Tensor, groups: usize) -> Result<Tensor> {
     const OP: &str = "channel_shuffle";
     let (_, c, _, _) = dims4(OP, x)?;
     if groups == 0 || c % groups != 0 {
-        return Err(config_err(
-            OP,
-            format!("groups {groups} must divide the {c} channels"),
-        ));
+        return Err(config_err(OP, format!("groups {groups} must divide the {c} channels")));
     }
     check_float(OP, x)?;
     if x.device().is_cpu() {

@@ -14,9 +14,7 @@ pub fn tune_allocator() -> bool {
         const M_MMAP_THRESHOLD: i32 = -3;
         // SAFETY: mallopt only changes allocator tuning parameters; it takes plain integers and
         // touches no memory of ours. glibc documents it as safe to call at any time.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-        }
+        unsafe { mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {

@@ -21,13 +21,7 @@ pub enum Stencil {
 
 impl Stencil {
     /// Every stencil, in the order of the spec's table.
-    pub const ALL: [Stencil; 5] = [
-        Stencil::Five,
-        Stencil::Four,
-        Stencil::H3,
-        Stencil::V3,
-        Stencil::Full,
-    ];
+    pub const ALL: [Stencil; 5] = [Stencil::Five, Stencil::Four, Stencil::H3, Stencil::V3, Stencil::Full];
 
     /// The taps as (dy, dx) offsets, in the order used by the stored weight layout.
     pub fn taps(self) -> &'static [(isize, isize)] {
@@ -81,14 +75,11 @@ impl fmt::Display for Stencil {
 impl FromStr for Stencil {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        Stencil::ALL
-            .into_iter()
-            .find(|st| st.name() == s)
-            .ok_or_else(|| {
-                crate::error::config_err(
-                    "stencil",
-                    format!("unknown stencil `{s}` (expected one of five, four, h3, v3, full)"),
-                )
-            })
+        Stencil::ALL.into_iter().find(|st| st.name() == s).ok_or_else(|| {
+            crate::error::config_err(
+                "stencil",
+                format!("unknown stencil `{s}` (expected one of five, four, h3, v3, full)"),
+            )
+        })
     }
 }

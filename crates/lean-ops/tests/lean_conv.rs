@@ -6,32 +6,17 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use common::*;
 use lean_ops::reference::{lean_conv2d_dense_oracle, lean_dense_kernel};
-use lean_ops::{
-    grouped_stencil_conv2d, lean_conv2d, reference, CostModel, LeanConv2d, LeanConv2dConfig,
-    Stencil,
-};
+use lean_ops::{grouped_stencil_conv2d, lean_conv2d, reference, CostModel, LeanConv2d, LeanConv2dConfig, Stencil};
 
 /// (Cin, Cout, group sizes) with Cin != Cout and every divisibility case: depthwise,
 /// channel multiplier, grouped, full.
-const CHANNELS: [(usize, usize, &[usize]); 3] =
-    [(4, 8, &[1, 2, 4]), (6, 3, &[2, 6]), (3, 6, &[1, 3])];
+const CHANNELS: [(usize, usize, &[usize]); 3] = [(4, 8, &[1, 2, 4]), (6, 3, &[2, 6]), (3, 6, &[1, 3])];
 
-fn case_inputs(
-    cfg: &LeanConv2dConfig,
-    n: usize,
-    h: usize,
-    w: usize,
-    dt: DType,
-    seed: u64,
-) -> [Tensor; 4] {
+fn case_inputs(cfg: &LeanConv2dConfig, n: usize, h: usize, w: usize, dt: DType, seed: u64) -> [Tensor; 4] {
     [
         rand(&[n, cfg.in_channels, h, w], seed, dt),
         rand(&[cfg.out_channels, cfg.in_channels, 1, 1], seed + 1, dt),
-        rand(
-            &[cfg.out_channels, cfg.group_size, cfg.stencil.len()],
-            seed + 2,
-            dt,
-        ),
+        rand(&[cfg.out_channels, cfg.group_size, cfg.stencil.len()], seed + 2, dt),
         rand(&[cfg.out_channels], seed + 3, dt),
     ]
 }
@@ -52,11 +37,9 @@ fn check_against_oracle(dt: DType) {
                                 .bias(true);
                             let [x, p, q, b] = case_inputs(&cfg, n, h, w, dt, cases as u64 * 10);
                             let vars: Vec<_> = [&x, &p, &q, &b].iter().map(|t| var(t)).collect();
-                            let ts: Vec<Tensor> =
-                                vars.iter().map(|v| v.as_tensor().clone()).collect();
+                            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
                             let what = format!("{cfg:?} n={n} {h}x{w} {dt:?}");
-                            let fast =
-                                lean_conv2d(&ts[0], &ts[1], &ts[2], Some(&ts[3]), &cfg).unwrap();
+                            let fast = lean_conv2d(&ts[0], &ts[1], &ts[2], Some(&ts[3]), &cfg).unwrap();
                             let oracle = lean_conv2d_dense_oracle(&ts[0], &ts[1], &ts[2], &cfg)
                                 .unwrap()
                                 .broadcast_add(&ts[3].reshape((1, cout, 1, 1)).unwrap())
@@ -66,33 +49,14 @@ fn check_against_oracle(dt: DType) {
                             let r = rand(fast.dims(), 77, dt);
                             let gf = grads_of(&vars, &fast, &r);
                             let go = grads_of(&vars, &oracle, &r);
-                            for (k, name) in
-                                ["input", "pointwise", "stencil", "bias"].iter().enumerate()
-                            {
-                                assert_close(
-                                    &gf[k],
-                                    &go[k],
-                                    tol(dt) * 5.0,
-                                    &format!("{name} gradient {what}"),
-                                );
+                            for (k, name) in ["input", "pointwise", "stencil", "bias"].iter().enumerate() {
+                                assert_close(&gf[k], &go[k], tol(dt) * 5.0, &format!("{name} gradient {what}"));
                             }
-                            let refr =
-                                reference::lean_conv2d(&ts[0], &ts[1], &ts[2], Some(&ts[3]), &cfg)
-                                    .unwrap();
-                            assert_close(
-                                &fast,
-                                &refr,
-                                tol(dt),
-                                &format!("reference forward {what}"),
-                            );
+                            let refr = reference::lean_conv2d(&ts[0], &ts[1], &ts[2], Some(&ts[3]), &cfg).unwrap();
+                            assert_close(&fast, &refr, tol(dt), &format!("reference forward {what}"));
                             let gr = grads_of(&vars, &refr, &r);
                             for k in 0..4 {
-                                assert_close(
-                                    &gf[k],
-                                    &gr[k],
-                                    tol(dt) * 5.0,
-                                    &format!("reference gradient {k} {what}"),
-                                );
+                                assert_close(&gf[k], &gr[k], tol(dt) * 5.0, &format!("reference gradient {k} {what}"));
                             }
                             cases += 1;
                         }
@@ -125,11 +89,8 @@ fn stencil_branch_alone_matches_reference() {
                 .dilation(2);
             let [x, _, q, _] = case_inputs(&cfg, 2, 8, 7, DType::F64, 5);
             let vars = [var(&x), var(&q)];
-            let fast =
-                grouped_stencil_conv2d(vars[0].as_tensor(), vars[1].as_tensor(), &cfg).unwrap();
-            let refr =
-                reference::grouped_stencil_conv2d(vars[0].as_tensor(), vars[1].as_tensor(), &cfg)
-                    .unwrap();
+            let fast = grouped_stencil_conv2d(vars[0].as_tensor(), vars[1].as_tensor(), &cfg).unwrap();
+            let refr = reference::grouped_stencil_conv2d(vars[0].as_tensor(), vars[1].as_tensor(), &cfg).unwrap();
             assert_close(&fast, &refr, 1e-12, "stencil forward");
             let r = rand(fast.dims(), 3, DType::F64);
             let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &refr, &r));
@@ -212,16 +173,7 @@ fn bad_inputs_give_typed_errors_naming_the_op() {
     let msg = |e: lean_ops::Error| e.to_string();
     // Wrong rank.
     let e = lean_conv2d(&x.flatten_all().unwrap(), &p, &q, None, &cfg).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            lean_ops::Error::Shape {
-                op: "lean_conv2d",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, lean_ops::Error::Shape { op: "lean_conv2d", .. }), "{e}");
     // Wrong channel count.
     let e = lean_conv2d(&rand(&[1, 3, 5, 5], 1, DType::F32), &p, &q, None, &cfg).unwrap_err();
     assert!(msg(e).contains("3 channels"));

@@ -29,12 +29,7 @@ fn assert_vals(x: &Tensor, want: &[f64], tol: f64) {
 }
 
 /// Fast op and reference agree, forward and gradient, on random input in f32 and f64.
-fn check_vs_reference(
-    shape: &[usize],
-    fast: &dyn Fn(&Tensor) -> Tensor,
-    refr: &dyn Fn(&Tensor) -> Tensor,
-    what: &str,
-) {
+fn check_vs_reference(shape: &[usize], fast: &dyn Fn(&Tensor) -> Tensor, refr: &dyn Fn(&Tensor) -> Tensor, what: &str) {
     for dt in [DType::F32, DType::F64] {
         let x = var(&rand(shape, 11, dt));
         let yf = fast(x.as_tensor());
@@ -43,23 +38,12 @@ fn check_vs_reference(
         let r = rand(yf.dims(), 12, dt);
         let gf = grads_of(std::slice::from_ref(&x), &yf, &r);
         let gr = grads_of(std::slice::from_ref(&x), &yr, &r);
-        assert_close(
-            &gf[0],
-            &gr[0],
-            tol(dt) * 5.0,
-            &format!("{what} gradient {dt:?}"),
-        );
+        assert_close(&gf[0], &gr[0], tol(dt) * 5.0, &format!("{what} gradient {dt:?}"));
     }
 }
 
 fn fd(shape: &[usize], f: &dyn Fn(&Tensor) -> Tensor) {
-    check_fd(
-        &[rand(shape, 5, DType::F64)],
-        0,
-        &|x: &[Tensor]| f(&x[0]),
-        20,
-        1e-6,
-    );
+    check_fd(&[rand(shape, 5, DType::F64)], 0, &|x: &[Tensor]| f(&x[0]), 20, 1e-6);
 }
 
 #[test]
@@ -101,10 +85,7 @@ fn bn_with_affine(c: usize, dt: DType) -> BatchNorm2d {
     ts.insert("weight".to_string(), (rand(&[c], 21, dt) + 1.5).unwrap());
     ts.insert("bias".to_string(), rand(&[c], 22, dt));
     ts.insert("running_mean".to_string(), rand(&[c], 23, dt));
-    ts.insert(
-        "running_var".to_string(),
-        (rand(&[c], 24, dt) + 1.5).unwrap(),
-    );
+    ts.insert("running_var".to_string(), (rand(&[c], 24, dt) + 1.5).unwrap());
     ts.insert(
         "num_batches_tracked".to_string(),
         Tensor::new(7i64, &Device::Cpu).unwrap(),
@@ -122,11 +103,7 @@ fn batch_norm_fast_path_matches_reference_and_finite_differences() {
     for act in [Activation::None, Activation::Relu, Activation::Relu6] {
         for dt in [DType::F32, DType::F64] {
             let bn = bn_with_affine(3, dt);
-            assert_eq!(
-                bn.num_batches_tracked().unwrap(),
-                7,
-                "num_batches_tracked is loaded"
-            );
+            assert_eq!(bn.num_batches_tracked().unwrap(), 7, "num_batches_tracked is loaded");
             let x = (rand(&[4, 3, 5, 3], 1, dt) * 4.0).unwrap();
             let vars = [var(&x), var(bn.weight()), var(bn.bias())];
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
@@ -134,31 +111,19 @@ fn batch_norm_fast_path_matches_reference_and_finite_differences() {
                 let mut m = std::collections::HashMap::new();
                 m.insert("weight".to_string(), w.clone());
                 m.insert("bias".to_string(), b.clone());
-                m.insert(
-                    "running_mean".to_string(),
-                    Tensor::zeros(3, dt, &Device::Cpu).unwrap(),
-                );
-                m.insert(
-                    "running_var".to_string(),
-                    Tensor::ones(3, dt, &Device::Cpu).unwrap(),
-                );
+                m.insert("running_mean".to_string(), Tensor::zeros(3, dt, &Device::Cpu).unwrap());
+                m.insert("running_var".to_string(), Tensor::ones(3, dt, &Device::Cpu).unwrap());
                 let vb = VarBuilder::from_tensors(m, dt, &Device::Cpu);
                 let bn = BatchNorm2d::new(3, BatchNormConfig::default(), vb).unwrap();
                 bn.forward_act(x, true, act).unwrap()
             };
             let yf = op(&ts[0], &ts[1], &ts[2]);
-            let (yr, _, _) =
-                reference::batch_norm_train(&ts[0], &ts[1], &ts[2], 1e-5, act).unwrap();
+            let (yr, _, _) = reference::batch_norm_train(&ts[0], &ts[1], &ts[2], 1e-5, act).unwrap();
             assert_close(&yf, &yr, tol(dt) * 10.0, &format!("bn {act:?} forward"));
             let r = rand(yf.dims(), 3, dt);
             let (gf, gr) = (grads_of(&vars, &yf, &r), grads_of(&vars, &yr, &r));
             for k in 0..3 {
-                assert_close(
-                    &gf[k],
-                    &gr[k],
-                    tol(dt) * 50.0,
-                    &format!("bn {act:?} grad {k} {dt:?}"),
-                );
+                assert_close(&gf[k], &gr[k], tol(dt) * 50.0, &format!("bn {act:?} grad {k} {dt:?}"));
             }
             // Eval mode: the channel affine map with the running statistics.
             let ye = bn.forward_act(&x, false, act).unwrap();
@@ -250,22 +215,14 @@ fn pooling_matches_hand_values() {
         .unwrap();
     let stem = Pool2dConfig::new(3, 2, 1);
     assert_vals(&max_pool2d(&x, &stem).unwrap(), &[5., 7., 13., 15.], 0.0);
-    assert_vals(
-        &reference::max_pool2d(&x, &stem).unwrap(),
-        &[5., 7., 13., 15.],
-        1e-12,
-    );
+    assert_vals(&reference::max_pool2d(&x, &stem).unwrap(), &[5., 7., 13., 15.], 1e-12);
     let avg = avg_pool2d(&x, &stem).unwrap();
     assert_vals(&avg, &[10. / 9., 24. / 9., 51. / 9., 90. / 9.], 1e-12);
     let excl = Pool2dConfig {
         count_include_pad: false,
         ..stem
     };
-    assert_vals(
-        &avg_pool2d(&x, &excl).unwrap(),
-        &[2.5, 4.0, 8.5, 10.0],
-        1e-12,
-    );
+    assert_vals(&avg_pool2d(&x, &excl).unwrap(), &[2.5, 4.0, 8.5, 10.0], 1e-12);
     assert_vals(&global_avg_pool2d(&x).unwrap(), &[7.5], 1e-12);
     // Max-pool backward with kernel != stride routes each window's gradient to its maximum.
     let xv = var(&x);
@@ -318,17 +275,9 @@ fn pooling_matches_reference_and_finite_differences() {
         }
     }
     fd(&[2, 3, 4, 5], &|x| global_avg_pool2d(x).unwrap());
-    let e = max_pool2d(
-        &rand(&[1, 1, 4, 4], 1, DType::F32),
-        &Pool2dConfig::new(3, 2, 2),
-    )
-    .unwrap_err();
+    let e = max_pool2d(&rand(&[1, 1, 4, 4], 1, DType::F32), &Pool2dConfig::new(3, 2, 2)).unwrap_err();
     assert!(e.to_string().contains("padding 2"), "{e}");
-    assert!(max_pool2d(
-        &rand(&[1, 1, 2, 2], 1, DType::F32),
-        &Pool2dConfig::new(5, 1, 0)
-    )
-    .is_err());
+    assert!(max_pool2d(&rand(&[1, 1, 2, 2], 1, DType::F32), &Pool2dConfig::new(5, 1, 0)).is_err());
     assert!(max_pool2d(&rand(&[4, 4], 1, DType::F32), &Pool2dConfig::new(2, 2, 0)).is_err());
 }
 
@@ -354,9 +303,7 @@ fn bilinear_upsampling_matches_hand_values_reference_and_fd() {
                 &|x| reference::upsample_bilinear2d(x, ho, wo, align).unwrap(),
                 "bilinear",
             );
-            fd(&[1, 2, 4, 6], &|x| {
-                upsample_bilinear2d(x, ho, wo, align).unwrap()
-            });
+            fd(&[1, 2, 4, 6], &|x| upsample_bilinear2d(x, ho, wo, align).unwrap());
         }
     }
     assert!(upsample_bilinear2d(&x, 0, 4, false).is_err());
@@ -368,21 +315,14 @@ fn channel_shuffle_matches_torchvision_order() {
         .unwrap()
         .reshape((1, 6, 1, 1))
         .unwrap();
-    assert_vals(
-        &channel_shuffle(&x, 2).unwrap(),
-        &[0., 3., 1., 4., 2., 5.],
-        0.0,
-    );
+    assert_vals(&channel_shuffle(&x, 2).unwrap(), &[0., 3., 1., 4., 2., 5.], 0.0);
     check_vs_reference(
         &[2, 12, 3, 3],
         &|x| channel_shuffle(x, 3).unwrap(),
         &|x| reference::channel_shuffle(x, 3).unwrap(),
         "shuffle",
     );
-    assert!(channel_shuffle(&x, 4)
-        .unwrap_err()
-        .to_string()
-        .contains("groups 4"));
+    assert!(channel_shuffle(&x, 4).unwrap_err().to_string().contains("groups 4"));
 }
 
 #[test]
@@ -401,24 +341,16 @@ fn cross_entropy_matches_hand_values() {
     // Ignored positions count neither in the sum nor in the mean.
     let z2 = t(&[1., 2., 3., 5., -1., 0.], &[2, 3]);
     let y2 = Tensor::new(&[2u32, 255], &Device::Cpu).unwrap();
-    assert_vals(
-        &cross_entropy(&z2, &y2, &cfg).unwrap(),
-        &vals(&smooth),
-        1e-12,
-    );
+    assert_vals(&cross_entropy(&z2, &y2, &cfg).unwrap(), &vals(&smooth), 1e-12);
     // Bad targets.
-    assert!(
-        cross_entropy(&z, &Tensor::new(&[3i64], &Device::Cpu).unwrap(), &cfg)
-            .unwrap_err()
-            .to_string()
-            .contains("out of range")
-    );
-    assert!(
-        cross_entropy(&z, &Tensor::new(&[1i64, 2], &Device::Cpu).unwrap(), &cfg)
-            .unwrap_err()
-            .to_string()
-            .contains("targets must have shape")
-    );
+    assert!(cross_entropy(&z, &Tensor::new(&[3i64], &Device::Cpu).unwrap(), &cfg)
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
+    assert!(cross_entropy(&z, &Tensor::new(&[1i64, 2], &Device::Cpu).unwrap(), &cfg)
+        .unwrap_err()
+        .to_string()
+        .contains("targets must have shape"));
 }
 
 #[test]
@@ -440,9 +372,7 @@ fn cross_entropy_matches_reference_and_fd_for_classification_and_segmentation() 
             &|z| reference::cross_entropy(z, &tt, &cfg).unwrap(),
             "cross_entropy",
         );
-        fd(&shape, &|z| {
-            cross_entropy(&(z * 3.0).unwrap(), &targets, &cfg).unwrap()
-        });
+        fd(&shape, &|z| cross_entropy(&(z * 3.0).unwrap(), &targets, &cfg).unwrap());
     }
 }
 
@@ -465,8 +395,7 @@ fn dense_conv_matches_candle_and_finite_differences() {
                 let w = var(&rand(&[5, 3, k, k], 2, dt));
                 let b = var(&rand(&[5], 3, dt));
                 let vars = [x.clone(), w.clone(), b.clone()];
-                let yf =
-                    conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), s, p, d).unwrap();
+                let yf = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), s, p, d).unwrap();
                 let yr = x
                     .as_tensor()
                     .conv2d(w.as_tensor(), p, s, d, 1)
@@ -482,10 +411,7 @@ fn dense_conv_matches_candle_and_finite_differences() {
                 }
             }
         }
-        let inputs = [
-            rand(&[2, 3, 8, 7], 5, DType::F64),
-            rand(&[4, 3, k, k], 6, DType::F64),
-        ];
+        let inputs = [rand(&[2, 3, 8, 7], 5, DType::F64), rand(&[4, 3, k, k], 6, DType::F64)];
         for which in 0..2 {
             check_fd(
                 &inputs,
@@ -497,12 +423,10 @@ fn dense_conv_matches_candle_and_finite_differences() {
         }
     }
     let x = rand(&[1, 3, 8, 8], 1, DType::F32);
-    assert!(
-        conv2d(&x, &rand(&[4, 2, 3, 3], 1, DType::F32), None, 1, 1, 1)
-            .unwrap_err()
-            .to_string()
-            .contains("3 channels")
-    );
+    assert!(conv2d(&x, &rand(&[4, 2, 3, 3], 1, DType::F32), None, 1, 1, 1)
+        .unwrap_err()
+        .to_string()
+        .contains("3 channels"));
     assert!(conv2d(&x, &rand(&[4, 3, 3, 3], 1, DType::F32), None, 0, 1, 1).is_err());
     assert!(conv2d(
         &rand(&[1, 3, 2, 2], 1, DType::F32),
@@ -523,20 +447,12 @@ fn costs_follow_the_usual_conventions() {
         .padding(3)
         .cost(&[1, 3, 224, 224])
         .unwrap();
-    assert_eq!(
-        (c.params, c.macs, out),
-        (9408, 118_013_952, vec![1, 64, 112, 112])
-    );
+    assert_eq!((c.params, c.macs, out), (9408, 118_013_952, vec![1, 64, 112, 112]));
     let (c, _) = cost::linear_cost(512, 1000, true, &[1, 512]).unwrap();
     assert_eq!((c.params, c.macs), (513_000, 512_000));
     // Lean: Cout·Cin + Cout·g·|S| per pixel, vs 9·Cin·Cout dense.
-    let (l, _) = LeanConv2dConfig::new(64, 64)
-        .cost(&[1, 64, 56, 56])
-        .unwrap();
-    let (d, _) = Conv2dConfig::new(64, 64, 3)
-        .padding(1)
-        .cost(&[1, 64, 56, 56])
-        .unwrap();
+    let (l, _) = LeanConv2dConfig::new(64, 64).cost(&[1, 64, 56, 56]).unwrap();
+    let (d, _) = Conv2dConfig::new(64, 64, 3).padding(1).cost(&[1, 64, 56, 56]).unwrap();
     assert_eq!(l.params, 64 * 64 + 64 * 5);
     assert!((d.macs as f64 / l.macs as f64 - 9.0 * 64.0 / 69.0).abs() < 1e-9);
 }

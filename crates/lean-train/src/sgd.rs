@@ -21,7 +21,13 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        SgdConfig { lr: 0.1, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+        SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        }
     }
 }
 
@@ -49,8 +55,18 @@ impl Sgd {
         if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
             candle_core::bail!("sgd: Nesterov momentum requires momentum > 0 and dampening 0, got {cfg:?}");
         }
-        let slot = |decay| move |var| Slot { var, decay, momentum_buffer: None };
-        let slots = decay.into_iter().map(slot(true)).chain(no_decay.into_iter().map(slot(false))).collect();
+        let slot = |decay| {
+            move |var| Slot {
+                var,
+                decay,
+                momentum_buffer: None,
+            }
+        };
+        let slots = decay
+            .into_iter()
+            .map(slot(true))
+            .chain(no_decay.into_iter().map(slot(false)))
+            .collect();
         Ok(Sgd { slots, cfg })
     }
 
@@ -67,12 +83,20 @@ impl Sgd {
     /// Restores momentum buffers saved by [`Sgd::momentum_buffers`].
     pub fn set_momentum_buffers(&mut self, bufs: Vec<Option<Tensor>>) -> Result<()> {
         if bufs.len() != self.slots.len() {
-            candle_core::bail!("sgd: {} momentum buffers for {} parameters", bufs.len(), self.slots.len());
+            candle_core::bail!(
+                "sgd: {} momentum buffers for {} parameters",
+                bufs.len(),
+                self.slots.len()
+            );
         }
         for (s, b) in self.slots.iter_mut().zip(bufs) {
             if let Some(b) = &b {
                 if b.dims() != s.var.dims() {
-                    candle_core::bail!("sgd: momentum buffer of shape {:?} for a parameter of shape {:?}", b.dims(), s.var.dims());
+                    candle_core::bail!(
+                        "sgd: momentum buffer of shape {:?} for a parameter of shape {:?}",
+                        b.dims(),
+                        s.var.dims()
+                    );
                 }
             }
             s.momentum_buffer = b;
@@ -91,15 +115,25 @@ impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
         for s in self.slots.iter_mut() {
-            let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
             let p = s.var.as_tensor();
-            let mut d = if s.decay && c.weight_decay != 0.0 { (g + (p * c.weight_decay)?)? } else { g.clone() };
+            let mut d = if s.decay && c.weight_decay != 0.0 {
+                (g + (p * c.weight_decay)?)?
+            } else {
+                g.clone()
+            };
             if c.momentum != 0.0 {
                 let buf = match &s.momentum_buffer {
                     None => d.clone(),
                     Some(b) => ((b * c.momentum)? + (&d * (1.0 - c.dampening))?)?,
                 };
-                d = if c.nesterov { (d + (&buf * c.momentum)?)? } else { buf.clone() };
+                d = if c.nesterov {
+                    (d + (&buf * c.momentum)?)?
+                } else {
+                    buf.clone()
+                };
                 s.momentum_buffer = Some(buf.detach());
             }
             s.var.set(&(p - (d * c.lr)?)?)?;

@@ -6,7 +6,11 @@ use lean_train::{Sgd, SgdConfig};
 /// Two steps on loss = Σ c·p (constant gradient c), computed by hand with torch.optim.SGD's rule.
 fn two_steps(cfg: SgdConfig, decay: bool) -> f64 {
     let p = Var::new(&[1.0f64], &Device::Cpu).unwrap();
-    let mut opt = if decay { Sgd::new(vec![p.clone()], cfg).unwrap() } else { Sgd::with_groups(vec![], vec![p.clone()], cfg).unwrap() };
+    let mut opt = if decay {
+        Sgd::new(vec![p.clone()], cfg).unwrap()
+    } else {
+        Sgd::with_groups(vec![], vec![p.clone()], cfg).unwrap()
+    };
     for _ in 0..2 {
         let loss = (p.as_tensor() * 3.0).unwrap().sum_all().unwrap();
         opt.backward_step(&loss).unwrap();
@@ -16,7 +20,13 @@ fn two_steps(cfg: SgdConfig, decay: bool) -> f64 {
 
 #[test]
 fn matches_torch_sgd_rules() {
-    let base = SgdConfig { lr: 0.1, momentum: 0.9, dampening: 0.0, weight_decay: 0.01, nesterov: false };
+    let base = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        dampening: 0.0,
+        weight_decay: 0.01,
+        nesterov: false,
+    };
     // step 1: d = 3 + 0.01 = 3.01, b = 3.01, p = 1 - 0.301 = 0.699
     // step 2: d = 3 + 0.00699 = 3.00699, b = 0.9·3.01 + 3.00699 = 5.71599, p = 0.699 - 0.571599
     assert!((two_steps(base, true) - (0.699 - 0.571599)).abs() < 1e-12);
@@ -30,20 +40,38 @@ fn matches_torch_sgd_rules() {
     // No decay group: d = 3 both steps; b = 3 then 5.7; p = 1 - 0.3 - 0.57.
     assert!((two_steps(base, false) - (1.0 - 0.3 - 0.57)).abs() < 1e-12);
     // Dampening 0.5: b = 3 then 0.9·3 + 1.5 = 4.2.
-    let damp = SgdConfig { dampening: 0.5, weight_decay: 0.0, ..base };
+    let damp = SgdConfig {
+        dampening: 0.5,
+        weight_decay: 0.0,
+        ..base
+    };
     assert!((two_steps(damp, true) - (1.0 - 0.3 - 0.42)).abs() < 1e-12);
 }
 
 #[test]
 fn momentum_state_round_trips_and_bad_configs_are_rejected() {
     let p = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
-    let cfg = SgdConfig { momentum: 0.9, ..Default::default() };
+    let cfg = SgdConfig {
+        momentum: 0.9,
+        ..Default::default()
+    };
     let mut opt = Sgd::new(vec![p.clone()], cfg).unwrap();
     opt.backward_step(&p.as_tensor().sum_all().unwrap()).unwrap();
     let bufs = opt.momentum_buffers();
     assert_eq!(bufs[0].as_ref().unwrap().to_vec1::<f64>().unwrap(), vec![1.0, 1.0]);
-    assert!(opt.set_momentum_buffers(vec![Some(Tensor::zeros(3, candle_core::DType::F64, &Device::Cpu).unwrap())]).is_err());
+    assert!(opt
+        .set_momentum_buffers(vec![Some(
+            Tensor::zeros(3, candle_core::DType::F64, &Device::Cpu).unwrap()
+        )])
+        .is_err());
     opt.set_momentum_buffers(bufs).unwrap();
-    let e = Sgd::new(vec![p], SgdConfig { nesterov: true, ..Default::default() }).unwrap_err();
+    let e = Sgd::new(
+        vec![p],
+        SgdConfig {
+            nesterov: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("Nesterov"));
 }

@@ -82,19 +82,10 @@ impl ConvSum {
     }
 
     /// The gradients of x, of the dense weight (if any) and of the stencil weight (if any).
-    pub fn backward<T: Real>(
-        &self,
-        x: &[T],
-        p: Option<&[T]>,
-        q: Option<&[T]>,
-        gy: &[T],
-    ) -> ConvSumGrads<T> {
+    pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> ConvSumGrads<T> {
         ConvSumGrads {
             x: self.backward_input(p, q, gy),
-            dense: self
-                .dense
-                .zip(p)
-                .map(|(g, _)| self.backward_dense_weight(&g, x, gy)),
+            dense: self.dense.zip(p).map(|(g, _)| self.backward_dense_weight(&g, x, gy)),
             stencil: self
                 .stencil
                 .as_ref()
@@ -145,13 +136,7 @@ impl ConvSum {
     fn backward_dense_weight<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
         let (il, ol, wl) = (self.in_len(), self.out_len(), g.cout * g.k());
         let one = |ni: usize, acc: &mut [T], cols: &mut [T], par: Parallelism| {
-            g.backward_weight(
-                &x[ni * il..(ni + 1) * il],
-                &gy[ni * ol..(ni + 1) * ol],
-                acc,
-                cols,
-                par,
-            );
+            g.backward_weight(&x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], acc, cols, par);
         };
         if par_over_samples(self.n) {
             (0..self.n)
@@ -187,12 +172,7 @@ impl ConvSum {
         let mut gq = vec![T::zero(); st.cout * per];
         gq.par_chunks_mut(per).enumerate().for_each(|(o, gqo)| {
             for ni in 0..self.n {
-                st.backward_weight_channel(
-                    o,
-                    &x[ni * il..(ni + 1) * il],
-                    &gy[ni * ol..(ni + 1) * ol],
-                    gqo,
-                );
+                st.backward_weight_channel(o, &x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], gqo);
             }
         });
         gq

@@ -82,8 +82,7 @@ impl ConvGeom {
                         if s == 1 {
                             drow[xlo..xhi].copy_from_slice(&src[x0..x0 + (xhi - xlo)]);
                         } else {
-                            for (d, v) in drow[xlo..xhi].iter_mut().zip(src[x0..].iter().step_by(s))
-                            {
+                            for (d, v) in drow[xlo..xhi].iter_mut().zip(src[x0..].iter().step_by(s)) {
                                 *d = *v;
                             }
                         }
@@ -141,28 +140,14 @@ impl ConvGeom {
     }
 
     /// y (Cout x P) = W (Cout x K) · cols(x), overwriting `y`.
-    pub fn forward<T: Real>(
-        &self,
-        x: &[T],
-        w: &[T],
-        y: &mut [T],
-        cols: &mut [T],
-        par: Parallelism,
-    ) {
+    pub fn forward<T: Real>(&self, x: &[T], w: &[T], y: &mut [T], cols: &mut [T], par: Parallelism) {
         let b = self.operand(x, cols);
         let (m, n, k) = (self.cout, self.out_pixels(), self.k());
         gemm_rm(m, n, k, y, false, w, (k, 1), b, (n, 1), par);
     }
 
     /// gx += cols⁻¹(Wᵀ · gy): the input gradient of one sample, accumulated into `gx`.
-    pub fn backward_input<T: Real>(
-        &self,
-        gy: &[T],
-        w: &[T],
-        gx: &mut [T],
-        cols: &mut [T],
-        par: Parallelism,
-    ) {
+    pub fn backward_input<T: Real>(&self, gy: &[T], w: &[T], gx: &mut [T], cols: &mut [T], par: Parallelism) {
         let (m, n, k) = (self.k(), self.out_pixels(), self.cout);
         if self.is_identity_im2col() {
             gemm_rm(m, n, k, gx, true, w, (1, m), gy, (n, 1), par);
@@ -173,14 +158,7 @@ impl ConvGeom {
     }
 
     /// gw += gy (Cout x P) · cols(x)ᵀ: one sample's contribution to the weight gradient.
-    pub fn backward_weight<T: Real>(
-        &self,
-        x: &[T],
-        gy: &[T],
-        gw: &mut [T],
-        cols: &mut [T],
-        par: Parallelism,
-    ) {
+    pub fn backward_weight<T: Real>(&self, x: &[T], gy: &[T], gw: &mut [T], cols: &mut [T], par: Parallelism) {
         let b = self.operand(x, cols);
         let (m, n, k) = (self.cout, self.k(), self.out_pixels());
         gemm_rm(m, n, k, gw, true, gy, (k, 1), b, (1, k), par);
@@ -193,11 +171,7 @@ pub(crate) fn valid_range(off: isize, stride: usize, len: usize, out: usize) -> 
     let s = stride as isize;
     let lo = if off >= 0 { 0 } else { ((-off) + s - 1) / s };
     let last = len as isize - 1 - off;
-    let hi = if last < 0 {
-        0
-    } else {
-        (last / s + 1).min(out as isize)
-    };
+    let hi = if last < 0 { 0 } else { (last / s + 1).min(out as isize) };
     let lo = lo.min(out as isize);
     (lo as usize, hi.max(lo) as usize)
 }
@@ -223,14 +197,8 @@ pub(crate) fn gemm_rm<T: Real>(
         return;
     }
     if k > 0 {
-        assert!(
-            lhs.len() > (m - 1) * lrs + (k - 1) * lcs,
-            "gemm: lhs too small"
-        );
-        assert!(
-            rhs.len() > (k - 1) * rrs + (n - 1) * rcs,
-            "gemm: rhs too small"
-        );
+        assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs, "gemm: lhs too small");
+        assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs, "gemm: rhs too small");
     }
     // SAFETY: the asserts above check that every element the strided views address lies inside
     // the slices (the largest index is (rows-1)*rs + (cols-1)*cs), and `dst` is borrowed mutably,

@@ -8,21 +8,14 @@ pub type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 /// A deterministic pseudo-random tensor (uniform in [-1, 1)) of the given shape and dtype.
 pub fn rand(shape: &[usize], seed: u64, dt: DType) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let v: Vec<f64> = (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         })
         .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dt)
-        .unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dt).unwrap()
 }
 
 pub fn var(t: &Tensor) -> Var {
@@ -47,10 +40,7 @@ pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         .to_vec1::<f64>()
         .unwrap();
     let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[track_caller]
@@ -79,13 +69,7 @@ pub fn grads_of(inputs: &[Var], out: &Tensor, weights: &Tensor) -> Vec<Tensor> {
 }
 
 /// Checks d/dθ sum(f(θ) * r) against central differences at `probes` entries of input `which`.
-pub fn check_fd(
-    inputs: &[Tensor],
-    which: usize,
-    f: &dyn Fn(&[Tensor]) -> Tensor,
-    probes: usize,
-    tol: f64,
-) {
+pub fn check_fd(inputs: &[Tensor], which: usize, f: &dyn Fn(&[Tensor]) -> Tensor, probes: usize, tol: f64) {
     let vars: Vec<Var> = inputs.iter().map(var).collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&ts);
@@ -95,11 +79,7 @@ pub fn check_fd(
         .unwrap()
         .to_vec1::<f64>()
         .unwrap();
-    let base = inputs[which]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let base = inputs[which].flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let eps = 1e-6;
     let n = base.len();
     for k in 0..probes.min(n) {
@@ -109,12 +89,7 @@ pub fn check_fd(
             v[idx] += delta;
             let mut xs = inputs.to_vec();
             xs[which] = Tensor::from_vec(v, inputs[which].dims(), &Device::Cpu).unwrap();
-            (f(&xs) * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            (f(&xs) * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
         };
         let fd = (eval(eps) - eval(-eps)) / (2.0 * eps);
         let err = (fd - g[idx]).abs() / fd.abs().max(1.0);
