@@ -64,6 +64,22 @@ fn planes(l: &Layout) -> (usize, usize, usize) {
     (d[0], d[1], d[2..].iter().product())
 }
 
+/// y = act(x · scale[c] + shift[c]) over the (N·C) planes of `hw` values.
+fn affine_act_planes<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act: Activation) -> Vec<T> {
+    let c = scale.len();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(p, (yp, xp))| {
+        let (a, b) = (scale[p % c], shift[p % c]);
+        yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
+    });
+    y
+}
+
+/// gy · act'(y): the gradient before the activation, read off the activation's output.
+fn pre_activation_grad<T: Real>(gy: &[T], y: &[T], act: Activation) -> Vec<T> {
+    gy.par_iter().zip(y.par_iter()).map(|(g, y)| *g * act.grad_from_output(*y)).collect()
+}
+
 impl CustomOp3 for ChannelAffineOp {
     fn name(&self) -> &'static str {
         "channel-affine-act"
@@ -77,18 +93,11 @@ impl CustomOp3 for ChannelAffineOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = planes(l1);
+        let (_, _, hw) = planes(l1);
         let act = self.0;
         dispatch!(self.name(), s1, |T| {
             let (x, sc, sh) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
-            let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw))
-                .enumerate()
-                .for_each(|(p, (yp, xp))| {
-                    let (a, b) = (sc[p % c], sh[p % c]);
-                    yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
-                });
+            let y = affine_act_planes(x, sc, sh, hw, act);
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
@@ -107,11 +116,7 @@ impl CustomOp3 for ChannelAffineOp {
                 with_data::<T, _>(sc, |scs| {
                     with_data::<T, _>(y, |ys| {
                         with_data::<T, _>(gy, |gys| {
-                            let gz: Vec<T> = gys
-                                .par_iter()
-                                .zip(ys.par_iter())
-                                .map(|(g, y)| *g * act.grad_from_output(*y))
-                                .collect();
+                            let gz = pre_activation_grad(gys, ys, act);
                             let mut gx = vec![T::zero(); xs.len()];
                             gx.par_chunks_mut(hw)
                                 .zip(gz.par_chunks(hw))
@@ -203,11 +208,7 @@ impl CustomOp1 for ActOp {
         dispatch_dtype!(self.name(), y.dtype(), |T| {
             with_data::<T, _>(y, |ys| {
                 with_data::<T, _>(gy, |gys| {
-                    let g: Vec<T> = gys
-                        .par_iter()
-                        .zip(ys.par_iter())
-                        .map(|(g, y)| *g * act.grad_from_output(*y))
-                        .collect();
+                    let g = pre_activation_grad(gys, ys, act);
                     Ok(Some(tensor(g, y.dims())?))
                 })
             })
@@ -277,16 +278,7 @@ impl CustomOp3 for BnTrainOp {
             let shift: Vec<T> = (0..c)
                 .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
                 .collect();
-            let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw))
-                .enumerate()
-                .for_each(|(p, (yp, xp))| {
-                    let (a, s) = (scale[p % c], shift[p % c]);
-                    yp.iter_mut()
-                        .zip(xp)
-                        .for_each(|(yv, xv)| *yv = self.act.apply(*xv * a + s));
-                });
+            let y = affine_act_planes(x, &scale, &shift, hw, self.act);
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
@@ -305,11 +297,7 @@ impl CustomOp3 for BnTrainOp {
                 with_data::<T, _>(w, |ws| {
                     with_data::<T, _>(y, |ys| {
                         with_data::<T, _>(gy, |gys| {
-                            let gz: Vec<T> = gys
-                                .par_iter()
-                                .zip(ys.par_iter())
-                                .map(|(g, y)| *g * self.act.grad_from_output(*y))
-                                .collect();
+                            let gz = pre_activation_grad(gys, ys, self.act);
                             // xhat = (x - mean) · invstd, so Σ gz·xhat = invstd·(Σ gz·x - mean·Σ gz).
                             let (sgx, sg) = channel_sums(c, hw, &gz, Some(xs));
                             let sgxhat: Vec<f64> = (0..c)
