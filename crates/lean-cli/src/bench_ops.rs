@@ -113,7 +113,10 @@ pub fn measure_ops(shapes: &[[usize; 4]], reps: usize, ops: &[String]) -> Result
             let dense_w = (Tensor::randn(0f32, 1., (c, c, 3, 3), &dev)? * 0.05)?;
             let dw = (Tensor::randn(0f32, 1., (c, 1, 3, 3), &dev)? * 0.2)?;
             let pw = (Tensor::randn(0f32, 1., (c, c, 1, 1), &dev)? * 0.1)?;
-            let cfg = LeanConv2dConfig::new(c, c).stencil(Stencil::Five).group_size(1).stride(stride);
+            let cfg = LeanConv2dConfig::new(c, c)
+                .stencil(Stencil::Five)
+                .group_size(1)
+                .stride(stride);
             let q = (Tensor::randn(0f32, 1., cfg.stencil_shape(), &dev)? * 0.2)?;
             let candidates: Vec<Candidate> = vec![
                 (
@@ -151,7 +154,15 @@ pub fn measure_ops(shapes: &[[usize; 4]], reps: usize, ops: &[String]) -> Result
                 }
                 let (fwd_ms, fwd_bwd_ms) = measure(reps, &params, f)?;
                 let stencil = stencil.map(|s| s.to_string());
-                out.push(OpCase { op: op.into(), stencil, group_size, stride, shape, fwd_ms, fwd_bwd_ms });
+                out.push(OpCase {
+                    op: op.into(),
+                    stencil,
+                    group_size,
+                    stride,
+                    shape,
+                    fwd_ms,
+                    fwd_bwd_ms,
+                });
             }
         }
     }

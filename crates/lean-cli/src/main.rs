@@ -5,6 +5,8 @@
 //! defaults (e.g. to measure the difference).
 
 mod bench_ops;
+mod model_args;
+mod models_cmd;
 mod output;
 
 use anyhow::Result;
@@ -23,6 +25,12 @@ enum Command {
     /// Benchmarks. `lean bench ops` times the lean convolution against candle's dense and
     /// grouped convolutions, forward and forward+backward, and prints the speed-up ratios.
     Bench(bench_ops::BenchArgs),
+    /// List the model zoo with parameters and MACs at each model's default input size.
+    Models(models_cmd::ModelsArgs),
+    /// The per-layer table of a model: output shapes, parameters, MACs, and totals.
+    Info(models_cmd::InfoArgs),
+    /// Eval-mode inference with given weights, on a tensor file or on images.
+    Predict(models_cmd::PredictArgs),
 }
 
 fn main() {
@@ -30,6 +38,9 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Bench(args) => bench_ops::run(&args, tuned),
+        Command::Models(args) => models_cmd::models(&args),
+        Command::Info(args) => models_cmd::info(&args),
+        Command::Predict(args) => models_cmd::predict(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

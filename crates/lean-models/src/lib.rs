@@ -1,29 +1,39 @@
-//! Convolutional networks built from [`lean_ops`]: ResNet building blocks whose 3x3
-//! convolutions can be dense or lean, with torchvision's parameter names so that torchvision
-//! state dicts load unchanged.
-//!
-//! This crate grows into the model zoo (ResNet, MobileNetV2, ShuffleNetV2 and their lean
-//! variants, with a registry); today it holds the ResNet basic block both families share.
+//! The model zoo of lean-convnets: ResNet 18/34/50/101, the CIFAR ResNets 20-110, MobileNetV2
+//! and ShuffleNetV2, their small-image variants, and lean versions of every ResNet (every 3x3
+//! convolution in the residual blocks a [`lean_ops::LeanConv2d`]). Parameter names are
+//! torchvision's, so torchvision state dicts saved as safetensors load unchanged.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use lean_models::{BasicBlock, BlockConfig, Conv3x3Kind};
+//! use lean_models::{create_model, ModelOptions};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let varmap = VarMap::new();
 //! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-//! // torchvision's resnet18 `layer2.0`, with lean 3x3 convolutions.
-//! let cfg = BlockConfig::new(64, 128, 2).conv(Conv3x3Kind::lean());
-//! let block = BasicBlock::new(&cfg, vb.pp("layer2.0"))?;
-//! let x = Tensor::randn(0f32, 1., (2, 64, 16, 16), &Device::Cpu)?;
-//! let y = block.forward_t(&x, true)?;
-//! assert_eq!(y.dims(), &[2, 128, 8, 8]);
-//! assert!(varmap.data().lock().unwrap().contains_key("layer2.0.conv1.stencil.weight"));
+//! // A lean ResNet-20 for 1-channel 28x28 images, four-point stencil (a timm-style tag).
+//! let opts = ModelOptions { in_channels: Some(1), ..Default::default() };
+//! let model = create_model("lean_resnet20.four", &opts, vb)?;
+//! let x = Tensor::randn(0f32, 1., (2, 1, 28, 28), &Device::Cpu)?;
+//! assert_eq!(model.forward_t(&x, false)?.dims(), &[2, 10]);
+//! let cost = model.cost(&[1, 1, 28, 28])?;
+//! assert!(cost.params < 100_000);
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
 
-mod block;
+mod error;
+pub mod layers;
+mod mobilenet_v2;
+mod model;
+mod registry;
+mod resnet;
+mod shufflenet_v2;
 
-pub use block::{BasicBlock, BlockConfig, Conv3x3, Conv3x3Kind};
+pub use error::{Error, Result};
+pub use layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, LayerRow, Trace};
+pub use mobilenet_v2::{make_divisible, MobileNetV2, MobileNetV2Config};
+pub use model::Model;
+pub use registry::{create_model, describe, list_models, model_names, Family, ModelInfo, ModelOptions};
+pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
+pub use shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};

@@ -410,6 +410,35 @@ impl LeanConv2d {
         })
     }
 
+    /// Builds the layer from existing weights (e.g. with a BatchNorm folded in); `cfg.bias` is
+    /// taken from whether `bias` is given.
+    pub fn from_weights(
+        cfg: LeanConv2dConfig,
+        pointwise: Tensor,
+        stencil: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
+        let cfg = cfg.bias(bias.is_some());
+        cfg.validate()?;
+        let (a, b, t) = cfg.stencil_shape();
+        if pointwise.dims() != [cfg.out_channels, cfg.in_channels, 1, 1] || stencil.dims() != [a, b, t] {
+            return Err(shape_err(
+                "lean_conv2d",
+                format!(
+                    "weights {:?} and {:?} do not fit {cfg:?}",
+                    pointwise.dims(),
+                    stencil.dims()
+                ),
+            ));
+        }
+        Ok(LeanConv2d {
+            pointwise,
+            stencil,
+            bias,
+            cfg,
+        })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &LeanConv2dConfig {
         &self.cfg

@@ -33,6 +33,7 @@
 
 mod conv;
 pub mod cost;
+mod depthwise;
 mod error;
 mod kernels;
 mod lean_conv;
@@ -47,6 +48,7 @@ mod stencil;
 
 pub use conv::{conv2d, Conv2d, Conv2dConfig};
 pub use cost::{Cost, CostModel};
+pub use depthwise::{depthwise_conv2d, DepthwiseConv2d};
 pub use error::{Error, Result};
 pub use lean_conv::{grouped_stencil_conv2d, lean_conv2d, LeanConv2d, LeanConv2dConfig};
 pub use loss::{cross_entropy, CrossEntropyConfig};

@@ -68,16 +68,22 @@ fn planes(l: &Layout) -> (usize, usize, usize) {
 fn affine_act_planes<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act: Activation) -> Vec<T> {
     let c = scale.len();
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(p, (yp, xp))| {
-        let (a, b) = (scale[p % c], shift[p % c]);
-        yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
-    });
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(p, (yp, xp))| {
+            let (a, b) = (scale[p % c], shift[p % c]);
+            yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
+        });
     y
 }
 
 /// gy · act'(y): the gradient before the activation, read off the activation's output.
 fn pre_activation_grad<T: Real>(gy: &[T], y: &[T], act: Activation) -> Vec<T> {
-    gy.par_iter().zip(y.par_iter()).map(|(g, y)| *g * act.grad_from_output(*y)).collect()
+    gy.par_iter()
+        .zip(y.par_iter())
+        .map(|(g, y)| *g * act.grad_from_output(*y))
+        .collect()
 }
 
 impl CustomOp3 for ChannelAffineOp {

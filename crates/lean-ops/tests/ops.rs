@@ -456,3 +456,37 @@ fn costs_follow_the_usual_conventions() {
     assert_eq!(l.params, 64 * 64 + 64 * 5);
     assert!((d.macs as f64 / l.macs as f64 - 9.0 * 64.0 / 69.0).abs() < 1e-9);
 }
+
+#[test]
+fn depthwise_conv_matches_candle_grouped_conv() {
+    for (mult, stride, dil) in [(1, 1, 1), (1, 2, 1), (2, 1, 2), (2, 2, 1)] {
+        for dt in [DType::F32, DType::F64] {
+            let x = var(&rand(&[2, 4, 9, 9], 1, dt));
+            let w = var(&rand(&[4 * mult, 1, 3, 3], 2, dt));
+            let b = var(&rand(&[4 * mult], 3, dt));
+            let vars = [x.clone(), w.clone(), b.clone()];
+            let yf = depthwise_conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), stride, dil).unwrap();
+            let yr = x
+                .as_tensor()
+                .conv2d(w.as_tensor(), dil, stride, dil, 4)
+                .unwrap()
+                .broadcast_add(&b.as_tensor().reshape((1, 4 * mult, 1, 1)).unwrap())
+                .unwrap();
+            let what = format!("depthwise m{mult} s{stride} d{dil} {dt:?}");
+            assert_close(&yf, &yr, tol(dt) * 5.0, &what);
+            let r = rand(yf.dims(), 4, dt);
+            let (gf, gr) = (grads_of(&vars, &yf, &r), grads_of(&vars, &yr, &r));
+            for i in 0..3 {
+                assert_close(&gf[i], &gr[i], tol(dt) * 10.0, &format!("{what} grad {i}"));
+            }
+        }
+    }
+    let e = depthwise_conv2d(
+        &rand(&[1, 4, 5, 5], 1, DType::F32),
+        &rand(&[6, 1, 3, 3], 1, DType::F32),
+        None,
+        1,
+        1,
+    );
+    assert!(e.unwrap_err().to_string().contains("(C·m, 1, 3, 3)"));
+}

@@ -1,0 +1,310 @@
+//! The layers the networks are made of: a convolution of any kind followed by BatchNorm and an
+//! activation (foldable for inference), a linear classifier, and the per-layer trace behind
+//! `lean info`.
+
+use crate::Result;
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+use lean_ops::{
+    activation, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel, DepthwiseConv2d,
+    LeanConv2d, LeanConv2dConfig, Stencil,
+};
+
+/// One row of a model's per-layer table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerRow {
+    /// The layer's parameter prefix, e.g. `layer1.0.conv1`.
+    pub name: String,
+    /// What it is, e.g. `conv3x3`, `lean3x3`, `dw3x3`, `bn`, `linear`.
+    pub kind: String,
+    /// Output shape.
+    pub out_shape: Vec<usize>,
+    /// Its parameters and MACs.
+    pub cost: Cost,
+}
+
+/// Collects [`LayerRow`]s while walking a model with an input shape.
+#[derive(Default, Debug)]
+pub struct Trace {
+    /// The rows so far, in execution order.
+    pub rows: Vec<LayerRow>,
+}
+
+impl Trace {
+    pub(crate) fn push(&mut self, name: &str, kind: &str, cost: Cost, out: Vec<usize>) -> Vec<usize> {
+        self.rows.push(LayerRow {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            out_shape: out.clone(),
+            cost,
+        });
+        out
+    }
+    /// The sum over all rows.
+    pub fn total(&self) -> Cost {
+        self.rows.iter().map(|r| r.cost).sum()
+    }
+}
+
+/// The 3x3 convolutions of a (lean) ResNet: dense, or lean with its knobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conv3x3Kind {
+    /// A dense 3x3 convolution (torchvision's ResNet).
+    Dense,
+    /// A lean convolution (LEAN_SPEC.md section 2).
+    Lean {
+        /// The stencil of the grouped branch.
+        stencil: Stencil,
+        /// Input channels per group (1 = depthwise).
+        group_size: usize,
+        /// Keep the strided (downsampling) 3x3 convolutions dense.
+        dense_downsample: bool,
+    },
+}
+
+impl Conv3x3Kind {
+    /// The default lean knobs: five-point stencil, depthwise, lean downsampling.
+    pub fn lean() -> Self {
+        Conv3x3Kind::Lean {
+            stencil: Stencil::Five,
+            group_size: 1,
+            dense_downsample: false,
+        }
+    }
+}
+
+/// A convolution of any of the kinds the networks use.
+#[derive(Clone, Debug)]
+pub enum Conv {
+    /// Dense (groups = 1), any kernel size.
+    Dense(Conv2d),
+    /// Lean (pointwise + grouped stencil).
+    Lean(LeanConv2d),
+    /// Depthwise 3x3.
+    Depthwise(DepthwiseConv2d),
+}
+
+impl Conv {
+    /// A dense `k` x `k` convolution with padding `k/2·dilation`, no bias.
+    pub fn dense(cin: usize, cout: usize, k: usize, stride: usize, dilation: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig::new(cin, cout, k)
+            .stride(stride)
+            .padding(k / 2 * dilation)
+            .dilation(dilation);
+        Ok(Conv::Dense(Conv2d::new(cfg, vb)?))
+    }
+
+    /// A 3x3 convolution of the given kind (padding = dilation).
+    pub fn conv3x3(
+        kind: Conv3x3Kind,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        dilation: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        match kind {
+            Conv3x3Kind::Lean {
+                stencil,
+                group_size,
+                dense_downsample,
+            } if !(dense_downsample && stride > 1) => {
+                let g = group_size.min(cin);
+                let cfg = LeanConv2dConfig::new(cin, cout)
+                    .stencil(stencil)
+                    .group_size(g)
+                    .stride(stride)
+                    .dilation(dilation);
+                Ok(Conv::Lean(LeanConv2d::new(cfg, vb)?))
+            }
+            _ => Conv::dense(cin, cout, 3, stride, dilation, vb),
+        }
+    }
+
+    fn kind(&self) -> String {
+        match self {
+            Conv::Dense(c) => format!("conv{0}x{0}", c.config().kernel_size),
+            Conv::Lean(c) => format!("lean3x3/{}", c.config().stencil),
+            Conv::Depthwise(_) => "dw3x3".into(),
+        }
+    }
+
+    /// The same convolution followed by y·scale[o] + shift[o]: weights scaled per output
+    /// channel, the shift becomes (part of) the bias.
+    fn folded(&self, scale: &Tensor, shift: &Tensor) -> Result<Conv> {
+        let per_out = |w: &Tensor| -> Result<Tensor> {
+            let mut shape = vec![1; w.rank()];
+            shape[0] = w.dim(0)?;
+            Ok(w.broadcast_mul(&scale.reshape(shape)?)?)
+        };
+        let bias = |b: Option<&Tensor>| -> Result<Tensor> {
+            Ok(match b {
+                Some(b) => ((b * scale)? + shift)?,
+                None => shift.clone(),
+            })
+        };
+        Ok(match self {
+            Conv::Dense(c) => {
+                let k = c.config();
+                Conv::Dense(Conv2d::from_weights(
+                    per_out(c.weight())?,
+                    Some(bias(c.bias())?),
+                    k.stride,
+                    k.padding,
+                    k.dilation,
+                )?)
+            }
+            Conv::Lean(c) => Conv::Lean(LeanConv2d::from_weights(
+                *c.config(),
+                per_out(c.pointwise_weight())?,
+                per_out(c.stencil_weight())?,
+                Some(bias(c.bias())?),
+            )?),
+            Conv::Depthwise(c) => Conv::Depthwise(DepthwiseConv2d::from_weights(
+                per_out(c.weight())?,
+                Some(bias(c.bias())?),
+                c.stride(),
+                c.dilation(),
+            )),
+        })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Conv::Dense(c) => c.forward(x),
+            Conv::Lean(c) => c.forward(x),
+            Conv::Depthwise(c) => c.forward(x),
+        }
+    }
+}
+
+impl CostModel for Conv {
+    fn cost(&self, input: &[usize]) -> lean_ops::Result<(Cost, Vec<usize>)> {
+        match self {
+            Conv::Dense(c) => c.cost(input),
+            Conv::Lean(c) => c.cost(input),
+            Conv::Depthwise(c) => c.cost(input),
+        }
+    }
+}
+
+/// Convolution, BatchNorm, activation — torchvision's `conv`/`bn` pairs and
+/// `Conv2dNormActivation`. After [`ConvBnAct::fold_batchnorm`] the BatchNorm lives in the
+/// convolution's weights and bias (the fused inference path).
+#[derive(Debug)]
+pub struct ConvBnAct {
+    conv: Conv,
+    bn: Option<BatchNorm2d>,
+    act: Activation,
+    conv_name: String,
+    bn_name: String,
+}
+
+impl ConvBnAct {
+    /// Wraps `conv`, then a BatchNorm built from `bn_vb`, then `act`.
+    pub fn new(conv: Conv, cout: usize, act: Activation, conv_vb: &VarBuilder, bn_vb: VarBuilder) -> Result<Self> {
+        let bn_name = bn_vb.prefix();
+        let bn = BatchNorm2d::new(cout, BatchNormConfig::default(), bn_vb)?;
+        Ok(ConvBnAct {
+            conv,
+            bn: Some(bn),
+            act,
+            conv_name: conv_vb.prefix(),
+            bn_name,
+        })
+    }
+
+    /// torchvision's `Conv2dNormActivation` layout: the conv at `vb.0`, the BatchNorm at `vb.1`.
+    pub fn sequential(
+        conv: impl FnOnce(VarBuilder) -> Result<Conv>,
+        cout: usize,
+        act: Activation,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let cvb = vb.pp("0");
+        ConvBnAct::new(conv(cvb.clone())?, cout, act, &cvb, vb.pp("1"))
+    }
+
+    /// The layer in train (batch statistics) or eval mode.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.conv.forward(x)?;
+        Ok(match &self.bn {
+            Some(bn) => bn.forward_act(&y, train, self.act)?,
+            None => activation(&y, self.act)?,
+        })
+    }
+
+    /// Folds the BatchNorm's eval-mode map into the convolution (inference only afterwards).
+    pub fn fold_batchnorm(&mut self) -> Result<()> {
+        if let Some(bn) = self.bn.take() {
+            let (scale, shift) = bn.eval_scale_shift()?;
+            self.conv = self.conv.folded(&scale, &shift)?;
+        }
+        Ok(())
+    }
+
+    /// The convolution.
+    pub fn conv(&self) -> &Conv {
+        &self.conv
+    }
+
+    /// Adds this layer's rows to `t`; returns the output shape.
+    pub fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
+        let (c, out) = self.conv.cost(input)?;
+        let out = t.push(&self.conv_name, &self.conv.kind(), c, out);
+        match &self.bn {
+            Some(bn) => {
+                let (c, out) = bn.cost(&out)?;
+                Ok(t.push(&self.bn_name, "bn", c, out))
+            }
+            None => Ok(out),
+        }
+    }
+}
+
+/// A linear classifier with torchvision's names (`weight` (out, in), `bias`).
+#[derive(Clone, Debug)]
+pub struct Classifier {
+    linear: candle_nn::Linear,
+    in_features: usize,
+    out_features: usize,
+    name: String,
+}
+
+impl Classifier {
+    /// A new `in_features -> out_features` layer (weights N(0, 0.01), zero bias, as torchvision
+    /// initialises MobileNetV2's classifier) or the stored one.
+    pub fn new(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints(
+            (out_features, in_features),
+            "weight",
+            Init::Randn { mean: 0., stdev: 0.01 },
+        )?;
+        let b = vb.get_with_hints(out_features, "bias", Init::Const(0.))?;
+        Ok(Classifier {
+            linear: candle_nn::Linear::new(w, Some(b)),
+            in_features,
+            out_features,
+            name: vb.prefix(),
+        })
+    }
+    /// Number of classes.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+    /// Applies the layer to (N, in_features).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.linear.forward(x)?)
+    }
+    /// Adds the layer's row to `t`.
+    pub fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
+        let (c, out) = lean_ops::cost::linear_cost(self.in_features, self.out_features, true, input)?;
+        Ok(t.push(&self.name, "linear", c, out))
+    }
+}

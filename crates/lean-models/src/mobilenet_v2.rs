@@ -1,0 +1,252 @@
+//! MobileNetV2 in torchvision's layout (`features.*`, `classifier.1`), any width multiplier.
+
+use crate::layers::{Classifier, Conv, ConvBnAct, Trace};
+use crate::model::Model;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use lean_ops::{global_avg_pool2d, Activation, DepthwiseConv2d};
+
+/// Everything that defines a MobileNetV2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MobileNetV2Config {
+    /// Width multiplier (0.35 to 1.4 in the paper).
+    pub width: f64,
+    /// Stride of the first conv: 2 (ImageNet) or 1 (small images).
+    pub stem_stride: usize,
+    /// Dropout before the classifier (torchvision: 0.2).
+    pub dropout: f64,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Classes.
+    pub num_classes: usize,
+}
+
+impl Default for MobileNetV2Config {
+    fn default() -> Self {
+        MobileNetV2Config {
+            width: 1.0,
+            stem_stride: 2,
+            dropout: 0.2,
+            in_channels: 3,
+            num_classes: 1000,
+        }
+    }
+}
+
+/// torchvision's `_make_divisible`: the nearest multiple of `d`, at least `d`, and not below
+/// 90% of `v`.
+pub fn make_divisible(v: f64, d: usize) -> usize {
+    let mut n = d.max((v + d as f64 / 2.0) as usize / d * d);
+    if (n as f64) < 0.9 * v {
+        n += d;
+    }
+    n
+}
+
+/// (expansion t, channels c, repeats n, stride s) of each stage.
+const SETTINGS: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+
+#[derive(Debug)]
+struct InvertedResidual {
+    layers: Vec<ConvBnAct>,
+    residual: bool,
+}
+
+impl InvertedResidual {
+    fn new(inp: usize, oup: usize, stride: usize, t: usize, vb: VarBuilder) -> Result<Self> {
+        let hidden = ((inp * t) as f64).round() as usize;
+        let cvb = vb.pp("conv");
+        let mut layers = vec![];
+        let mut i = 0;
+        if t != 1 {
+            layers.push(ConvBnAct::sequential(
+                |v| Conv::dense(inp, hidden, 1, 1, 1, v),
+                hidden,
+                Activation::Relu6,
+                &cvb.pp("0"),
+            )?);
+            i = 1;
+        }
+        let dw = |v: VarBuilder| Ok(Conv::Depthwise(DepthwiseConv2d::new(hidden, 1, stride, 1, false, v)?));
+        layers.push(ConvBnAct::sequential(
+            dw,
+            hidden,
+            Activation::Relu6,
+            &cvb.pp(i.to_string()),
+        )?);
+        let pw_vb = cvb.pp((i + 1).to_string());
+        let pw = Conv::dense(hidden, oup, 1, 1, 1, pw_vb.clone())?;
+        layers.push(ConvBnAct::new(
+            pw,
+            oup,
+            Activation::None,
+            &pw_vb,
+            cvb.pp((i + 2).to_string()),
+        )?);
+        Ok(InvertedResidual {
+            layers,
+            residual: stride == 1 && inp == oup,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for l in &self.layers {
+            h = l.forward_t(&h, train)?;
+        }
+        Ok(if self.residual { (h + x)? } else { h })
+    }
+}
+
+/// MobileNetV2 (Sandler et al. 2018) with torchvision's names.
+#[derive(Debug)]
+pub struct MobileNetV2 {
+    stem: ConvBnAct,
+    blocks: Vec<InvertedResidual>,
+    /// Index (into `blocks`) of the last block of each output stride, for features.
+    stage_ends: Vec<usize>,
+    stage_channels: Vec<usize>,
+    head: ConvBnAct,
+    classifier: Classifier,
+    cfg: MobileNetV2Config,
+}
+
+impl MobileNetV2 {
+    /// Builds the network from `vb`.
+    pub fn new(cfg: &MobileNetV2Config, vb: VarBuilder) -> Result<Self> {
+        if !(cfg.width > 0.0 && cfg.width <= 4.0) || !(0.0..1.0).contains(&cfg.dropout) {
+            return Err(Error::Config {
+                model: "mobilenet_v2".into(),
+                msg: format!(
+                    "width must be in (0, 4] and dropout in [0, 1), got {} and {}",
+                    cfg.width, cfg.dropout
+                ),
+            });
+        }
+        let fvb = vb.pp("features");
+        let mut inp = make_divisible(32.0 * cfg.width, 8);
+        let last = make_divisible(1280.0 * cfg.width.max(1.0), 8);
+        let (cin, s) = (cfg.in_channels, cfg.stem_stride);
+        let stem = ConvBnAct::sequential(
+            |v| Conv::dense(cin, inp, 3, s, 1, v),
+            inp,
+            Activation::Relu6,
+            &fvb.pp("0"),
+        )?;
+        let mut blocks = vec![];
+        let (mut stage_ends, mut stage_channels) = (vec![], vec![]);
+        for (k, &(t, c, n, s)) in SETTINGS.iter().enumerate() {
+            let oup = make_divisible(c as f64 * cfg.width, 8);
+            for i in 0..n {
+                let stride = if i == 0 { s } else { 1 };
+                blocks.push(InvertedResidual::new(
+                    inp,
+                    oup,
+                    stride,
+                    t,
+                    fvb.pp((blocks.len() + 1).to_string()),
+                )?);
+                inp = oup;
+            }
+            // A stage ends before the next stride-2 stage and at the end: strides 4, 8, 16, 32.
+            let next_strided = SETTINGS.get(k + 1).is_none_or(|st| st.3 == 2);
+            if k >= 1 && next_strided {
+                stage_ends.push(blocks.len() - 1);
+                stage_channels.push(oup);
+            }
+        }
+        let head_vb = fvb.pp((blocks.len() + 1).to_string());
+        let head = ConvBnAct::sequential(
+            |v| Conv::dense(inp, last, 1, 1, 1, v),
+            last,
+            Activation::Relu6,
+            &head_vb,
+        )?;
+        let classifier = Classifier::new(last, cfg.num_classes, vb.pp("classifier").pp("1"))?;
+        Ok(MobileNetV2 {
+            stem,
+            blocks,
+            stage_ends,
+            stage_channels,
+            head,
+            classifier,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MobileNetV2Config {
+        &self.cfg
+    }
+
+    fn all_layers_mut(&mut self) -> impl Iterator<Item = &mut ConvBnAct> {
+        std::iter::once(&mut self.stem)
+            .chain(self.blocks.iter_mut().flat_map(|b| b.layers.iter_mut()))
+            .chain(std::iter::once(&mut self.head))
+    }
+}
+
+impl Model for MobileNetV2 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = self.stem.forward_t(x, train)?;
+        for b in &self.blocks {
+            h = b.forward_t(&h, train)?;
+        }
+        h = global_avg_pool2d(&self.head.forward_t(&h, train)?)?;
+        if train && self.cfg.dropout > 0.0 {
+            h = candle_nn::ops::dropout(&h, self.cfg.dropout as f32)?;
+        }
+        self.classifier.forward(&h)
+    }
+
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let mut h = self.stem.forward_t(x, train)?;
+        let mut out = vec![];
+        for (i, b) in self.blocks.iter().enumerate() {
+            h = b.forward_t(&h, train)?;
+            if self.stage_ends.contains(&i) {
+                out.push(h.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn feature_channels(&self) -> Vec<usize> {
+        self.stage_channels.clone()
+    }
+
+    fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
+        let mut s = self.stem.trace(t, input)?;
+        for b in &self.blocks {
+            for l in &b.layers {
+                s = l.trace(t, &s)?;
+            }
+        }
+        s = self.head.trace(t, &s)?;
+        s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
+        self.classifier.trace(t, &s)
+    }
+
+    fn fold_batchnorm(&mut self) -> Result<()> {
+        self.all_layers_mut().try_for_each(|l| l.fold_batchnorm())
+    }
+
+    fn reset_classifier(&mut self, num_classes: usize, vb: VarBuilder) -> Result<()> {
+        self.classifier = Classifier::new(self.classifier.in_features(), num_classes, vb)?;
+        self.cfg.num_classes = num_classes;
+        Ok(())
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classifier.out_features()
+    }
+}

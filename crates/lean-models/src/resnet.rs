@@ -1,0 +1,329 @@
+//! ResNets (torchvision layout), their small-image variants, the classic CIFAR ResNets, and
+//! the lean versions of all of them (every 3x3 conv inside the residual blocks lean).
+
+use crate::layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
+use crate::model::Model;
+use crate::Result;
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use lean_ops::{activation, global_avg_pool2d, max_pool2d, Activation, Pool2dConfig};
+
+/// Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) residual blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    /// ResNet-18/34 and the CIFAR ResNets.
+    Basic,
+    /// ResNet-50/101.
+    Bottleneck,
+}
+
+impl BlockKind {
+    fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// The stem: ImageNet (7x7 stride-2 conv, 3x3 stride-2 max-pool) or small-image (3x3 stride-1
+/// conv, no pooling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stem {
+    /// torchvision's stem, for 224x224 images.
+    ImageNet,
+    /// For 28x28 to 96x96 images (CIFAR, Fashion-MNIST, STL-10).
+    Small,
+}
+
+/// Everything that defines a ResNet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResNetConfig {
+    /// Block type.
+    pub block: BlockKind,
+    /// Blocks per stage.
+    pub layers: Vec<usize>,
+    /// Base width of each stage (output = width · expansion).
+    pub widths: Vec<usize>,
+    /// Stem layout.
+    pub stem: Stem,
+    /// Output channels of the stem conv.
+    pub stem_width: usize,
+    /// Dense or lean 3x3 convolutions in the blocks.
+    pub conv: Conv3x3Kind,
+    /// How many of the last stages use dilation instead of stride (0-2; segmentation backbones).
+    pub dilate_last: usize,
+    /// Input channels (1 for grey images).
+    pub in_channels: usize,
+    /// Classes.
+    pub num_classes: usize,
+}
+
+impl ResNetConfig {
+    /// torchvision's ResNet of a given depth (18, 34, 50, 101).
+    pub fn torchvision(depth: usize) -> Option<Self> {
+        let (block, layers) = match depth {
+            18 => (BlockKind::Basic, vec![2, 2, 2, 2]),
+            34 => (BlockKind::Basic, vec![3, 4, 6, 3]),
+            50 => (BlockKind::Bottleneck, vec![3, 4, 6, 3]),
+            101 => (BlockKind::Bottleneck, vec![3, 4, 23, 3]),
+            _ => return None,
+        };
+        Some(ResNetConfig {
+            block,
+            layers,
+            widths: vec![64, 128, 256, 512],
+            stem: Stem::ImageNet,
+            stem_width: 64,
+            conv: Conv3x3Kind::Dense,
+            dilate_last: 0,
+            in_channels: 3,
+            num_classes: 1000,
+        })
+    }
+
+    /// The classic CIFAR ResNet of depth 6n+2 (20, 32, 44, 56, 110): widths 16/32/64.
+    pub fn cifar(depth: usize) -> Option<Self> {
+        if depth < 8 || (depth - 2) % 6 != 0 {
+            return None;
+        }
+        let n = (depth - 2) / 6;
+        Some(ResNetConfig {
+            block: BlockKind::Basic,
+            layers: vec![n, n, n],
+            widths: vec![16, 32, 64],
+            stem: Stem::Small,
+            stem_width: 16,
+            conv: Conv3x3Kind::Dense,
+            dilate_last: 0,
+            in_channels: 3,
+            num_classes: 10,
+        })
+    }
+}
+
+/// One residual block.
+#[derive(Debug)]
+struct Block {
+    convs: Vec<ConvBnAct>,
+    downsample: Option<ConvBnAct>,
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &ResNetConfig,
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        dilation: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let out = planes * cfg.block.expansion();
+        let cba = |conv: Conv, c: usize, act, i: usize| {
+            ConvBnAct::new(conv, c, act, &vb.pp(format!("conv{i}")), vb.pp(format!("bn{i}")))
+        };
+        let convs = match cfg.block {
+            BlockKind::Basic => vec![
+                cba(
+                    Conv::conv3x3(cfg.conv, inplanes, planes, stride, dilation, vb.pp("conv1"))?,
+                    planes,
+                    Activation::Relu,
+                    1,
+                )?,
+                cba(
+                    Conv::conv3x3(cfg.conv, planes, planes, 1, dilation, vb.pp("conv2"))?,
+                    planes,
+                    Activation::None,
+                    2,
+                )?,
+            ],
+            BlockKind::Bottleneck => vec![
+                cba(
+                    Conv::dense(inplanes, planes, 1, 1, 1, vb.pp("conv1"))?,
+                    planes,
+                    Activation::Relu,
+                    1,
+                )?,
+                cba(
+                    Conv::conv3x3(cfg.conv, planes, planes, stride, dilation, vb.pp("conv2"))?,
+                    planes,
+                    Activation::Relu,
+                    2,
+                )?,
+                cba(
+                    Conv::dense(planes, out, 1, 1, 1, vb.pp("conv3"))?,
+                    out,
+                    Activation::None,
+                    3,
+                )?,
+            ],
+        };
+        let downsample = if stride != 1 || inplanes != out {
+            let dvb = vb.pp("downsample");
+            let c = Conv::dense(inplanes, out, 1, stride, 1, dvb.pp("0"))?;
+            Some(ConvBnAct::new(c, out, Activation::None, &dvb.pp("0"), dvb.pp("1"))?)
+        } else {
+            None
+        };
+        Ok(Block { convs, downsample })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for c in &self.convs {
+            h = c.forward_t(&h, train)?;
+        }
+        let shortcut = match &self.downsample {
+            Some(d) => d.forward_t(x, train)?,
+            None => x.clone(),
+        };
+        Ok(activation(&(h + shortcut)?, Activation::Relu)?)
+    }
+
+    fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
+        let mut s = input.to_vec();
+        for c in &self.convs {
+            s = c.trace(t, &s)?;
+        }
+        if let Some(d) = &self.downsample {
+            d.trace(t, input)?;
+        }
+        Ok(s)
+    }
+
+    fn fold(&mut self) -> Result<()> {
+        self.convs
+            .iter_mut()
+            .chain(self.downsample.iter_mut())
+            .try_for_each(|c| c.fold_batchnorm())
+    }
+}
+
+/// A ResNet (dense or lean) with torchvision's parameter names: `conv1`, `bn1`,
+/// `layer{1..4}.{i}.conv{1,2,3}` / `bn{1,2,3}` / `downsample.{0,1}`, `fc`.
+#[derive(Debug)]
+pub struct ResNet {
+    stem: ConvBnAct,
+    stages: Vec<Vec<Block>>,
+    fc: Classifier,
+    cfg: ResNetConfig,
+}
+
+impl ResNet {
+    /// Builds the network from `vb`.
+    pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (k, s) = match cfg.stem {
+            Stem::ImageNet => (7, 2),
+            Stem::Small => (3, 1),
+        };
+        let stem_conv = Conv::dense(cfg.in_channels, cfg.stem_width, k, s, 1, vb.pp("conv1"))?;
+        let stem = ConvBnAct::new(
+            stem_conv,
+            cfg.stem_width,
+            Activation::Relu,
+            &vb.pp("conv1"),
+            vb.pp("bn1"),
+        )?;
+        let mut inplanes = cfg.stem_width;
+        let mut dilation = 1;
+        let mut stages = vec![];
+        let n_stages = cfg.layers.len();
+        for (i, (&n, &width)) in cfg.layers.iter().zip(&cfg.widths).enumerate() {
+            let mut stride = if i == 0 { 1 } else { 2 };
+            let previous_dilation = dilation;
+            if i > 0 && i + cfg.dilate_last >= n_stages {
+                dilation *= stride;
+                stride = 1;
+            }
+            let svb = vb.pp(format!("layer{}", i + 1));
+            let mut blocks = vec![Block::new(
+                cfg,
+                inplanes,
+                width,
+                stride,
+                previous_dilation,
+                svb.pp("0"),
+            )?];
+            inplanes = width * cfg.block.expansion();
+            for j in 1..n {
+                blocks.push(Block::new(cfg, inplanes, width, 1, dilation, svb.pp(j.to_string()))?);
+            }
+            stages.push(blocks);
+        }
+        let fc = Classifier::new(inplanes, cfg.num_classes, vb.pp("fc"))?;
+        Ok(ResNet {
+            stem,
+            stages,
+            fc,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.cfg
+    }
+
+    fn stem_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.stem.forward_t(x, train)?;
+        Ok(match self.cfg.stem {
+            Stem::ImageNet => max_pool2d(&h, &Pool2dConfig::new(3, 2, 1))?,
+            Stem::Small => h,
+        })
+    }
+}
+
+impl Model for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let feats = self.forward_features(x, train)?;
+        let last = feats.last().expect("a ResNet has stages");
+        self.fc.forward(&global_avg_pool2d(last)?)
+    }
+
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let mut h = self.stem_forward(x, train)?;
+        let mut out = vec![];
+        for stage in &self.stages {
+            for b in stage {
+                h = b.forward_t(&h, train)?;
+            }
+            out.push(h.clone());
+        }
+        Ok(out)
+    }
+
+    fn feature_channels(&self) -> Vec<usize> {
+        self.cfg.widths.iter().map(|w| w * self.cfg.block.expansion()).collect()
+    }
+
+    fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
+        let mut s = self.stem.trace(t, input)?;
+        if self.cfg.stem == Stem::ImageNet {
+            let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
+            s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
+        }
+        for stage in &self.stages {
+            for b in stage {
+                s = b.trace(t, &s)?;
+            }
+        }
+        s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
+        self.fc.trace(t, &s)
+    }
+
+    fn fold_batchnorm(&mut self) -> Result<()> {
+        self.stem.fold_batchnorm()?;
+        self.stages.iter_mut().flatten().try_for_each(|b| b.fold())
+    }
+
+    fn reset_classifier(&mut self, num_classes: usize, vb: VarBuilder) -> Result<()> {
+        self.fc = Classifier::new(self.fc.in_features(), num_classes, vb)?;
+        self.cfg.num_classes = num_classes;
+        Ok(())
+    }
+
+    fn num_classes(&self) -> usize {
+        self.fc.out_features()
+    }
+}

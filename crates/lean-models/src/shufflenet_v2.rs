@@ -1,0 +1,248 @@
+//! ShuffleNetV2 in torchvision's layout (`conv1`, `stage{2,3,4}`, `conv5`, `fc`).
+
+use crate::layers::{Classifier, Conv, ConvBnAct, Trace};
+use crate::model::Model;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use lean_ops::{channel_shuffle, global_avg_pool2d, max_pool2d, Activation, DepthwiseConv2d, Pool2dConfig};
+
+/// Everything that defines a ShuffleNetV2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShuffleNetV2Config {
+    /// Output channels of conv1, the three stages and conv5.
+    pub stages_out_channels: [usize; 5],
+    /// Blocks per stage.
+    pub stages_repeats: [usize; 3],
+    /// ImageNet stem (stride-2 conv1 + max-pool) or small-image stem (stride 1, no pool).
+    pub small_stem: bool,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Classes.
+    pub num_classes: usize,
+}
+
+impl ShuffleNetV2Config {
+    /// torchvision's widths: 0.5, 1.0, 1.5 or 2.0.
+    pub fn width(w: f64) -> Option<Self> {
+        let ch = match w {
+            w if w == 0.5 => [24, 48, 96, 192, 1024],
+            w if w == 1.0 => [24, 116, 232, 464, 1024],
+            w if w == 1.5 => [24, 176, 352, 704, 1024],
+            w if w == 2.0 => [24, 244, 488, 976, 2048],
+            _ => return None,
+        };
+        Some(ShuffleNetV2Config {
+            stages_out_channels: ch,
+            stages_repeats: [4, 8, 4],
+            small_stem: false,
+            in_channels: 3,
+            num_classes: 1000,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct ShuffleBlock {
+    branch1: Vec<ConvBnAct>,
+    branch2: Vec<ConvBnAct>,
+}
+
+impl ShuffleBlock {
+    fn new(inp: usize, oup: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let bf = oup / 2;
+        let dw = |c: usize, v: VarBuilder| -> Result<Conv> {
+            Ok(Conv::Depthwise(DepthwiseConv2d::new(c, 1, stride, 1, false, v)?))
+        };
+        let pw = |cin: usize, cout: usize, v: VarBuilder| Conv::dense(cin, cout, 1, 1, 1, v);
+        // Sequential indices: conv at i, its BatchNorm at i + 1.
+        let layer = |b: &VarBuilder, i: usize, conv: Conv, c: usize, act| {
+            let cv = b.pp(i.to_string());
+            ConvBnAct::new(conv, c, act, &cv, b.pp((i + 1).to_string()))
+        };
+        let mut branch1 = vec![];
+        if stride > 1 {
+            let b = vb.pp("branch1");
+            branch1.push(layer(&b, 0, dw(inp, b.pp("0"))?, inp, Activation::None)?);
+            branch1.push(layer(&b, 2, pw(inp, bf, b.pp("2"))?, bf, Activation::Relu)?);
+        }
+        let b = vb.pp("branch2");
+        let cin = if stride > 1 { inp } else { bf };
+        let branch2 = vec![
+            layer(&b, 0, pw(cin, bf, b.pp("0"))?, bf, Activation::Relu)?,
+            layer(&b, 3, dw(bf, b.pp("3"))?, bf, Activation::None)?,
+            layer(&b, 5, pw(bf, bf, b.pp("5"))?, bf, Activation::Relu)?,
+        ];
+        Ok(ShuffleBlock { branch1, branch2 })
+    }
+
+    fn run(layers: &[ConvBnAct], x: &Tensor, train: bool) -> Result<Tensor> {
+        layers.iter().try_fold(x.clone(), |h, l| l.forward_t(&h, train))
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = if self.branch1.is_empty() {
+            let c = x.dim(1)?;
+            let (x1, x2) = (x.narrow(1, 0, c / 2)?, x.narrow(1, c / 2, c - c / 2)?);
+            Tensor::cat(&[x1, Self::run(&self.branch2, &x2, train)?], 1)?
+        } else {
+            Tensor::cat(
+                &[Self::run(&self.branch1, x, train)?, Self::run(&self.branch2, x, train)?],
+                1,
+            )?
+        };
+        Ok(channel_shuffle(&out, 2)?)
+    }
+
+    fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
+        let mut s2 = input.to_vec();
+        if self.branch1.is_empty() {
+            s2[1] /= 2;
+        }
+        let mut s1 = input.to_vec();
+        for l in &self.branch1 {
+            s1 = l.trace(t, &s1)?;
+        }
+        for l in &self.branch2 {
+            s2 = l.trace(t, &s2)?;
+        }
+        let c = if self.branch1.is_empty() {
+            input[1] - input[1] / 2
+        } else {
+            s1[1]
+        };
+        Ok(vec![s2[0], s2[1] + c, s2[2], s2[3]])
+    }
+}
+
+/// ShuffleNetV2 (Ma et al. 2018) with torchvision's names.
+#[derive(Debug)]
+pub struct ShuffleNetV2 {
+    conv1: ConvBnAct,
+    stages: Vec<Vec<ShuffleBlock>>,
+    conv5: ConvBnAct,
+    fc: Classifier,
+    cfg: ShuffleNetV2Config,
+}
+
+impl ShuffleNetV2 {
+    /// Builds the network from `vb`.
+    pub fn new(cfg: &ShuffleNetV2Config, vb: VarBuilder) -> Result<Self> {
+        let ch = cfg.stages_out_channels;
+        if ch[1..4].iter().any(|c| c % 2 != 0) {
+            return Err(Error::Config {
+                model: "shufflenet_v2".into(),
+                msg: format!("stage widths must be even, got {ch:?}"),
+            });
+        }
+        let stride = if cfg.small_stem { 1 } else { 2 };
+        let cin = cfg.in_channels;
+        let conv1 = ConvBnAct::sequential(
+            |v| Conv::dense(cin, ch[0], 3, stride, 1, v),
+            ch[0],
+            Activation::Relu,
+            &vb.pp("conv1"),
+        )?;
+        let mut inp = ch[0];
+        let mut stages = vec![];
+        for (i, &n) in cfg.stages_repeats.iter().enumerate() {
+            let svb = vb.pp(format!("stage{}", i + 2));
+            let oup = ch[i + 1];
+            let mut blocks = vec![ShuffleBlock::new(inp, oup, 2, svb.pp("0"))?];
+            for j in 1..n {
+                blocks.push(ShuffleBlock::new(oup, oup, 1, svb.pp(j.to_string()))?);
+            }
+            stages.push(blocks);
+            inp = oup;
+        }
+        let conv5 = ConvBnAct::sequential(
+            |v| Conv::dense(inp, ch[4], 1, 1, 1, v),
+            ch[4],
+            Activation::Relu,
+            &vb.pp("conv5"),
+        )?;
+        let fc = Classifier::new(ch[4], cfg.num_classes, vb.pp("fc"))?;
+        Ok(ShuffleNetV2 {
+            conv1,
+            stages,
+            conv5,
+            fc,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ShuffleNetV2Config {
+        &self.cfg
+    }
+
+    fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.conv1.forward_t(x, train)?;
+        Ok(if self.cfg.small_stem {
+            h
+        } else {
+            max_pool2d(&h, &Pool2dConfig::new(3, 2, 1))?
+        })
+    }
+}
+
+impl Model for ShuffleNetV2 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let feats = self.forward_features(x, train)?;
+        let h = self.conv5.forward_t(feats.last().expect("stages"), train)?;
+        self.fc.forward(&global_avg_pool2d(&h)?)
+    }
+
+    /// conv1 (after the max-pool, stride 4) and the three stages (8, 16, 32).
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let mut h = self.stem(x, train)?;
+        let mut out = vec![h.clone()];
+        for stage in &self.stages {
+            for b in stage {
+                h = b.forward_t(&h, train)?;
+            }
+            out.push(h.clone());
+        }
+        Ok(out)
+    }
+
+    fn feature_channels(&self) -> Vec<usize> {
+        self.cfg.stages_out_channels[..4].to_vec()
+    }
+
+    fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
+        let mut s = self.conv1.trace(t, input)?;
+        if !self.cfg.small_stem {
+            let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
+            s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
+        }
+        for b in self.stages.iter().flatten() {
+            s = b.trace(t, &s)?;
+        }
+        s = self.conv5.trace(t, &s)?;
+        s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
+        self.fc.trace(t, &s)
+    }
+
+    fn fold_batchnorm(&mut self) -> Result<()> {
+        self.conv1.fold_batchnorm()?;
+        self.conv5.fold_batchnorm()?;
+        for b in self.stages.iter_mut().flatten() {
+            b.branch1
+                .iter_mut()
+                .chain(b.branch2.iter_mut())
+                .try_for_each(|l| l.fold_batchnorm())?;
+        }
+        Ok(())
+    }
+
+    fn reset_classifier(&mut self, num_classes: usize, vb: VarBuilder) -> Result<()> {
+        self.fc = Classifier::new(self.fc.in_features(), num_classes, vb)?;
+        self.cfg.num_classes = num_classes;
+        Ok(())
+    }
+
+    fn num_classes(&self) -> usize {
+        self.fc.out_features()
+    }
+}
