@@ -1,9 +1,15 @@
 //! Data sets for image models on [candle](https://github.com/huggingface/candle): readers of the
 //! on-disk formats, augmentation and a batched loader. No model code lives here.
 //!
-//! This crate grows into the readers of Fashion-MNIST, MNIST, CIFAR, STL-10 and image folders;
-//! today it reads the IDX format of MNIST and Fashion-MNIST (plain or gzip'd), with errors that
-//! name the file and say what was expected.
+//! - readers: Fashion-MNIST and MNIST (IDX, gzip'd or not), CIFAR-10/100 and STL-10 binary,
+//!   image folders (classification) and image+mask folders (segmentation), and a segmentation
+//!   set pasted together from Fashion-MNIST ([`open_dataset`] opens them by name);
+//! - [`transforms`]: crops, flips, RandomResizedCrop, resize + centre crop, normalisation,
+//!   random erasing, applied jointly to masks;
+//! - [`Loader`]: seeded shuffling, worker threads with prefetch, batches as candle tensors.
+//!
+//! Errors name the file and say what was expected; a missing data set says which
+//! `cargo xtask fetch-data` command brings it.
 //!
 //! ```
 //! use lean_data::idx::{read_idx, write_idx};
@@ -22,7 +28,22 @@
 //! ```
 #![deny(missing_docs)]
 
+mod dataset;
+mod folder;
+mod formats;
 pub mod idx;
+mod loader;
+mod open;
+mod synthetic;
+pub mod transforms;
+
+pub use dataset::{class_counts, ArrayDataset, Dataset, Image, Sample, Target, IGNORE_INDEX};
+pub use folder::{decode_image, ImageFolder, SegmentationFolder};
+pub use formats::{read_cifar10, read_cifar100, read_mnist_like, read_stl10, Split, FASHION_MNIST_CLASSES};
+pub use loader::{mix_seed, Batch, EpochIter, Loader, LoaderConfig};
+pub use open::{dataset_info, default_data_dir, open_dataset, DatasetInfo, FETCHABLE};
+pub use synthetic::PastedSegmentation;
+pub use transforms::{Pipeline, Transform};
 
 /// What can go wrong when reading a data set.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +64,20 @@ pub enum DataError {
         /// What was expected and what was found.
         msg: String,
     },
+    /// A file of the data set is not there.
+    #[error("{path} not found{}", if .hint.is_empty() { String::new() } else { format!(": {}", .hint) })]
+    Missing {
+        /// The file or folder that was looked for.
+        path: std::path::PathBuf,
+        /// How to get it.
+        hint: String,
+    },
+    /// No data set of that name.
+    #[error("unknown data set `{0}` (expected fashion-mnist, mnist, cifar10, cifar100, stl10, fashion-mnist-seg, imagefolder:<name> or segfolder:<name>)")]
+    UnknownDataset(String),
+    /// A batch could not be assembled.
+    #[error("loader: {0}")]
+    Batch(String),
     /// A tensor could not be built.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
