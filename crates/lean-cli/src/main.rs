@@ -5,6 +5,7 @@
 //! defaults (e.g. to measure the difference).
 
 mod bench_ops;
+mod data_cmd;
 mod model_args;
 mod models_cmd;
 mod output;
@@ -31,6 +32,9 @@ enum Command {
     Info(models_cmd::InfoArgs),
     /// Eval-mode inference with given weights, on a tensor file or on images.
     Predict(models_cmd::PredictArgs),
+    /// Data sets: `lean data info DATASET`, `lean data bench DATASET`.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 fn main() {
@@ -41,6 +45,7 @@ fn main() {
         Command::Models(args) => models_cmd::models(&args),
         Command::Info(args) => models_cmd::info(&args),
         Command::Predict(args) => models_cmd::predict(&args),
+        Command::Data(cmd) => data_cmd::run(&cmd),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
