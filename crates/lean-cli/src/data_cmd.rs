@@ -68,12 +68,21 @@ fn info(a: &InfoArgs) -> Result<()> {
         let ds = open_dataset(&a.dataset, &a.data_dir, split)?;
         shape = shape.or(ds.image_shape());
         classes = ds.classes().to_vec();
-        let counts = if meta.segmentation { None } else { Some(class_counts(ds.as_ref())?) };
-        splits.insert(split.as_str().into(), json!({"samples": ds.len(), "class_counts": counts}));
+        let counts = if meta.segmentation {
+            None
+        } else {
+            Some(class_counts(ds.as_ref())?)
+        };
+        splits.insert(
+            split.as_str().into(),
+            json!({"samples": ds.len(), "class_counts": counts}),
+        );
         rows.push(vec![
             split.as_str().to_string(),
             ds.len().to_string(),
-            counts.map_or("(masks)".into(), |c| c.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ")),
+            counts.map_or("(masks)".into(), |c| {
+                c.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ")
+            }),
         ]);
     }
     match a.format {
@@ -82,7 +91,13 @@ fn info(a: &InfoArgs) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Format::Table => {
-            println!("{}: image shape {}, {} classes ({})", a.dataset, shape.map_or("varies".into(), |s| format!("{s:?}")), classes.len(), classes.join(", "));
+            println!(
+                "{}: image shape {}, {} classes ({})",
+                a.dataset,
+                shape.map_or("varies".into(), |s| format!("{s:?}")),
+                classes.len(),
+                classes.join(", ")
+            );
             println!("{}", table(&["split", "samples", "per-class counts"], &rows));
         }
     }
@@ -92,10 +107,16 @@ fn info(a: &InfoArgs) -> Result<()> {
 fn bench(a: &BenchArgs) -> Result<()> {
     let meta = dataset_info(&a.dataset)?;
     let ds = open_dataset(&a.dataset, &a.data_dir, Split::Train)?;
-    let [_, h, w] = ds.image_shape().context("the benchmark needs a data set of fixed image size")?;
+    let [_, h, w] = ds
+        .image_shape()
+        .context("the benchmark needs a data set of fixed image size")?;
     anyhow::ensure!(h == w, "the benchmark's crop needs square images, got {h}x{w}");
     let pipe = Pipeline::train_small(h, h / 8, true, &meta.mean, &meta.std);
-    let cfg = LoaderConfig { batch_size: a.batch_size, workers: a.workers, ..Default::default() };
+    let cfg = LoaderConfig {
+        batch_size: a.batch_size,
+        workers: a.workers,
+        ..Default::default()
+    };
     let loader = Loader::new(ds.clone(), pipe, cfg, candle_core::Device::Cpu)?;
     let mut rates = vec![];
     for epoch in 0..a.epochs.max(1) {

@@ -3,7 +3,11 @@ use std::process::Command;
 
 fn lean_in_root(args: &[&str]) -> std::process::Output {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    Command::new(env!("CARGO_BIN_EXE_lean")).args(args).current_dir(root).output().expect("run lean")
+    Command::new(env!("CARGO_BIN_EXE_lean"))
+        .args(args)
+        .current_dir(root)
+        .output()
+        .expect("run lean")
 }
 
 #[test]
@@ -24,7 +28,10 @@ fn data_info_on_a_missing_set_says_how_to_fetch_it() {
     let out = lean_in_root(&["data", "info", "stl10", "--data-dir", dir.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("train_X.bin") && err.contains("cargo xtask fetch-data stl10"), "{err}");
+    assert!(
+        err.contains("train_X.bin") && err.contains("cargo xtask fetch-data stl10"),
+        "{err}"
+    );
     let out = lean_in_root(&["data", "info", "imagenet"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown data set `imagenet`"));
 }

@@ -68,8 +68,17 @@ pub struct ArrayDataset {
 impl ArrayDataset {
     /// `pixels` holds `labels.len()` images of `shape` (C, H, W), channels first.
     pub fn new(shape: [usize; 3], pixels: Vec<u8>, labels: Vec<u32>, classes: Vec<String>) -> Self {
-        assert_eq!(pixels.len(), labels.len() * shape.iter().product::<usize>(), "pixels do not fill the images");
-        ArrayDataset { shape, pixels, labels, classes }
+        assert_eq!(
+            pixels.len(),
+            labels.len() * shape.iter().product::<usize>(),
+            "pixels do not fill the images"
+        );
+        ArrayDataset {
+            shape,
+            pixels,
+            labels,
+            classes,
+        }
     }
 
     /// The first `n` samples (all if fewer).
@@ -93,7 +102,15 @@ impl Dataset for ArrayDataset {
     }
     fn get(&self, i: usize) -> Result<Sample> {
         let [c, h, w] = self.shape;
-        Ok(Sample { image: Image { c, h, w, data: self.pixels(i).to_vec() }, target: Target::Class(self.labels[i]) })
+        Ok(Sample {
+            image: Image {
+                c,
+                h,
+                w,
+                data: self.pixels(i).to_vec(),
+            },
+            target: Target::Class(self.labels[i]),
+        })
     }
     fn classes(&self) -> &[String] {
         &self.classes

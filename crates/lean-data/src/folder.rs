@@ -7,11 +7,16 @@ use crate::{DataError, Result};
 use std::path::{Path, PathBuf};
 
 fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.to_path_buf(), source })?;
+    let rd = std::fs::read_dir(dir).map_err(|source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     v.sort();
     Ok(v)
@@ -19,7 +24,10 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Decodes an image file to RGB (3 channels) or grey (1 channel), channels first.
 pub fn decode_image(path: &Path, channels: usize) -> Result<Image> {
-    let img = image::open(path).map_err(|e| DataError::Format { path: path.to_path_buf(), msg: format!("cannot decode image: {e}") })?;
+    let img = image::open(path).map_err(|e| DataError::Format {
+        path: path.to_path_buf(),
+        msg: format!("cannot decode image: {e}"),
+    })?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = if channels == 1 {
         img.to_luma8().into_raw()
@@ -33,7 +41,12 @@ pub fn decode_image(path: &Path, channels: usize) -> Result<Image> {
         }
         planes
     };
-    Ok(Image { c: channels, h, w, data })
+    Ok(Image {
+        c: channels,
+        h,
+        w,
+        data,
+    })
 }
 
 /// `root/<class>/<image>`: classes are the sorted sub-folder names.
@@ -59,10 +72,18 @@ impl ImageFolder {
             classes.push(name);
         }
         if items.is_empty() {
-            return Err(DataError::Format { path: root.to_path_buf(), msg: "expected class folders holding .png/.jpg images, found none".into() });
+            return Err(DataError::Format {
+                path: root.to_path_buf(),
+                msg: "expected class folders holding .png/.jpg images, found none".into(),
+            });
         }
         let labels = items.iter().map(|(_, l)| *l).collect();
-        Ok(ImageFolder { items, labels, classes, channels })
+        Ok(ImageFolder {
+            items,
+            labels,
+            classes,
+            channels,
+        })
     }
 }
 
@@ -72,7 +93,10 @@ impl Dataset for ImageFolder {
     }
     fn get(&self, i: usize) -> Result<Sample> {
         let (p, l) = &self.items[i];
-        Ok(Sample { image: decode_image(p, self.channels)?, target: Target::Class(*l) })
+        Ok(Sample {
+            image: decode_image(p, self.channels)?,
+            target: Target::Class(*l),
+        })
     }
     fn classes(&self) -> &[String] {
         &self.classes
@@ -102,14 +126,24 @@ impl SegmentationFolder {
             let stem = img.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
             let m = masks.join(format!("{stem}.png"));
             if !m.is_file() {
-                return Err(DataError::Format { path: img.clone(), msg: format!("expected its mask at {}, found none", m.display()) });
+                return Err(DataError::Format {
+                    path: img.clone(),
+                    msg: format!("expected its mask at {}, found none", m.display()),
+                });
             }
             pairs.push((img, m));
         }
         if pairs.is_empty() {
-            return Err(DataError::Format { path: root.to_path_buf(), msg: "expected images/ and masks/ folders with images, found none".into() });
+            return Err(DataError::Format {
+                path: root.to_path_buf(),
+                msg: "expected images/ and masks/ folders with images, found none".into(),
+            });
         }
-        Ok(SegmentationFolder { pairs, classes, channels })
+        Ok(SegmentationFolder {
+            pairs,
+            classes,
+            channels,
+        })
     }
 }
 
@@ -122,13 +156,22 @@ impl Dataset for SegmentationFolder {
         let image = decode_image(ip, self.channels)?;
         let mask = decode_image(mp, 1)?;
         if (mask.h, mask.w) != (image.h, image.w) {
-            return Err(DataError::Format { path: mp.clone(), msg: format!("mask is {}x{}, its image {}x{}", mask.h, mask.w, image.h, image.w) });
+            return Err(DataError::Format {
+                path: mp.clone(),
+                msg: format!("mask is {}x{}, its image {}x{}", mask.h, mask.w, image.h, image.w),
+            });
         }
         let n = self.classes.len();
         if let Some(bad) = mask.data.iter().find(|&&v| v != crate::IGNORE_INDEX && v as usize >= n) {
-            return Err(DataError::Format { path: mp.clone(), msg: format!("mask value {bad} is neither a class (< {n}) nor 255") });
+            return Err(DataError::Format {
+                path: mp.clone(),
+                msg: format!("mask value {bad} is neither a class (< {n}) nor 255"),
+            });
         }
-        Ok(Sample { image, target: Target::Mask(mask.data) })
+        Ok(Sample {
+            image,
+            target: Target::Mask(mask.data),
+        })
     }
     fn classes(&self) -> &[String] {
         &self.classes

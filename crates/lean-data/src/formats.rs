@@ -26,11 +26,17 @@ impl Split {
 }
 
 fn format_err(path: &Path, msg: impl Into<String>) -> DataError {
-    DataError::Format { path: path.to_path_buf(), msg: msg.into() }
+    DataError::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `dir/name` or `dir/name.gz`, whichever exists.
@@ -42,13 +48,26 @@ fn idx_file(dir: &Path, name: &str) -> Result<PathBuf> {
     } else if gz.is_file() {
         Ok(gz)
     } else {
-        Err(DataError::Missing { path: plain, hint: String::new() })
+        Err(DataError::Missing {
+            path: plain,
+            hint: String::new(),
+        })
     }
 }
 
 /// The Fashion-MNIST class names.
-pub const FASHION_MNIST_CLASSES: [&str; 10] =
-    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 
 /// Reads MNIST or Fashion-MNIST from `dir` (`{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`).
 pub fn read_mnist_like(dir: &Path, split: Split, classes: Vec<String>) -> Result<ArrayDataset> {
@@ -61,20 +80,44 @@ pub fn read_mnist_like(dir: &Path, split: Split, classes: Vec<String>) -> Result
     let images = read_idx(&ip)?;
     let labels = read_idx(&lp)?;
     let [n, h, w] = images.dims[..] else {
-        return Err(format_err(&ip, format!("expected 3 dimensions (N, H, W), found {:?}", images.dims)));
+        return Err(format_err(
+            &ip,
+            format!("expected 3 dimensions (N, H, W), found {:?}", images.dims),
+        ));
     };
     if labels.dims != [n] {
-        return Err(format_err(&lp, format!("expected {n} labels to match {}, found dimensions {:?}", ip.display(), labels.dims)));
+        return Err(format_err(
+            &lp,
+            format!(
+                "expected {n} labels to match {}, found dimensions {:?}",
+                ip.display(),
+                labels.dims
+            ),
+        ));
     }
     if let Some(bad) = labels.data.iter().find(|&&l| l as usize >= classes.len()) {
-        return Err(format_err(&lp, format!("label {bad} is out of range for {} classes", classes.len())));
+        return Err(format_err(
+            &lp,
+            format!("label {bad} is out of range for {} classes", classes.len()),
+        ));
     }
-    Ok(ArrayDataset::new([1, h, w], images.data, labels.data.iter().map(|&l| l as u32).collect(), classes))
+    Ok(ArrayDataset::new(
+        [1, h, w],
+        images.data,
+        labels.data.iter().map(|&l| l as u32).collect(),
+        classes,
+    ))
 }
 
 fn class_names_file(path: &Path, n: usize) -> Vec<String> {
     let names: Vec<String> = std::fs::read_to_string(path)
-        .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        .map(|s| {
+            s.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default();
     if names.len() == n {
         names
@@ -103,21 +146,36 @@ pub fn read_cifar100(dir: &Path, split: Split) -> Result<ArrayDataset> {
 }
 
 /// Records of `label_bytes` labels (the one used at `label_at`) and 3x32x32 pixels.
-fn read_cifar_records(files: &[PathBuf], label_bytes: usize, label_at: usize, n_classes: usize, classes: Vec<String>) -> Result<ArrayDataset> {
+fn read_cifar_records(
+    files: &[PathBuf],
+    label_bytes: usize,
+    label_at: usize,
+    n_classes: usize,
+    classes: Vec<String>,
+) -> Result<ArrayDataset> {
     let rec = label_bytes + 3072;
     let (mut pixels, mut labels) = (vec![], vec![]);
     for f in files {
         if !f.is_file() {
-            return Err(DataError::Missing { path: f.clone(), hint: String::new() });
+            return Err(DataError::Missing {
+                path: f.clone(),
+                hint: String::new(),
+            });
         }
         let b = read(f)?;
         if b.is_empty() || b.len() % rec != 0 {
-            return Err(format_err(f, format!("expected a multiple of {rec}-byte records, found {} bytes", b.len())));
+            return Err(format_err(
+                f,
+                format!("expected a multiple of {rec}-byte records, found {} bytes", b.len()),
+            ));
         }
         for r in b.chunks_exact(rec) {
             let l = r[label_at];
             if l as usize >= n_classes {
-                return Err(format_err(f, format!("label {l} is out of range for {n_classes} classes")));
+                return Err(format_err(
+                    f,
+                    format!("label {l} is out of range for {n_classes} classes"),
+                ));
             }
             labels.push(l as u32);
             pixels.extend_from_slice(&r[label_bytes..]);
@@ -135,13 +193,25 @@ pub fn read_stl10(dir: &Path, split: Split) -> Result<ArrayDataset> {
     };
     for p in [&xp, &yp] {
         if !p.is_file() {
-            return Err(DataError::Missing { path: p.clone(), hint: String::new() });
+            return Err(DataError::Missing {
+                path: p.clone(),
+                hint: String::new(),
+            });
         }
     }
     let (x, y) = (read(&xp)?, read(&yp)?);
     let per = 3 * 96 * 96;
     if x.len() != y.len() * per {
-        return Err(format_err(&xp, format!("expected {} bytes for the {} labels of {}, found {}", y.len() * per, y.len(), yp.display(), x.len())));
+        return Err(format_err(
+            &xp,
+            format!(
+                "expected {} bytes for the {} labels of {}, found {}",
+                y.len() * per,
+                y.len(),
+                yp.display(),
+                x.len()
+            ),
+        ));
     }
     let mut pixels = vec![0u8; x.len()];
     // Each plane is stored column-major: transpose H and W.
@@ -154,7 +224,13 @@ pub fn read_stl10(dir: &Path, split: Split) -> Result<ArrayDataset> {
     }
     let labels = y
         .iter()
-        .map(|&l| if (1..=10).contains(&l) { Ok(l as u32 - 1) } else { Err(format_err(&yp, format!("label {l} is outside 1..=10"))) })
+        .map(|&l| {
+            if (1..=10).contains(&l) {
+                Ok(l as u32 - 1)
+            } else {
+                Err(format_err(&yp, format!("label {l} is outside 1..=10")))
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let classes = class_names_file(&base.join("class_names.txt"), 10);
     Ok(ArrayDataset::new([3, 96, 96], pixels, labels, classes))

@@ -34,7 +34,14 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        LoaderConfig { batch_size: 64, shuffle: true, seed: 0, drop_last: false, workers: 2, prefetch: 2 }
+        LoaderConfig {
+            batch_size: 64,
+            shuffle: true,
+            seed: 0,
+            drop_last: false,
+            workers: 2,
+            prefetch: 2,
+        }
     }
 }
 
@@ -91,7 +98,13 @@ fn make_batch(ds: &dyn Dataset, pipe: &Pipeline, seed: u64, epoch: u64, indices:
         }
     }
     let mask_hw = items[0].mask.as_ref().map(|_| (shape[1], shape[2]));
-    Ok(RawBatch { shape, pixels, targets, mask_hw, indices: indices.to_vec() })
+    Ok(RawBatch {
+        shape,
+        pixels,
+        targets,
+        mask_hw,
+        indices: indices.to_vec(),
+    })
 }
 
 /// Batches over a data set with a transform pipeline.
@@ -108,7 +121,12 @@ impl Loader {
         if cfg.batch_size == 0 {
             return Err(DataError::Batch("batch_size must be at least 1".into()));
         }
-        Ok(Loader { dataset, pipeline: Arc::new(pipeline), cfg, device })
+        Ok(Loader {
+            dataset,
+            pipeline: Arc::new(pipeline),
+            cfg,
+            device,
+        })
     }
 
     /// Number of batches per epoch.
@@ -125,7 +143,11 @@ impl Loader {
     pub fn batches_of(&self, epoch: u64) -> Vec<Vec<usize>> {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.cfg.shuffle {
-            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix_seed(self.cfg.seed, epoch, u64::MAX)));
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix_seed(
+                self.cfg.seed,
+                epoch,
+                u64::MAX,
+            )));
         }
         let mut batches: Vec<Vec<usize>> = order.chunks(self.cfg.batch_size).map(<[usize]>::to_vec).collect();
         if self.cfg.drop_last && batches.last().is_some_and(|b| b.len() < self.cfg.batch_size) {
@@ -143,7 +165,12 @@ impl Loader {
         let mut handles = vec![];
         for w in 0..workers {
             let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
-            let (ds, pipe, batches, seed) = (self.dataset.clone(), self.pipeline.clone(), batches.clone(), self.cfg.seed);
+            let (ds, pipe, batches, seed) = (
+                self.dataset.clone(),
+                self.pipeline.clone(),
+                batches.clone(),
+                self.cfg.seed,
+            );
             handles.push(std::thread::spawn(move || {
                 for b in (w..batches.len()).step_by(workers) {
                     let r = make_batch(ds.as_ref(), &pipe, seed, epoch, &batches[b]);
@@ -188,7 +215,13 @@ pub struct EpochIter {
 impl EpochIter {
     fn raw(&mut self, b: usize) -> Result<RawBatch> {
         if self.receivers.is_empty() {
-            return make_batch(self.dataset.as_ref(), &self.pipeline, self.seed, self.epoch, &self.batches[b]);
+            return make_batch(
+                self.dataset.as_ref(),
+                &self.pipeline,
+                self.seed,
+                self.epoch,
+                &self.batches[b],
+            );
         }
         // Batch b comes from worker b % workers, in that worker's order.
         while !self.pending.contains_key(&b) {
@@ -211,7 +244,11 @@ impl EpochIter {
             Some((mh, mw)) => Tensor::from_vec(r.targets, (n, mh, mw), &self.device)?,
             None => Tensor::from_vec(r.targets, n, &self.device)?,
         };
-        Ok(Batch { images, targets, indices: r.indices })
+        Ok(Batch {
+            images,
+            targets,
+            indices: r.indices,
+        })
     }
 }
 

@@ -44,7 +44,12 @@ pub fn dataset_info(name: &str) -> Result<DatasetInfo> {
         n if n.starts_with("segfolder:") => (&[0.485, 0.456, 0.406], &[0.229, 0.224, 0.225], true),
         _ => return Err(DataError::UnknownDataset(name.to_string())),
     };
-    Ok(DatasetInfo { name: name.to_string(), segmentation: seg, mean: mean.to_vec(), std: std.to_vec() })
+    Ok(DatasetInfo {
+        name: name.to_string(),
+        segmentation: seg,
+        mean: mean.to_vec(),
+        std: std.to_vec(),
+    })
 }
 
 fn with_hint(e: DataError, name: &str, dir: &Path) -> DataError {
@@ -53,7 +58,10 @@ fn with_hint(e: DataError, name: &str, dir: &Path) -> DataError {
             let hint = if FETCHABLE.contains(&name) {
                 format!("run `cargo xtask fetch-data {name} --dir {}`", dir.display())
             } else {
-                format!("put the data set under {}", dir.join(name.split(':').nth(1).unwrap_or(name)).display())
+                format!(
+                    "put the data set under {}",
+                    dir.join(name.split(':').nth(1).unwrap_or(name)).display()
+                )
             };
             DataError::Missing { path, hint }
         }
@@ -68,7 +76,11 @@ pub fn open_dataset(name: &str, data_dir: &Path, split: Split) -> Result<Arc<dyn
         let fashion = || FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         Ok(match name {
             "fashion-mnist" => Arc::new(read_mnist_like(&data_dir.join("fashion-mnist"), split, fashion())?),
-            "mnist" => Arc::new(read_mnist_like(&data_dir.join("mnist"), split, (0..10).map(|d| d.to_string()).collect())?),
+            "mnist" => Arc::new(read_mnist_like(
+                &data_dir.join("mnist"),
+                split,
+                (0..10).map(|d| d.to_string()).collect(),
+            )?),
             "cifar10" => Arc::new(read_cifar10(&data_dir.join("cifar10"), split)?),
             "cifar100" => Arc::new(read_cifar100(&data_dir.join("cifar100"), split)?),
             "stl10" => Arc::new(read_stl10(&data_dir.join("stl10"), split)?),
@@ -79,16 +91,24 @@ pub fn open_dataset(name: &str, data_dir: &Path, split: Split) -> Result<Arc<dyn
             }
             n => {
                 let (kind, sub) = n.split_once(':').expect("checked by dataset_info");
-                let root = data_dir.join(sub).join(if split == Split::Train { "train" } else { "val" });
+                let root = data_dir
+                    .join(sub)
+                    .join(if split == Split::Train { "train" } else { "val" });
                 if !root.is_dir() {
-                    return Err(DataError::Missing { path: root, hint: String::new() });
+                    return Err(DataError::Missing {
+                        path: root,
+                        hint: String::new(),
+                    });
                 }
                 if kind == "imagefolder" {
                     Arc::new(ImageFolder::new(&root, 3)?)
                 } else {
                     let names = data_dir.join(sub).join("classes.txt");
                     let classes: Vec<String> = std::fs::read_to_string(&names)
-                        .map_err(|source| DataError::Io { path: names.clone(), source })?
+                        .map_err(|source| DataError::Io {
+                            path: names.clone(),
+                            source,
+                        })?
                         .lines()
                         .map(|l| l.trim().to_string())
                         .filter(|l| !l.is_empty())

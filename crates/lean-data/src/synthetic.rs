@@ -24,7 +24,13 @@ impl PastedSegmentation {
     pub fn new(items: ArrayDataset, canvas: usize, len: usize, seed: u64) -> Self {
         let mut classes = vec!["background".to_string()];
         classes.extend(items.classes().iter().cloned());
-        PastedSegmentation { items, canvas: canvas.max(28), len, seed, classes }
+        PastedSegmentation {
+            items,
+            canvas: canvas.max(28),
+            len,
+            seed,
+            classes,
+        }
     }
 }
 
@@ -55,7 +61,15 @@ impl Dataset for PastedSegmentation {
                 }
             }
         }
-        Ok(Sample { image: Image { c: 1, h: c, w: c, data: img }, target: Target::Mask(mask) })
+        Ok(Sample {
+            image: Image {
+                c: 1,
+                h: c,
+                w: c,
+                data: img,
+            },
+            target: Target::Mask(mask),
+        })
     }
     fn classes(&self) -> &[String] {
         &self.classes

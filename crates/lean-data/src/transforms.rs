@@ -20,7 +20,12 @@ pub struct FImage {
 impl FImage {
     /// Pixels scaled to [0, 1].
     pub fn from_u8(img: &Image) -> Self {
-        FImage { c: img.c, h: img.h, w: img.w, data: img.data.iter().map(|&v| v as f32 / 255.0).collect() }
+        FImage {
+            c: img.c,
+            h: img.h,
+            w: img.w,
+            data: img.data.iter().map(|&v| v as f32 / 255.0).collect(),
+        }
     }
 }
 
@@ -92,7 +97,13 @@ pub enum Transform {
 }
 
 /// Crops `(y0, x0, h, w)` out of one plane of `pw` columns, filling outside with `fill`.
-fn crop_plane<T: Copy>(src: &[T], ph: usize, pw: usize, (y0, x0, h, w): (isize, isize, usize, usize), fill: T) -> Vec<T> {
+fn crop_plane<T: Copy>(
+    src: &[T],
+    ph: usize,
+    pw: usize,
+    (y0, x0, h, w): (isize, isize, usize, usize),
+    fill: T,
+) -> Vec<T> {
     let mut out = vec![fill; h * w];
     for y in 0..h {
         let sy = y0 + y as isize;
@@ -111,11 +122,20 @@ fn crop_plane<T: Copy>(src: &[T], ph: usize, pw: usize, (y0, x0, h, w): (isize, 
 
 fn crop(item: &mut Item, rect: (isize, isize, usize, usize)) {
     let img = &item.image;
-    let data = img.data.chunks_exact(img.h * img.w).flat_map(|p| crop_plane(p, img.h, img.w, rect, 0.0)).collect();
+    let data = img
+        .data
+        .chunks_exact(img.h * img.w)
+        .flat_map(|p| crop_plane(p, img.h, img.w, rect, 0.0))
+        .collect();
     if let Some(m) = &item.mask {
         item.mask = Some(crop_plane(m, img.h, img.w, rect, IGNORE_INDEX));
     }
-    item.image = FImage { c: img.c, h: rect.2, w: rect.3, data };
+    item.image = FImage {
+        c: img.c,
+        h: rect.2,
+        w: rect.3,
+        data,
+    };
 }
 
 /// Bilinear (half-pixel centres) resize of every plane; masks by nearest neighbour.
@@ -124,7 +144,8 @@ fn resize(item: &mut Item, (oh, ow): (usize, usize)) {
     if (img.h, img.w) == (oh, ow) {
         return;
     }
-    let src = |o: usize, n: usize, on: usize| ((o as f32 + 0.5) * n as f32 / on as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+    let src =
+        |o: usize, n: usize, on: usize| ((o as f32 + 0.5) * n as f32 / on as f32 - 0.5).clamp(0.0, (n - 1) as f32);
     let mut data = Vec::with_capacity(img.c * oh * ow);
     for p in img.data.chunks_exact(img.h * img.w) {
         for y in 0..oh {
@@ -143,13 +164,28 @@ fn resize(item: &mut Item, (oh, ow): (usize, usize)) {
     }
     if let Some(m) = &item.mask {
         let near = |o: usize, n: usize, on: usize| ((o * n + n / 2) / on).min(n - 1);
-        item.mask = Some((0..oh * ow).map(|i| m[near(i / ow, img.h, oh) * img.w + near(i % ow, img.w, ow)]).collect());
+        item.mask = Some(
+            (0..oh * ow)
+                .map(|i| m[near(i / ow, img.h, oh) * img.w + near(i % ow, img.w, ow)])
+                .collect(),
+        );
     }
-    item.image = FImage { c: img.c, h: oh, w: ow, data };
+    item.image = FImage {
+        c: img.c,
+        h: oh,
+        w: ow,
+        data,
+    };
 }
 
 /// A random (h, w) rectangle of area fraction in `scale` and ratio in `ratio` inside (H, W).
-fn random_rect(rng: &mut dyn RngCore, hh: usize, ww: usize, scale: (f64, f64), ratio: (f64, f64)) -> Option<(usize, usize, usize, usize)> {
+fn random_rect(
+    rng: &mut dyn RngCore,
+    hh: usize,
+    ww: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+) -> Option<(usize, usize, usize, usize)> {
     let area = (hh * ww) as f64;
     let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
     for _ in 0..10 {
@@ -169,7 +205,10 @@ impl Transform {
     pub fn apply(&self, item: &mut Item, rng: &mut dyn RngCore) {
         let (h, w) = (item.image.h, item.image.w);
         match self {
-            Transform::RandomCrop { size: (ch, cw), padding } => {
+            Transform::RandomCrop {
+                size: (ch, cw),
+                padding,
+            } => {
                 let p = *padding as isize;
                 let y0 = rng.random_range(0..=(h + 2 * padding).saturating_sub(*ch)) as isize - p;
                 let x0 = rng.random_range(0..=(w + 2 * padding).saturating_sub(*cw)) as isize - p;
@@ -199,7 +238,10 @@ impl Transform {
                 crop(item, (rect.0 as isize, rect.1 as isize, rect.2, rect.3));
                 resize(item, *size);
             }
-            Transform::ResizeCenterCrop { size: (ch, cw), crop_pct } => {
+            Transform::ResizeCenterCrop {
+                size: (ch, cw),
+                crop_pct,
+            } => {
                 let scale_size = ((*ch.max(cw) as f64) / crop_pct.max(1e-6)).floor() as usize;
                 let (nh, nw) = if h <= w {
                     (scale_size, (scale_size as f64 * w as f64 / h as f64).round() as usize)
@@ -244,7 +286,11 @@ impl Pipeline {
             Target::Class(c) => (None, Some(*c)),
             Target::Mask(m) => (Some(m.clone()), None),
         };
-        let mut item = Item { image: FImage::from_u8(&sample.image), mask, class };
+        let mut item = Item {
+            image: FImage::from_u8(&sample.image),
+            mask,
+            class,
+        };
         for t in &self.0 {
             t.apply(&mut item, rng);
         }
@@ -253,16 +299,25 @@ impl Pipeline {
 
     /// The usual small-image training recipe: pad-and-crop, flip, normalise.
     pub fn train_small(size: usize, padding: usize, flip: bool, mean: &[f32], std: &[f32]) -> Self {
-        let mut v = vec![Transform::RandomCrop { size: (size, size), padding }];
+        let mut v = vec![Transform::RandomCrop {
+            size: (size, size),
+            padding,
+        }];
         if flip {
             v.push(Transform::HorizontalFlip { p: 0.5 });
         }
-        v.push(Transform::Normalize { mean: mean.to_vec(), std: std.to_vec() });
+        v.push(Transform::Normalize {
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+        });
         Pipeline(v)
     }
 
     /// Evaluation: normalise only.
     pub fn eval(mean: &[f32], std: &[f32]) -> Self {
-        Pipeline(vec![Transform::Normalize { mean: mean.to_vec(), std: std.to_vec() }])
+        Pipeline(vec![Transform::Normalize {
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+        }])
     }
 }

@@ -26,7 +26,9 @@ fn embedded_fashion_mnist_is_complete_and_balanced() {
     // The first labels and the pixel sum of the official files.
     let first: Vec<u32> = train.labels().unwrap()[..10].to_vec();
     assert_eq!(first, vec![9, 0, 0, 3, 0, 2, 7, 2, 5, 5]);
-    let sum: u64 = (0..train.len()).map(|i| train.get(i).unwrap().image.data.iter().map(|&v| v as u64).sum::<u64>()).sum();
+    let sum: u64 = (0..train.len())
+        .map(|i| train.get(i).unwrap().image.data.iter().map(|&v| v as u64).sum::<u64>())
+        .sum();
     assert_eq!(sum, 3_431_114_169);
 }
 
@@ -51,27 +53,44 @@ fn cifar10_and_cifar100_binary() {
         write(&base.join(format!("data_batch_{b}.bin")), &recs);
     }
     write(&base.join("test_batch.bin"), &cifar_record(&[4], 0));
-    write(&base.join("batches.meta.txt"), b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n");
+    write(
+        &base.join("batches.meta.txt"),
+        b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n",
+    );
     let train = open_dataset("cifar10", &d, Split::Train).unwrap();
     assert_eq!(train.len(), 15);
     assert_eq!(train.classes()[9], "truck");
     let s = train.get(4).unwrap();
     assert_eq!(s.target, Target::Class(((2 + 1) % 10) as u32));
     assert_eq!((s.image.c, s.image.h, s.image.w), (3, 32, 32));
-    assert_eq!(s.image.data, cifar_record(&[0], 1)[1..].to_vec(), "R, G, B planes in file order");
+    assert_eq!(
+        s.image.data,
+        cifar_record(&[0], 1)[1..].to_vec(),
+        "R, G, B planes in file order"
+    );
     assert_eq!(open_dataset("cifar10", &d, Split::Test).unwrap().len(), 1);
     // Truncated record.
     let mut recs = cifar_record(&[1], 0);
     recs.pop();
     write(&base.join("test_batch.bin"), &recs);
     let e = open_dataset("cifar10", &d, Split::Test).err().unwrap().to_string();
-    assert!(e.contains("test_batch.bin") && e.contains("3073-byte records") && e.contains("3072 bytes"), "{e}");
+    assert!(
+        e.contains("test_batch.bin") && e.contains("3073-byte records") && e.contains("3072 bytes"),
+        "{e}"
+    );
     // Bad label.
     write(&base.join("test_batch.bin"), &cifar_record(&[10], 0));
-    assert!(open_dataset("cifar10", &d, Split::Test).err().unwrap().to_string().contains("label 10"));
+    assert!(open_dataset("cifar10", &d, Split::Test)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("label 10"));
     // CIFAR-100: coarse then fine label.
     let base = d.join("cifar100/cifar-100-binary");
-    write(&base.join("train.bin"), &[cifar_record(&[3, 77], 0), cifar_record(&[19, 99], 1)].concat());
+    write(
+        &base.join("train.bin"),
+        &[cifar_record(&[3, 77], 0), cifar_record(&[19, 99], 1)].concat(),
+    );
     let c100 = open_dataset("cifar100", &d, Split::Train).unwrap();
     assert_eq!(c100.labels().unwrap(), &[77, 99]);
     assert_eq!(c100.classes().len(), 100);
@@ -98,12 +117,19 @@ fn stl10_is_column_major_with_labels_from_one() {
     assert_eq!(ds.labels().unwrap(), &[0, 9]);
     let img = ds.get(1).unwrap().image;
     let (row, col, c) = (5usize, 17usize, 2usize);
-    assert_eq!(img.data[c * 96 * 96 + row * 96 + col] as usize, (row * 3 + col + c + 1) % 256);
+    assert_eq!(
+        img.data[c * 96 * 96 + row * 96 + col] as usize,
+        (row * 3 + col + c + 1) % 256
+    );
     write(&base.join("train_y.bin"), &[1, 10, 3]);
     let e = open_dataset("stl10", &d, Split::Train).err().unwrap().to_string();
     assert!(e.contains("train_X.bin") && e.contains("expected 82944 bytes"), "{e}");
     write(&base.join("train_y.bin"), &[0, 10]);
-    assert!(open_dataset("stl10", &d, Split::Train).err().unwrap().to_string().contains("label 0"));
+    assert!(open_dataset("stl10", &d, Split::Train)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("label 0"));
 }
 
 #[test]
@@ -124,21 +150,42 @@ fn image_folders_for_classification_and_segmentation() {
     assert_eq!((s.image.c, s.image.h, s.image.w), (3, 10, 12));
     assert_eq!(s.image.data[2 * 12 + 3], 30, "R plane, row 2, column 3");
     assert_eq!(s.image.data[120 + 2 * 12 + 3], 20, "G plane");
-    let e = open_dataset("imagefolder:pets", &d, Split::Test).err().unwrap().to_string();
+    let e = open_dataset("imagefolder:pets", &d, Split::Test)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("pets/val") && e.contains("not found"), "{e}");
     // Segmentation: images/ + masks/, classes.txt.
     let root = d.join("toy/train");
     std::fs::create_dir_all(root.join("images")).unwrap();
     std::fs::create_dir_all(root.join("masks")).unwrap();
     std::fs::write(d.join("toy/classes.txt"), "background\nthing\n").unwrap();
-    image::RgbImage::from_pixel(8, 6, image::Rgb([1, 2, 3])).save(root.join("images/a.png")).unwrap();
-    image::GrayImage::from_fn(8, 6, |x, _| image::Luma([if x < 4 { 0 } else if x < 7 { 1 } else { 255 }])).save(root.join("masks/a.png")).unwrap();
+    image::RgbImage::from_pixel(8, 6, image::Rgb([1, 2, 3]))
+        .save(root.join("images/a.png"))
+        .unwrap();
+    image::GrayImage::from_fn(8, 6, |x, _| {
+        image::Luma([if x < 4 {
+            0
+        } else if x < 7 {
+            1
+        } else {
+            255
+        }])
+    })
+    .save(root.join("masks/a.png"))
+    .unwrap();
     let seg = open_dataset("segfolder:toy", &d, Split::Train).unwrap();
-    let Target::Mask(m) = seg.get(0).unwrap().target else { panic!("mask expected") };
+    let Target::Mask(m) = seg.get(0).unwrap().target else {
+        panic!("mask expected")
+    };
     assert_eq!(&m[..8], &[0, 0, 0, 0, 1, 1, 1, 255]);
-    image::GrayImage::from_pixel(8, 6, image::Luma([7])).save(root.join("masks/a.png")).unwrap();
+    image::GrayImage::from_pixel(8, 6, image::Luma([7]))
+        .save(root.join("masks/a.png"))
+        .unwrap();
     assert!(seg.get(0).unwrap_err().to_string().contains("mask value 7"));
-    image::GrayImage::from_pixel(5, 6, image::Luma([0])).save(root.join("masks/a.png")).unwrap();
+    image::GrayImage::from_pixel(5, 6, image::Luma([0]))
+        .save(root.join("masks/a.png"))
+        .unwrap();
     assert!(seg.get(0).unwrap_err().to_string().contains("mask is 6x5"));
 }
 
@@ -165,8 +212,18 @@ fn pasted_fashion_segmentation_is_deterministic_and_labelled_by_ink() {
 fn missing_data_sets_say_how_to_fetch_them() {
     let d = dir("missing");
     let e = open_dataset("cifar10", &d, Split::Train).err().unwrap().to_string();
-    assert!(e.contains("data_batch_1.bin") && e.contains(&format!("cargo xtask fetch-data cifar10 --dir {}", d.display())), "{e}");
+    assert!(
+        e.contains("data_batch_1.bin") && e.contains(&format!("cargo xtask fetch-data cifar10 --dir {}", d.display())),
+        "{e}"
+    );
     let e = open_dataset("mnist", &d, Split::Test).err().unwrap().to_string();
-    assert!(e.contains("t10k-images-idx3-ubyte") && e.contains("fetch-data mnist"), "{e}");
-    assert!(open_dataset("imagenet", &d, Split::Test).err().unwrap().to_string().contains("unknown data set `imagenet`"));
+    assert!(
+        e.contains("t10k-images-idx3-ubyte") && e.contains("fetch-data mnist"),
+        "{e}"
+    );
+    assert!(open_dataset("imagenet", &d, Split::Test)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("unknown data set `imagenet`"));
 }
