@@ -131,11 +131,11 @@ impl CustomOp3 for ChannelAffineOp {
                                     let a = scs[p % c];
                                     gxp.iter_mut().zip(gzp).for_each(|(o, g)| *o = *g * a);
                                 });
-                            let (gs, gb) = channel_sums(c, hw, &gz, Some(xs));
+                            let (gs, gb) = channel_sums(c, hw, &gz, Some((xs, &vec![0.0; c])));
                             Ok((
                                 Some(tensor(gx, x.dims())?),
-                                Some(tensor(gs, &[c])?),
-                                Some(tensor(gb, &[c])?),
+                                Some(tensor(cast::<T>(&gs), &[c])?),
+                                Some(tensor(cast::<T>(&gb), &[c])?),
                             ))
                         })
                     })
@@ -145,23 +145,35 @@ impl CustomOp3 for ChannelAffineOp {
     }
 }
 
-/// Per channel: (Σ gz·x, Σ gz) over all samples and pixels (Σ gz·x only when `x` is given).
-fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<&[T]>) -> (Vec<T>, Vec<T>) {
+/// Per channel, accumulated in f64: (Σ gz·(x - centre[c]), Σ gz) over all samples and pixels
+/// (the first only when `x` is given). Centring before multiplying keeps BatchNorm's weight
+/// gradient free of the cancellation that Σ gz·x - mean·Σ gz suffers in f32.
+fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<(&[T], &[f64])>) -> (Vec<f64>, Vec<f64>) {
     let n = gz.len() / (c * hw).max(1);
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut sx, mut s) = (T::zero(), T::zero());
+            let (mut sx, mut s) = (0f64, 0f64);
             for ni in 0..n {
                 let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
-                s += gz[r.clone()].iter().copied().sum::<T>();
-                if let Some(x) = x {
-                    sx += gz[r.clone()].iter().zip(&x[r]).map(|(a, b)| *a * *b).sum::<T>();
+                s += gz[r.clone()].iter().map(|v| v.f()).sum::<f64>();
+                if let Some((x, centre)) = x {
+                    let m = centre[ch];
+                    sx += gz[r.clone()]
+                        .iter()
+                        .zip(&x[r])
+                        .map(|(a, b)| a.f() * (b.f() - m))
+                        .sum::<f64>();
                 }
             }
             (sx, s)
         })
         .unzip()
+}
+
+/// f64 values as `T`.
+fn cast<T: Real>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|x| T::from_f64(*x)).collect()
 }
 
 /// y = act(x · scale + shift) with per-channel `scale` and `shift` (C,), x (N, C, ...).
@@ -304,17 +316,15 @@ impl CustomOp3 for BnTrainOp {
                     with_data::<T, _>(y, |ys| {
                         with_data::<T, _>(gy, |gys| {
                             let gz = pre_activation_grad(gys, ys, self.act);
-                            // xhat = (x - mean) · invstd, so Σ gz·xhat = invstd·(Σ gz·x - mean·Σ gz).
-                            let (sgx, sg) = channel_sums(c, hw, &gz, Some(xs));
-                            let sgxhat: Vec<f64> = (0..c)
-                                .map(|ch| self.invstd[ch] * (sgx[ch].f() - self.mean[ch] * sg[ch].f()))
-                                .collect();
+                            // Σ gz·xhat = invstd·Σ gz·(x - mean).
+                            let (sgx, sg) = channel_sums(c, hw, &gz, Some((xs, &self.mean)));
+                            let sgxhat: Vec<f64> = (0..c).map(|ch| self.invstd[ch] * sgx[ch]).collect();
                             let mut gx = vec![T::zero(); xs.len()];
                             gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
                                 let ch = p % c;
                                 let k = ws[ch].f() * self.invstd[ch];
                                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                                let (a, bsum) = (sg[ch].f() / m, sgxhat[ch] / m);
+                                let (a, bsum) = (sg[ch] / m, sgxhat[ch] / m);
                                 let r = p * hw..(p + 1) * hw;
                                 for ((o, g), xv) in gxp.iter_mut().zip(&gz[r.clone()]).zip(&xs[r]) {
                                     let xhat = (xv.f() - mu) * is;
@@ -325,7 +335,7 @@ impl CustomOp3 for BnTrainOp {
                             Ok((
                                 Some(tensor(gx, x.dims())?),
                                 Some(tensor(gw, &[c])?),
-                                Some(tensor(sg, &[c])?),
+                                Some(tensor(cast::<T>(&sg), &[c])?),
                             ))
                         })
                     })

@@ -1,8 +1,8 @@
 //! SGD with momentum, dampening, Nesterov and weight decay, as `torch.optim.SGD`.
 
+use crate::optim::{OptimState, Optimizer as LeanOptimizer};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
-use candle_nn::Optimizer;
 
 /// Hyper-parameters of [`Sgd`] (PyTorch's names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,6 +34,7 @@ impl Default for SgdConfig {
 /// One parameter and its state.
 #[derive(Debug)]
 struct Slot {
+    name: String,
     var: Var,
     decay: bool,
     momentum_buffer: Option<Tensor>,
@@ -49,14 +50,14 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// An optimizer that applies weight decay to the parameters in `decay` and not to those in
-    /// `no_decay` (timm's habit: BatchNorm parameters and biases are not decayed).
-    pub fn with_groups(decay: Vec<Var>, no_decay: Vec<Var>, cfg: SgdConfig) -> Result<Self> {
+    /// An optimizer that decays the parameters in `decay` and not those in `no_decay`.
+    pub fn with_groups(decay: Vec<(String, Var)>, no_decay: Vec<(String, Var)>, cfg: SgdConfig) -> Result<Self> {
         if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
             candle_core::bail!("sgd: Nesterov momentum requires momentum > 0 and dampening 0, got {cfg:?}");
         }
         let slot = |decay| {
-            move |var| Slot {
+            move |(name, var)| Slot {
+                name,
                 var,
                 decay,
                 momentum_buffer: None,
@@ -74,44 +75,9 @@ impl Sgd {
     pub fn config(&self) -> &SgdConfig {
         &self.cfg
     }
-
-    /// The momentum buffers in parameter order (None before the first step), for checkpoints.
-    pub fn momentum_buffers(&self) -> Vec<Option<Tensor>> {
-        self.slots.iter().map(|s| s.momentum_buffer.clone()).collect()
-    }
-
-    /// Restores momentum buffers saved by [`Sgd::momentum_buffers`].
-    pub fn set_momentum_buffers(&mut self, bufs: Vec<Option<Tensor>>) -> Result<()> {
-        if bufs.len() != self.slots.len() {
-            candle_core::bail!(
-                "sgd: {} momentum buffers for {} parameters",
-                bufs.len(),
-                self.slots.len()
-            );
-        }
-        for (s, b) in self.slots.iter_mut().zip(bufs) {
-            if let Some(b) = &b {
-                if b.dims() != s.var.dims() {
-                    candle_core::bail!(
-                        "sgd: momentum buffer of shape {:?} for a parameter of shape {:?}",
-                        b.dims(),
-                        s.var.dims()
-                    );
-                }
-            }
-            s.momentum_buffer = b;
-        }
-        Ok(())
-    }
 }
 
-impl Optimizer for Sgd {
-    type Config = SgdConfig;
-
-    fn new(vars: Vec<Var>, cfg: SgdConfig) -> Result<Self> {
-        Sgd::with_groups(vars, vec![], cfg)
-    }
-
+impl LeanOptimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
         for s in self.slots.iter_mut() {
@@ -140,12 +106,36 @@ impl Optimizer for Sgd {
         }
         Ok(())
     }
-
     fn learning_rate(&self) -> f64 {
         self.cfg.lr
     }
-
     fn set_learning_rate(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+    fn state(&self) -> OptimState {
+        let mut st = OptimState::default();
+        for s in &self.slots {
+            if let Some(b) = &s.momentum_buffer {
+                st.tensors.insert(format!("momentum_buffer.{}", s.name), b.clone());
+            }
+        }
+        st
+    }
+    fn load_state(&mut self, st: &OptimState) -> Result<()> {
+        for s in self.slots.iter_mut() {
+            s.momentum_buffer = match st.tensors.get(&format!("momentum_buffer.{}", s.name)) {
+                Some(b) if b.dims() != s.var.dims() => {
+                    candle_core::bail!(
+                        "sgd: momentum buffer of {} has shape {:?}, the parameter {:?}",
+                        s.name,
+                        b.dims(),
+                        s.var.dims()
+                    )
+                }
+                Some(b) => Some(b.to_dtype(s.var.dtype())?),
+                None => None,
+            };
+        }
+        Ok(())
     }
 }
