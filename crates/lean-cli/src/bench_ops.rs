@@ -12,15 +12,29 @@ use std::time::Instant;
 /// Arguments of `lean bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to benchmark: `ops` (operator micro-benchmarks).
+    /// `ops` for the operator benchmark, or model names (`lean models` lists them).
     #[arg(required = true)]
     what: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Models: CSV output (overrides --format).
+    #[arg(long)]
+    csv: bool,
     /// Timed repetitions per case (the median is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Models: batch sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 64])]
+    batch_sizes: Vec<usize>,
+    /// Models: input size C,H,W (default: the model's).
+    #[arg(long)]
+    input_size: Option<String>,
+    /// Models: also time a training step (forward, backward, SGD update).
+    #[arg(long)]
+    train: bool,
+    #[command(flatten)]
+    model_opts: crate::model_args::ModelArgs,
     /// Input shapes N,C,H,W, separated by `;` (default: the two shapes of docs/benchmarks.md).
     #[arg(long)]
     shapes: Option<String>,
@@ -191,13 +205,29 @@ fn ratio_rows(cases: &[OpCase]) -> Vec<Vec<String>> {
 
 /// Entry point of `lean bench`.
 pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
-    for w in &args.what {
-        if w != "ops" {
-            bail!("unknown benchmark `{w}`: expected `ops` (model benchmarks come with the model zoo)");
-        }
-    }
     if args.reps == 0 {
         bail!("--reps must be at least 1");
+    }
+    if args.what.iter().any(|w| w != "ops") {
+        if args.what.iter().any(|w| w == "ops") {
+            bail!("`ops` and model names cannot be mixed in one `lean bench`");
+        }
+        if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
+            bail!("--batch-sizes must be positive");
+        }
+        let input = crate::bench_models::input(&args.input_size)?;
+        let mut rows = vec![];
+        for m in &args.what {
+            rows.extend(crate::bench_models::bench_model(
+                m,
+                &args.model_opts,
+                input,
+                &args.batch_sizes,
+                args.train,
+                args.reps,
+            )?);
+        }
+        return crate::bench_models::print(&rows, args.format, args.csv);
     }
     let shapes = match &args.shapes {
         Some(s) => parse_shapes(s)?,

@@ -4,11 +4,13 @@
 //! (see [`lean_ops::runtime::tune_allocator`]); set `LEAN_DEFAULT_MALLOC=1` to keep glibc's
 //! defaults (e.g. to measure the difference).
 
+mod bench_models;
 mod bench_ops;
 mod data_cmd;
 mod model_args;
 mod models_cmd;
 mod output;
+mod train_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,7 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Benchmarks. `lean bench ops` times the lean convolution against candle's dense and
-    /// grouped convolutions, forward and forward+backward, and prints the speed-up ratios.
+    /// grouped convolutions; `lean bench MODEL...` times inference and (--train) training steps.
     Bench(bench_ops::BenchArgs),
     /// List the model zoo with parameters and MACs at each model's default input size.
     Models(models_cmd::ModelsArgs),
@@ -32,6 +34,10 @@ enum Command {
     Info(models_cmd::InfoArgs),
     /// Eval-mode inference with given weights, on a tensor file or on images.
     Predict(models_cmd::PredictArgs),
+    /// Train a model (timm-style flags); writes a run folder with checkpoints and summary.csv.
+    Train(train_cmd::TrainArgs),
+    /// Evaluate a checkpoint or weights file: top-1, top-5, loss.
+    Eval(train_cmd::EvalArgs),
     /// Data sets: `lean data info DATASET`, `lean data bench DATASET`.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -40,12 +46,18 @@ enum Command {
 fn main() {
     let tuned = std::env::var_os("LEAN_DEFAULT_MALLOC").is_none() && lean_ops::runtime::tune_allocator();
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let result: Result<()> = match cli.command {
         Command::Bench(args) => bench_ops::run(&args, tuned),
         Command::Models(args) => models_cmd::models(&args),
         Command::Info(args) => models_cmd::info(&args),
         Command::Predict(args) => models_cmd::predict(&args),
         Command::Data(cmd) => data_cmd::run(&cmd),
+        Command::Train(args) => train_cmd::run_train(&args),
+        Command::Eval(args) => train_cmd::run_eval(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

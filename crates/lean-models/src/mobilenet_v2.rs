@@ -203,7 +203,7 @@ impl Model for MobileNetV2 {
         }
         h = global_avg_pool2d(&self.head.forward_t(&h, train)?)?;
         if train && self.cfg.dropout > 0.0 {
-            h = candle_nn::ops::dropout(&h, self.cfg.dropout as f32)?;
+            h = lean_ops::random::dropout(&h, self.cfg.dropout)?;
         }
         self.classifier.forward(&h)
     }

@@ -40,6 +40,7 @@ mod lean_conv;
 mod loss;
 mod norm;
 mod pool;
+pub mod random;
 mod real;
 pub mod reference;
 mod resample;

@@ -46,21 +46,27 @@ impl CrossEntropyOp {
     }
     fn forward<T: Real>(&self, z: &[T]) -> f64 {
         let eps = self.cfg.label_smoothing;
-        let total: f64 = (0..self.n * self.s)
+        // Per-sample sums in parallel, added in order: reproducible whatever the scheduling.
+        let per_sample: Vec<f64> = (0..self.n)
             .into_par_iter()
-            .map(|p| {
-                let (n, s) = (p / self.s, p % self.s);
-                let t = self.targets[p];
-                if self.ignored(t) {
-                    return 0.0;
-                }
-                let lse = self.lse(z, n, s);
-                let at = |k: usize| z[(n * self.c + k) * self.s + s].f();
-                let nll = lse - at(t as usize);
-                let smooth = lse - (0..self.c).map(at).sum::<f64>() / self.c as f64;
-                (1.0 - eps) * nll + eps * smooth
+            .map(|n| {
+                (n * self.s..(n + 1) * self.s)
+                    .map(|p| {
+                        let (n, s) = (p / self.s, p % self.s);
+                        let t = self.targets[p];
+                        if self.ignored(t) {
+                            return 0.0;
+                        }
+                        let lse = self.lse(z, n, s);
+                        let at = |k: usize| z[(n * self.c + k) * self.s + s].f();
+                        let nll = lse - at(t as usize);
+                        let smooth = lse - (0..self.c).map(at).sum::<f64>() / self.c as f64;
+                        (1.0 - eps) * nll + eps * smooth
+                    })
+                    .sum::<f64>()
             })
-            .sum();
+            .collect();
+        let total: f64 = per_sample.iter().sum();
         let cnt = self.count();
         if cnt == 0 {
             0.0

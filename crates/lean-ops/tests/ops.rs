@@ -490,3 +490,20 @@ fn depthwise_conv_matches_candle_grouped_conv() {
     );
     assert!(e.unwrap_err().to_string().contains("(C·m, 1, 3, 3)"));
 }
+
+#[test]
+fn dropout_is_reproducible_from_a_seed() {
+    let x = Tensor::ones((4, 256), DType::F32, &Device::Cpu).unwrap();
+    random::reseed(42);
+    let a = random::dropout(&x, 0.25).unwrap();
+    let b = random::dropout(&x, 0.25).unwrap();
+    random::reseed(42);
+    let a2 = random::dropout(&x, 0.25).unwrap();
+    assert_eq!(vals(&a), vals(&a2), "same seed, same masks");
+    assert_ne!(vals(&a), vals(&b), "successive calls differ");
+    let v = vals(&a);
+    let zeros = v.iter().filter(|&&x| x == 0.0).count();
+    assert!((150..360).contains(&zeros), "{zeros} of 1024 dropped at p = 0.25");
+    assert!(v.iter().all(|&x| x == 0.0 || (x - 4.0 / 3.0).abs() < 1e-6));
+    assert!(random::dropout(&x, 1.0).is_err());
+}

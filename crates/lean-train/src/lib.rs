@@ -21,14 +21,24 @@
 #![deny(missing_docs)]
 
 mod adamw;
+pub mod checkpoint;
+mod error;
+mod init;
 pub mod metrics;
 mod optim;
 mod params;
 mod schedule;
 mod sgd;
+mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use error::{Error, Result};
+pub use init::{init_tensor, seeded_var_builder};
 pub use optim::{clip_grad_norm, OptimState, Optimizer};
 pub use params::{is_buffer, ParamGroups};
 pub use schedule::{LrSchedule, Schedule};
 pub use sgd::{Sgd, SgdConfig};
+pub use trainer::{
+    checkpoint_path, eval_pipeline, evaluate, load_checkpoint_model, open_limited, parse_device, train, write_atomic,
+    EpochRow, EvalResult, ModelSpec, RunState, RunSummary, TrainConfig,
+};

@@ -139,23 +139,26 @@ impl ConvSum {
             g.backward_weight(&x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], acc, cols, par);
         };
         if par_over_samples(self.n) {
-            (0..self.n)
-                .into_par_iter()
-                .fold(
-                    || (vec![T::zero(); wl], vec![T::zero(); self.cols_len()]),
-                    |(mut acc, mut cols), ni| {
-                        one(ni, &mut acc, &mut cols, Parallelism::None);
-                        (acc, cols)
-                    },
-                )
-                .map(|(acc, _)| acc)
-                .reduce(
-                    || vec![T::zero(); wl],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(u, v)| *u += *v);
-                        a
-                    },
-                )
+            // Fixed contiguous chunks of samples, summed in order: the result does not depend on
+            // how rayon schedules the work, so training is reproducible run to run.
+            let chunk = self.n.div_ceil(rayon::current_num_threads());
+            let samples: Vec<usize> = (0..self.n).collect();
+            let partials: Vec<Vec<T>> = samples
+                .par_chunks(chunk)
+                .map(|part| {
+                    let (mut acc, mut cols) = (vec![T::zero(); wl], vec![T::zero(); self.cols_len()]);
+                    part.iter()
+                        .for_each(|&ni| one(ni, &mut acc, &mut cols, Parallelism::None));
+                    acc
+                })
+                .collect();
+            partials
+                .into_iter()
+                .reduce(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(u, v)| *u += *v);
+                    a
+                })
+                .unwrap_or_else(|| vec![T::zero(); wl])
         } else {
             let mut acc = vec![T::zero(); wl];
             let mut cols = vec![T::zero(); self.cols_len()];

@@ -74,6 +74,9 @@ impl StencilGeom {
     /// y_grp += stencil(x) for the output channels of group `grp` of one sample.
     /// `x` is the whole sample (Cin planes); `y_grp` holds the group's `opg` output planes.
     pub fn forward_group<T: Real>(&self, grp: usize, x: &[T], q: &[T], y_grp: &mut [T]) {
+        if self.stride == 1 {
+            return self.forward_group_s1(grp, x, q, y_grp);
+        }
         let (s, nt, g) = (self.stride, self.nt(), self.g);
         let wins = self.windows();
         for (ol, yplane) in y_grp.chunks_exact_mut(self.out_plane()).enumerate() {
@@ -109,6 +112,9 @@ impl StencilGeom {
     /// gx_grp += stencilᵀ(gy) for the input channels of group `grp` of one sample.
     /// `gy` is the whole sample's output gradient; `gx_grp` holds the group's `g` input planes.
     pub fn backward_input_group<T: Real>(&self, grp: usize, gy: &[T], q: &[T], gx_grp: &mut [T]) {
+        if self.stride == 1 {
+            return self.backward_input_group_s1(grp, gy, q, gx_grp);
+        }
         let (s, nt, g, opg) = (self.stride, self.nt(), self.g, self.opg());
         let wins = self.windows();
         for (j, gxplane) in gx_grp.chunks_exact_mut(self.in_plane()).enumerate() {
@@ -142,6 +148,9 @@ impl StencilGeom {
 
     /// gq_o += the weight gradient of output channel `o` from one sample: `g·|S|` values.
     pub fn backward_weight_channel<T: Real>(&self, o: usize, x: &[T], gy: &[T], gq_o: &mut [T]) {
+        if self.stride == 1 {
+            return self.backward_weight_channel_s1(o, x, gy, gq_o);
+        }
         let (s, nt, g) = (self.stride, self.nt(), self.g);
         let grp = o / self.opg();
         let wins = self.windows();
@@ -172,6 +181,121 @@ impl StencilGeom {
                 gq_o[j * nt + t] += acc;
             }
         }
+    }
+
+    // Stride 1: every tap is a constant flat offset into a zero-framed copy of the plane, so
+    // each tap is one long vectorised pass instead of a short loop per row. Results are computed
+    // on rows of the framed width W + 2d and the W valid columns copied out.
+
+    /// Flat offset of tap (dy, dx) in a framed plane, relative to output position (0, 0).
+    fn frame_offset(&self, dy: isize, dx: isize) -> usize {
+        let (d, wp) = (self.dil as isize, (self.w + 2 * self.dil) as isize);
+        ((d + dy * d) * wp + d + dx * d) as usize
+    }
+
+    fn forward_group_s1<T: Real>(&self, grp: usize, x: &[T], q: &[T], y_grp: &mut [T]) {
+        let (nt, g, d, wp) = (self.nt(), self.g, self.dil, self.w + 2 * self.dil);
+        let offs: Vec<usize> = self.taps.iter().map(|&(dy, dx)| self.frame_offset(dy, dx)).collect();
+        let mut framed: Vec<Vec<T>> = vec![Vec::new(); g];
+        for (j, f) in framed.iter_mut().enumerate() {
+            let i = grp * g + j;
+            pad_plane(&x[i * self.in_plane()..(i + 1) * self.in_plane()], self.h, self.w, d, f);
+        }
+        let mut acc = vec![T::zero(); self.h * wp];
+        for (ol, yplane) in y_grp.chunks_exact_mut(self.out_plane()).enumerate() {
+            let o = grp * self.opg() + ol;
+            acc.fill(T::zero());
+            for (j, f) in framed.iter().enumerate() {
+                for (t, &off) in offs.iter().enumerate() {
+                    flat_axpy(&mut acc, f, off, q[(o * g + j) * nt + t]);
+                }
+            }
+            for (yrow, arow) in yplane.chunks_exact_mut(self.w).zip(acc.chunks_exact(wp)) {
+                for (a, b) in yrow.iter_mut().zip(arow) {
+                    *a += *b;
+                }
+            }
+        }
+    }
+
+    fn backward_input_group_s1<T: Real>(&self, grp: usize, gy: &[T], q: &[T], gx_grp: &mut [T]) {
+        let (nt, g, opg, d, wp) = (self.nt(), self.g, self.opg(), self.dil, self.w + 2 * self.dil);
+        // gx[p] = Σ wt · gy[p - tap]: the mirrored offsets into the framed gy.
+        let offs: Vec<usize> = self.taps.iter().map(|&(dy, dx)| self.frame_offset(-dy, -dx)).collect();
+        let mut framed: Vec<Vec<T>> = vec![Vec::new(); opg];
+        for (ol, f) in framed.iter_mut().enumerate() {
+            let o = grp * opg + ol;
+            pad_plane(
+                &gy[o * self.out_plane()..(o + 1) * self.out_plane()],
+                self.h,
+                self.w,
+                d,
+                f,
+            );
+        }
+        let mut acc = vec![T::zero(); self.h * wp];
+        for (j, gxplane) in gx_grp.chunks_exact_mut(self.in_plane()).enumerate() {
+            acc.fill(T::zero());
+            for (ol, f) in framed.iter().enumerate() {
+                let o = grp * opg + ol;
+                for (t, &off) in offs.iter().enumerate() {
+                    flat_axpy(&mut acc, f, off, q[(o * g + j) * nt + t]);
+                }
+            }
+            for (row, arow) in gxplane.chunks_exact_mut(self.w).zip(acc.chunks_exact(wp)) {
+                for (a, b) in row.iter_mut().zip(arow) {
+                    *a += *b;
+                }
+            }
+        }
+    }
+
+    fn backward_weight_channel_s1<T: Real>(&self, o: usize, x: &[T], gy: &[T], gq_o: &mut [T]) {
+        let (nt, g, d, wp) = (self.nt(), self.g, self.dil, self.w + 2 * self.dil);
+        let grp = o / self.opg();
+        // gy on rows of the framed width, zeros in the frame columns.
+        let mut gyw = vec![T::zero(); self.h * wp];
+        for (row, src) in gyw
+            .chunks_exact_mut(wp)
+            .zip(gy[o * self.out_plane()..(o + 1) * self.out_plane()].chunks_exact(self.w))
+        {
+            row[..self.w].copy_from_slice(src);
+        }
+        let mut framed = Vec::new();
+        for j in 0..g {
+            let i = grp * g + j;
+            pad_plane(
+                &x[i * self.in_plane()..(i + 1) * self.in_plane()],
+                self.h,
+                self.w,
+                d,
+                &mut framed,
+            );
+            for (t, &(dy, dx)) in self.taps.iter().enumerate() {
+                let off = self.frame_offset(dy, dx);
+                gq_o[j * nt + t] += dot(&gyw, &framed[off..off + gyw.len()]);
+            }
+        }
+    }
+}
+
+/// A plane embedded in a zero frame of `d` pixels: (H + 2d) x (W + 2d), plus `2d` zeros of
+/// slack at the end so that every shifted flat read of an (H x (W + 2d)) window stays inside.
+fn pad_plane<T: Real>(plane: &[T], h: usize, w: usize, d: usize, out: &mut Vec<T>) {
+    let wp = w + 2 * d;
+    out.clear();
+    out.resize((h + 2 * d) * wp + 2 * d, T::zero());
+    for y in 0..h {
+        out[(y + d) * wp + d..(y + d) * wp + d + w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+    }
+}
+
+/// acc[k] += wt · src[k + off] over the whole accumulator: one vectorised pass per tap.
+#[inline]
+fn flat_axpy<T: Real>(acc: &mut [T], src: &[T], off: usize, wt: T) {
+    let n = acc.len();
+    for (a, b) in acc.iter_mut().zip(&src[off..off + n]) {
+        *a += wt * *b;
     }
 }
 
