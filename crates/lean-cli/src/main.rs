@@ -7,6 +7,7 @@
 mod bench_models;
 mod bench_ops;
 mod data_cmd;
+mod export_cmd;
 mod model_args;
 mod models_cmd;
 mod output;
@@ -36,8 +37,10 @@ enum Command {
     Predict(models_cmd::PredictArgs),
     /// Train a model (timm-style flags); writes a run folder with checkpoints and summary.csv.
     Train(train_cmd::TrainArgs),
-    /// Evaluate a checkpoint or weights file: top-1, top-5, loss.
+    /// Evaluate a checkpoint, weights file, exported folder or hub model: top-1, top-5, loss.
     Eval(train_cmd::EvalArgs),
+    /// Export a run as a hub-ready folder: model.safetensors, config.json, README.md.
+    Export(export_cmd::ExportArgs),
     /// Data sets: `lean data info DATASET`, `lean data bench DATASET`.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -58,6 +61,7 @@ fn main() {
         Command::Data(cmd) => data_cmd::run(&cmd),
         Command::Train(args) => train_cmd::run_train(&args),
         Command::Eval(args) => train_cmd::run_eval(&args),
+        Command::Export(args) => export_cmd::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -181,9 +181,13 @@ pub struct EvalArgs {
     /// A run folder or checkpoint file of `lean train`.
     #[arg(long, conflicts_with = "weights")]
     checkpoint: Option<PathBuf>,
-    /// A weights file (safetensors, torchvision names).
-    #[arg(long)]
+    /// A weights file (safetensors, torchvision names; needs --model and --dataset) or a folder
+    /// made by `lean export`.
+    #[arg(long, conflicts_with = "pretrained")]
     weights: Option<PathBuf>,
+    /// A model exported by `lean export` on the Hugging Face Hub: hf-hub:ORG/REPO.
+    #[arg(long)]
+    pretrained: Option<String>,
     /// Data set (default: the checkpoint's).
     #[arg(long)]
     dataset: Option<String>,
@@ -207,7 +211,21 @@ pub struct EvalArgs {
 /// Entry point of `lean eval`.
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
+    let exported = match (&a.pretrained, &a.weights) {
+        (Some(p), _) => Some(crate::export_cmd::fetch_pretrained(p)?),
+        (None, Some(w)) if w.is_dir() => Some(w.clone()),
+        _ => None,
+    };
     let (model, model_name, dataset) = match (&a.checkpoint, &a.weights) {
+        _ if exported.is_some() => {
+            let dir = exported.expect("checked");
+            let (cfg, m) = crate::export_cmd::load_exported(&dir, &device)?;
+            (
+                m,
+                cfg.model.name.clone(),
+                a.dataset.clone().unwrap_or(cfg.dataset.clone()),
+            )
+        }
         (Some(ck), _) => {
             let (m, st) = load_checkpoint_model(ck, &device)
                 .with_context(|| format!("cannot load checkpoint {}", ck.display()))?;
@@ -236,7 +254,9 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
                 .with_context(|| format!("weights {} do not fit {name}", w.display()))?;
             (m, name, dataset)
         }
-        (None, None) => bail!("give --checkpoint RUN_OR_FILE or --weights FILE"),
+        (None, None) => {
+            bail!("give --checkpoint RUN_OR_FILE, --weights FILE_OR_EXPORTED_DIR or --pretrained hf-hub:ORG/REPO")
+        }
     };
     let ds = open_limited(&dataset, &a.data_dir, Split::Test, a.limit_val)?;
     let pipe = eval_pipeline(&dataset, ds.as_ref(), &model_name)?;

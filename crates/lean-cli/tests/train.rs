@@ -21,7 +21,20 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 const ARGS: [&str; 14] = [
-    "train", "--model", "lean_resnet20", "--epochs", "3", "--limit-train", "384", "--limit-val", "128", "--batch-size", "64", "--seed", "7", "--warmup-epochs=0.5",
+    "train",
+    "--model",
+    "lean_resnet20",
+    "--epochs",
+    "3",
+    "--limit-train",
+    "384",
+    "--limit-val",
+    "128",
+    "--batch-size",
+    "64",
+    "--seed",
+    "7",
+    "--warmup-epochs=0.5",
 ];
 
 fn run_ok(c: &mut Command) -> String {
@@ -51,11 +64,20 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert!(a.join("args.json").is_file() && a.join("best.safetensors").is_file());
 
     // Start the same run, kill it once its first checkpoint exists (it is then in epoch 2).
-    let mut child = lean().args(ARGS).args(["--output", b.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = lean()
+        .args(ARGS)
+        .args(["--output", b.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !b.join("last.safetensors").is_file() {
         assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
@@ -63,14 +85,31 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     let before = std::fs::read_to_string(b.join("summary.csv")).unwrap();
     assert_eq!(before.lines().count(), 2, "killed during epoch 2: {before}");
     run_ok(lean().args(["train", "--resume", b.to_str().unwrap(), "--epochs", "3"]));
-    assert_eq!(model_tensors(&a.join("last.safetensors")), model_tensors(&b.join("last.safetensors")));
-    assert_eq!(std::fs::read_to_string(b.join("summary.csv")).unwrap().lines().count(), 4);
+    assert_eq!(
+        model_tensors(&a.join("last.safetensors")),
+        model_tensors(&b.join("last.safetensors"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.join("summary.csv")).unwrap().lines().count(),
+        4
+    );
 
     // Evaluating the checkpoint reproduces the last epoch's top-1.
-    let out = run_ok(lean().args(["eval", "--checkpoint", a.to_str().unwrap(), "--limit-val", "128", "--format", "json"]));
+    let out = run_ok(lean().args([
+        "eval",
+        "--checkpoint",
+        a.to_str().unwrap(),
+        "--limit-val",
+        "128",
+        "--format",
+        "json",
+    ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let last: Vec<String> = csv.lines().last().unwrap().split(',').map(String::from).collect();
-    assert!((v["top1"].as_f64().unwrap() - last[3].parse::<f64>().unwrap()).abs() < 1e-3, "{v} vs {last:?}");
+    assert!(
+        (v["top1"].as_f64().unwrap() - last[3].parse::<f64>().unwrap()).abs() < 1e-3,
+        "{v} vs {last:?}"
+    );
     assert_eq!(v["samples"], 128);
 }
 
@@ -83,10 +122,27 @@ fn bad_training_input_fails_clearly() {
         assert!(err.contains(needle), "{args:?}: {err}");
     };
     fail(&["train", "--model", "resnet19", "--epochs", "1"], "unknown model");
-    fail(&["train", "--dataset", "cifar10", "--data-dir", "/nonexistent", "--epochs", "1"], "cargo xtask fetch-data cifar10");
+    fail(
+        &[
+            "train",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            "/nonexistent",
+            "--epochs",
+            "1",
+        ],
+        "cargo xtask fetch-data cifar10",
+    );
     fail(&["train", "--opt", "lamb", "--epochs", "1"], "unknown optimizer `lamb`");
-    fail(&["train", "--sched", "poly", "--epochs", "1"], "unknown schedule `poly`");
-    fail(&["train", "--resume", "/nonexistent/last.safetensors"], "/nonexistent/last.safetensors");
+    fail(
+        &["train", "--sched", "poly", "--epochs", "1"],
+        "unknown schedule `poly`",
+    );
+    fail(
+        &["train", "--resume", "/nonexistent/last.safetensors"],
+        "/nonexistent/last.safetensors",
+    );
     let junk = tmp("junk");
     std::fs::create_dir_all(&junk).unwrap();
     std::fs::write(junk.join("last.safetensors"), b"not a checkpoint").unwrap();
