@@ -11,6 +11,7 @@ mod export_cmd;
 mod model_args;
 mod models_cmd;
 mod output;
+mod plot;
 mod train_cmd;
 
 use anyhow::Result;

@@ -8,12 +8,13 @@ use candle_nn::VarBuilder;
 use clap::Args;
 use lean_data::{LoaderConfig, Split};
 use lean_train::{
-    eval_pipeline, evaluate, load_checkpoint_model, open_limited, parse_device, train, ModelSpec, TrainConfig,
+    eval_pipeline, evaluate, load_checkpoint_model, open_limited, parse_device, train_with, EpochRow, ModelSpec,
+    TrainConfig,
 };
 use std::path::PathBuf;
 
 /// Arguments of `lean train` (names follow timm's train.py).
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Model name (`lean models` lists them); default lean_resnet20.
     #[arg(long, default_value = "lean_resnet20")]
@@ -150,10 +151,26 @@ impl TrainArgs {
     }
 }
 
+/// Writes `training_curves.png` into the run folder (a failed plot is logged, not fatal).
+pub fn draw_curves(dir: &std::path::Path, h: &[EpochRow]) -> lean_train::Result<()> {
+    let col = |f: fn(&EpochRow) -> f64| h.iter().map(f).collect::<Vec<f64>>();
+    let r = crate::plot::training_curves(
+        &dir.join("training_curves.png"),
+        &col(|r| r.epoch as f64),
+        &col(|r| r.train_loss),
+        &col(|r| r.eval_loss),
+        &col(|r| r.eval_top1),
+    );
+    if let Err(e) = r {
+        tracing::warn!("could not draw the training curves: {e:#}");
+    }
+    Ok(())
+}
+
 /// Entry point of `lean train`.
 pub fn run_train(a: &TrainArgs) -> Result<()> {
     let cfg = a.config()?;
-    let s = train(&cfg, a.resume.as_deref())?;
+    let s = train_with(&cfg, a.resume.as_deref(), &mut draw_curves)?;
     let last = s
         .history
         .last()

@@ -463,6 +463,16 @@ pub fn checkpoint_path(p: &Path) -> PathBuf {
 
 /// Trains as configured, or continues the run of checkpoint `resume` (a run folder or file).
 pub fn train(cfg: &TrainConfig, resume: Option<&Path>) -> Result<RunSummary> {
+    train_with(cfg, resume, &mut |_, _| Ok(()))
+}
+
+/// [`train`], calling `on_epoch(run_dir, history)` after each epoch's checkpoint is written
+/// (e.g. to draw the training curves).
+pub fn train_with(
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    on_epoch: &mut dyn FnMut(&Path, &[EpochRow]) -> Result<()>,
+) -> Result<RunSummary> {
     let (cfg, state, run_dir) = match resume {
         Some(p) => {
             let path = checkpoint_path(p);
@@ -641,6 +651,7 @@ pub fn train(cfg: &TrainConfig, resume: Option<&Path>) -> Result<RunSummary> {
         if improved {
             save_checkpoint(&run_dir.join("best.safetensors"), &varmap, &opt.state(), &st)?;
         }
+        on_epoch(&run_dir, &history)?;
     }
     Ok(RunSummary {
         run_dir,

@@ -1,0 +1,128 @@
+//! PNG charts (plotters, with an embedded DejaVu Sans so that no system font is needed).
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::Once;
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        let bytes: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
+        // The embedded font is a valid TrueType file; a failure would only lose the labels.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
+    });
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("plot: {e:?}")
+}
+
+/// Training curves of a run: losses and top-1 against the epoch, written to `path`.
+pub fn training_curves(path: &Path, epochs: &[f64], train_loss: &[f64], eval_loss: &[f64], top1: &[f64]) -> Result<()> {
+    register_font();
+    let tmp = path.with_extension("partial.png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let (left, right) = root.split_horizontally(450);
+        let xmax = epochs.last().copied().unwrap_or(1.0).max(1.0);
+        let lmax = train_loss.iter().chain(eval_loss).copied().fold(0.0, f64::max) * 1.1 + 1e-9;
+        let mut c = ChartBuilder::on(&left)
+            .caption("loss", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.0..xmax, 0.0..lmax)
+            .map_err(err)?;
+        c.configure_mesh().x_desc("epoch").draw().map_err(err)?;
+        for (series, color, name) in [(train_loss, &BLUE, "train"), (eval_loss, &RED, "eval")] {
+            c.draw_series(LineSeries::new(
+                epochs.iter().copied().zip(series.iter().copied()),
+                color,
+            ))
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+        }
+        c.configure_series_labels()
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        let lo = top1.iter().copied().fold(100.0, f64::min).min(90.0).floor();
+        let mut c = ChartBuilder::on(&right)
+            .caption("eval top-1 (%)", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.0..xmax, lo..100.0)
+            .map_err(err)?;
+        c.configure_mesh().x_desc("epoch").draw().map_err(err)?;
+        c.draw_series(LineSeries::new(
+            epochs.iter().copied().zip(top1.iter().copied()),
+            &GREEN,
+        ))
+        .map_err(err)?;
+        c.draw_series(
+            epochs
+                .iter()
+                .zip(top1)
+                .map(|(x, y)| Circle::new((*x, *y), 3, GREEN.filled())),
+        )
+        .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// One labelled point of a scatter plot.
+pub struct Point {
+    /// Label.
+    pub label: String,
+    /// x (MACs, millions).
+    pub x: f64,
+    /// y (accuracy, %).
+    pub y: f64,
+    /// Series index (colour).
+    pub series: usize,
+}
+
+/// A labelled scatter plot (accuracy against MACs), written to `path`.
+pub fn scatter(path: &Path, title: &str, xdesc: &str, ydesc: &str, points: &[Point]) -> Result<()> {
+    register_font();
+    let tmp = path.with_extension("partial.png");
+    {
+        let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let xmax = points.iter().map(|p| p.x).fold(0.0, f64::max) * 1.25 + 1e-9;
+        let ymin = points.iter().map(|p| p.y).fold(100.0, f64::min);
+        let ymax = points.iter().map(|p| p.y).fold(0.0, f64::max);
+        let pad = ((ymax - ymin) * 0.2).max(1.0);
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..xmax, (ymin - pad).max(0.0)..(ymax + pad).min(100.0))
+            .map_err(err)?;
+        c.configure_mesh().x_desc(xdesc).y_desc(ydesc).draw().map_err(err)?;
+        let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        for p in points {
+            let col = palette[p.series % palette.len()];
+            c.draw_series(std::iter::once(Circle::new((p.x, p.y), 5, col.filled())))
+                .map_err(err)?;
+            c.draw_series(std::iter::once(Text::new(
+                p.label.clone(),
+                (p.x, p.y),
+                ("sans-serif", 13).into_font().color(&col),
+            )))
+            .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
