@@ -6,6 +6,7 @@
 
 mod bench_models;
 mod bench_ops;
+mod compare_cmd;
 mod data_cmd;
 mod export_cmd;
 mod model_args;
@@ -40,6 +41,9 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Evaluate a checkpoint, weights file, exported folder or hub model: top-1, top-5, loss.
     Eval(train_cmd::EvalArgs),
+    /// Train a dense ResNet, its lean versions, MobileNetV2 and ShuffleNetV2 with one recipe and
+    /// print the table: params, MACs, latency, training throughput, top-1 (+ CSV, markdown, PNG).
+    Compare(compare_cmd::CompareArgs),
     /// Export a run as a hub-ready folder: model.safetensors, config.json, README.md.
     Export(export_cmd::ExportArgs),
     /// Data sets: `lean data info DATASET`, `lean data bench DATASET`.
@@ -63,6 +67,7 @@ fn main() {
         Command::Train(args) => train_cmd::run_train(&args),
         Command::Eval(args) => train_cmd::run_eval(&args),
         Command::Export(args) => export_cmd::run(&args),
+        Command::Compare(args) => compare_cmd::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -46,6 +46,7 @@ impl ModelArgs {
             group_size: self.group_size,
             dense_downsample: self.dense_downsample.then_some(true),
             dilate_last: None,
+            features_only: false,
         })
     }
 }

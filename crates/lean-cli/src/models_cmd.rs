@@ -173,7 +173,8 @@ pub struct PredictArgs {
     /// Model name.
     #[arg(long)]
     model: String,
-    /// Weights (safetensors, torchvision names).
+    /// Weights (safetensors, torchvision names) or a folder made by `lean export` (its
+    /// config.json then gives the model, normalisation and class names).
     #[arg(long)]
     weights: PathBuf,
     /// Input tensor file: its tensor `input` (N, C, H, W) is used.
@@ -215,15 +216,26 @@ fn load_image(path: &PathBuf, [c, h, w]: [usize; 3], mean: [f32; 3], std: [f32; 
 /// Entry point of `lean predict`.
 pub fn predict(args: &PredictArgs) -> Result<()> {
     let info = describe(&args.model)?;
-    if !args.weights.is_file() {
-        bail!("weights file {} does not exist", args.weights.display());
-    }
-    // SAFETY: the weights file is mapped read-only for the life of this command; a concurrent
-    // writer could change it, as with any memory-mapped read.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&args.weights], DType::F32, &Device::Cpu) }
-        .with_context(|| format!("cannot load weights {}", args.weights.display()))?;
-    let model = create_model(&args.model, &args.opts.options()?, vb)
-        .with_context(|| format!("weights {} do not fit model {}", args.weights.display(), args.model))?;
+    let mut info = info;
+    let mut labels: Vec<String> = vec![];
+    let model = if args.weights.is_dir() {
+        // An exported folder: its config gives the model, normalisation and class names.
+        let (cfg, m) = crate::export_cmd::load_exported(&args.weights, &Device::Cpu)?;
+        info = describe(&cfg.model.name)?;
+        (info.input_size, info.mean, info.std) = (cfg.input_size, pad3(&cfg.mean), pad3(&cfg.std));
+        labels = cfg.label_names;
+        m
+    } else {
+        if !args.weights.is_file() {
+            bail!("weights file {} does not exist", args.weights.display());
+        }
+        // SAFETY: the weights file is mapped read-only for the life of this command; a concurrent
+        // writer could change it, as with any memory-mapped read.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&args.weights], DType::F32, &Device::Cpu) }
+            .with_context(|| format!("cannot load weights {}", args.weights.display()))?;
+        create_model(&args.model, &args.opts.options()?, vb)
+            .with_context(|| format!("weights {} do not fit model {}", args.weights.display(), args.model))?
+    };
     if let Some(t) = &args.tensor {
         let tensors =
             candle_core::safetensors::load(t, &Device::Cpu).with_context(|| format!("cannot read {}", t.display()))?;
@@ -241,7 +253,7 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
                 std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
                 println!("wrote logits to {}", out.display());
             }
-            None => print_topk(&logits, args.topk, &[t.display().to_string()])?,
+            None => print_topk(&logits, args.topk, &[t.display().to_string()], &labels)?,
         }
         return Ok(());
     }
@@ -249,7 +261,12 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
         bail!("give --tensor FILE or one or more image files");
     }
     let mut size = info.input_size;
-    size[0] = args.opts.in_channels.unwrap_or(size[0]);
+    if !args.weights.is_dir() {
+        size[0] = args.opts.in_channels.unwrap_or(size[0]);
+    }
+    if model.is_segmentation() {
+        return predict_masks(model.as_ref(), &args.images, size[0], &info);
+    }
     let batch: Vec<Tensor> = args
         .images
         .iter()
@@ -257,10 +274,66 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     let logits = model.forward_t(&Tensor::cat(&batch, 0)?, false)?;
     let names: Vec<String> = args.images.iter().map(|p| p.display().to_string()).collect();
-    print_topk(&logits, args.topk, &names)
+    print_topk(&logits, args.topk, &names, &labels)
 }
 
-fn print_topk(logits: &Tensor, k: usize, names: &[String]) -> Result<()> {
+/// A per-channel constant for 1 or 3 channels.
+fn pad3(v: &[f32]) -> [f32; 3] {
+    [v[0], v[1 % v.len()], v[2 % v.len()]]
+}
+
+/// A distinct colour per class (class 0, the background, black).
+fn class_colour(c: u32) -> [u8; 3] {
+    if c == 0 {
+        return [0, 0, 0];
+    }
+    let h = (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    [(h >> 56) as u8 | 0x40, (h >> 48) as u8 | 0x40, (h >> 40) as u8 | 0x40]
+}
+
+/// Segmentation: for each image writes `<stem>.mask.png` (colourised classes) and
+/// `<stem>.overlay.png` (the mask blended over the image) beside it.
+fn predict_masks(model: &dyn Model, images: &[PathBuf], channels: usize, info: &lean_models::ModelInfo) -> Result<()> {
+    for path in images {
+        let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let x = load_image(path, [channels, h, w], info.mean, info.std)?;
+        let pred = model.forward_t(&x, false)?.argmax(1)?.flatten_all()?.to_vec1::<u32>()?;
+        let mut mask = image::RgbImage::new(w as u32, h as u32);
+        let mut overlay = img.to_rgb8();
+        for (i, c) in pred.iter().enumerate() {
+            let (px, py) = ((i % w) as u32, (i / w) as u32);
+            let col = class_colour(*c);
+            mask.put_pixel(px, py, image::Rgb(col));
+            if *c != 0 {
+                let o = overlay.get_pixel_mut(px, py);
+                for k in 0..3 {
+                    o.0[k] = ((o.0[k] as u16 + col[k] as u16) / 2) as u8;
+                }
+            }
+        }
+        let stem = path.with_extension("");
+        let (mp, op) = (stem.with_extension("mask.png"), stem.with_extension("overlay.png"));
+        mask.save(&mp)
+            .with_context(|| format!("cannot write {}", mp.display()))?;
+        overlay
+            .save(&op)
+            .with_context(|| format!("cannot write {}", op.display()))?;
+        let mut counts = std::collections::BTreeMap::new();
+        for c in &pred {
+            *counts.entry(*c).or_insert(0usize) += 1;
+        }
+        println!(
+            "{}: wrote {} and {} (pixels per class {counts:?})",
+            path.display(),
+            mp.display(),
+            op.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_topk(logits: &Tensor, k: usize, names: &[String], labels: &[String]) -> Result<()> {
     let probs = candle_nn::ops::softmax(logits, 1)?.to_vec2::<f32>()?;
     for (i, p) in probs.iter().enumerate() {
         let mut idx: Vec<usize> = (0..p.len()).collect();
@@ -269,7 +342,10 @@ fn print_topk(logits: &Tensor, k: usize, names: &[String]) -> Result<()> {
         let top: Vec<String> = idx
             .iter()
             .take(k)
-            .map(|&c| format!("class {c} ({:.1}%)", 100.0 * p[c]))
+            .map(|&c| match labels.get(c) {
+                Some(l) => format!("{l} ({:.1}%)", 100.0 * p[c]),
+                None => format!("class {c} ({:.1}%)", 100.0 * p[c]),
+            })
             .collect();
         println!("{name}[{i}]: {}", top.join(", "));
     }

@@ -175,15 +175,25 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         .history
         .last()
         .context("no epoch was run (is --epochs past the checkpoint's?)")?;
-    println!(
-        "{}: epoch {} top-1 {:.2}% top-5 {:.2}% (best top-1 {:.2}%), run folder {}",
-        cfg.model.name,
-        last.epoch,
-        last.eval_top1,
-        last.eval_top5,
-        s.best_top1,
-        s.run_dir.display()
-    );
+    match last.eval_miou {
+        Some(miou) => println!(
+            "{}: epoch {} mIoU {miou:.2}% pixel accuracy {:.2}% (best mIoU {:.2}%), run folder {}",
+            cfg.model.name,
+            last.epoch,
+            last.eval_pixel_acc.unwrap_or(0.0),
+            s.best_top1,
+            s.run_dir.display()
+        ),
+        None => println!(
+            "{}: epoch {} top-1 {:.2}% top-5 {:.2}% (best top-1 {:.2}%), run folder {}",
+            cfg.model.name,
+            last.epoch,
+            last.eval_top1,
+            last.eval_top5,
+            s.best_top1,
+            s.run_dir.display()
+        ),
+    }
     Ok(())
 }
 
@@ -286,6 +296,37 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     };
     let loader = lean_data::Loader::new(ds, pipe, cfg, device)?;
     let r = evaluate(model.as_ref(), &loader)?;
+    if let (Some(miou), Some(pacc), Some(iou)) = (r.miou, r.pixel_acc, &r.iou) {
+        let names = lean_train::open_limited(&dataset, &a.data_dir, Split::Test, Some(1))?
+            .classes()
+            .to_vec();
+        match a.format {
+            Format::Json => {
+                let per_class: serde_json::Map<String, serde_json::Value> = names
+                    .iter()
+                    .zip(iou)
+                    .map(|(n, v)| (n.clone(), serde_json::json!(v)))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"model": model_name, "dataset": dataset, "miou": miou, "pixel_acc": pacc, "loss": r.loss, "samples": r.samples, "iou": per_class})
+                );
+            }
+            Format::Table => {
+                let rows: Vec<Vec<String>> = names
+                    .iter()
+                    .zip(iou)
+                    .map(|(n, v)| vec![n.clone(), v.map_or("absent".into(), |x| format!("{x:.2}"))])
+                    .collect();
+                println!("{}", table(&["class", "IoU (%)"], &rows));
+                println!(
+                    "\n{model_name} on {dataset} ({} images): mIoU {miou:.2}%, pixel accuracy {pacc:.2}%, loss {:.4}",
+                    r.samples, r.loss
+                );
+            }
+        }
+        return Ok(());
+    }
     match a.format {
         Format::Json => println!(
             "{}",

@@ -109,7 +109,12 @@ impl Conv {
                 group_size,
                 dense_downsample,
             } if !(dense_downsample && stride > 1) => {
-                let g = group_size.min(cin);
+                // The smallest group size >= the requested one that fits Cin and Cout (a
+                // channel-reducing lean conv needs g > 1: Cout must be a multiple of Cin / g).
+                let mut g = group_size.clamp(1, cin);
+                while cin % g != 0 || cout % (cin / g) != 0 {
+                    g += 1;
+                }
                 let cfg = LeanConv2dConfig::new(cin, cout)
                     .stencil(stencil)
                     .group_size(g)

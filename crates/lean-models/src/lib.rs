@@ -28,6 +28,7 @@ mod mobilenet_v2;
 mod model;
 mod registry;
 mod resnet;
+mod segment;
 mod shufflenet_v2;
 
 pub use error::{Error, Result};
@@ -36,4 +37,5 @@ pub use mobilenet_v2::{make_divisible, MobileNetV2, MobileNetV2Config};
 pub use model::Model;
 pub use registry::{create_model, describe, list_models, model_names, Family, ModelInfo, ModelOptions};
 pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
+pub use segment::{SegDecoderConfig, SegHead, SegmentationModel};
 pub use shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};

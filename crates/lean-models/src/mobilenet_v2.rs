@@ -20,6 +20,8 @@ pub struct MobileNetV2Config {
     pub in_channels: usize,
     /// Classes.
     pub num_classes: usize,
+    /// Build only the feature extractor (no last 1x1 conv, pooling or classifier).
+    pub features_only: bool,
 }
 
 impl Default for MobileNetV2Config {
@@ -30,6 +32,7 @@ impl Default for MobileNetV2Config {
             dropout: 0.2,
             in_channels: 3,
             num_classes: 1000,
+            features_only: false,
         }
     }
 }
@@ -115,8 +118,7 @@ pub struct MobileNetV2 {
     /// Index (into `blocks`) of the last block of each output stride, for features.
     stage_ends: Vec<usize>,
     stage_channels: Vec<usize>,
-    head: ConvBnAct,
-    classifier: Classifier,
+    head: Option<(ConvBnAct, Classifier)>,
     cfg: MobileNetV2Config,
 }
 
@@ -164,21 +166,27 @@ impl MobileNetV2 {
                 stage_channels.push(oup);
             }
         }
-        let head_vb = fvb.pp((blocks.len() + 1).to_string());
-        let head = ConvBnAct::sequential(
-            |v| Conv::dense(inp, last, 1, 1, 1, v),
-            last,
-            Activation::Relu6,
-            &head_vb,
-        )?;
-        let classifier = Classifier::new(last, cfg.num_classes, vb.pp("classifier").pp("1"))?;
+        let head = if cfg.features_only {
+            None
+        } else {
+            let head_vb = fvb.pp((blocks.len() + 1).to_string());
+            let conv = ConvBnAct::sequential(
+                |v| Conv::dense(inp, last, 1, 1, 1, v),
+                last,
+                Activation::Relu6,
+                &head_vb,
+            )?;
+            Some((
+                conv,
+                Classifier::new(last, cfg.num_classes, vb.pp("classifier").pp("1"))?,
+            ))
+        };
         Ok(MobileNetV2 {
             stem,
             blocks,
             stage_ends,
             stage_channels,
             head,
-            classifier,
             cfg: cfg.clone(),
         })
     }
@@ -191,7 +199,7 @@ impl MobileNetV2 {
     fn all_layers_mut(&mut self) -> impl Iterator<Item = &mut ConvBnAct> {
         std::iter::once(&mut self.stem)
             .chain(self.blocks.iter_mut().flat_map(|b| b.layers.iter_mut()))
-            .chain(std::iter::once(&mut self.head))
+            .chain(self.head.iter_mut().map(|(c, _)| c))
     }
 }
 
@@ -201,11 +209,12 @@ impl Model for MobileNetV2 {
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
-        h = global_avg_pool2d(&self.head.forward_t(&h, train)?)?;
+        let (conv, classifier) = crate::model::head(&self.head)?;
+        h = global_avg_pool2d(&conv.forward_t(&h, train)?)?;
         if train && self.cfg.dropout > 0.0 {
             h = lean_ops::random::dropout(&h, self.cfg.dropout)?;
         }
-        self.classifier.forward(&h)
+        classifier.forward(&h)
     }
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
@@ -224,6 +233,20 @@ impl Model for MobileNetV2 {
         self.stage_channels.clone()
     }
 
+    fn trace_features(&self, input: &[usize], t: &mut Trace) -> Result<Vec<Vec<usize>>> {
+        let mut s = self.stem.trace(t, input)?;
+        let mut out = vec![];
+        for (i, b) in self.blocks.iter().enumerate() {
+            for l in &b.layers {
+                s = l.trace(t, &s)?;
+            }
+            if self.stage_ends.contains(&i) {
+                out.push(s.clone());
+            }
+        }
+        Ok(out)
+    }
+
     fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
         let mut s = self.stem.trace(t, input)?;
         for b in &self.blocks {
@@ -231,9 +254,14 @@ impl Model for MobileNetV2 {
                 s = l.trace(t, &s)?;
             }
         }
-        s = self.head.trace(t, &s)?;
-        s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
-        self.classifier.trace(t, &s)
+        match &self.head {
+            Some((conv, classifier)) => {
+                s = conv.trace(t, &s)?;
+                s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
+                classifier.trace(t, &s)
+            }
+            None => Ok(s),
+        }
     }
 
     fn fold_batchnorm(&mut self) -> Result<()> {
@@ -241,12 +269,18 @@ impl Model for MobileNetV2 {
     }
 
     fn reset_classifier(&mut self, num_classes: usize, vb: VarBuilder) -> Result<()> {
-        self.classifier = Classifier::new(self.classifier.in_features(), num_classes, vb)?;
+        let Some((_, classifier)) = &mut self.head else {
+            return Err(crate::Error::Config {
+                model: "mobilenet_v2".into(),
+                msg: "built features-only: no classifier to replace".into(),
+            });
+        };
+        *classifier = Classifier::new(classifier.in_features(), num_classes, vb)?;
         self.cfg.num_classes = num_classes;
         Ok(())
     }
 
     fn num_classes(&self) -> usize {
-        self.classifier.out_features()
+        self.head.as_ref().map_or(0, |(_, c)| c.out_features())
     }
 }

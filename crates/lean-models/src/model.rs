@@ -8,7 +8,8 @@ use lean_ops::Cost;
 
 /// An image classification network.
 pub trait Model: Send + Sync + std::fmt::Debug {
-    /// Logits (N, num_classes) of a batch (N, C, H, W), in train or eval mode.
+    /// Logits (N, num_classes) of a batch (N, C, H, W), in train or eval mode; (N, K, H, W) for
+    /// segmentation models.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
 
     /// The outputs of the network's stages, shallow to deep (for use as a backbone). With the
@@ -22,6 +23,15 @@ pub trait Model: Send + Sync + std::fmt::Debug {
 
     /// The per-layer table for an input of shape `input` (N, C, H, W).
     fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>>;
+
+    /// The rows of the feature extractor only; returns the shapes of
+    /// [`Model::forward_features`]' tensors.
+    fn trace_features(&self, input: &[usize], t: &mut Trace) -> Result<Vec<Vec<usize>>>;
+
+    /// Whether the output is per-pixel logits (N, K, H, W) (segmentation) rather than (N, K).
+    fn is_segmentation(&self) -> bool {
+        false
+    }
 
     /// Folds every BatchNorm into the convolution before it: the fused inference path (the
     /// model is for eval only afterwards).
@@ -47,4 +57,12 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         self.trace(input, &mut t)?;
         Ok(t.total())
     }
+}
+
+/// The classifier head of a model, or an error for a features-only backbone.
+pub(crate) fn head<T>(h: &Option<T>) -> Result<&T> {
+    h.as_ref().ok_or_else(|| crate::Error::Config {
+        model: "backbone".into(),
+        msg: "built features-only (as a backbone): it has no classifier; use forward_features".into(),
+    })
 }

@@ -53,6 +53,8 @@ pub struct ModelInfo {
     pub std: [f32; 3],
     /// Default number of classes.
     pub num_classes: usize,
+    /// Whether it is a segmentation model (per-pixel logits).
+    pub segmentation: bool,
 }
 
 /// Options that override a model's defaults; `None` keeps the default.
@@ -72,6 +74,8 @@ pub struct ModelOptions {
     pub dense_downsample: Option<bool>,
     /// ResNets: how many of the last stages are dilated instead of strided (0-2).
     pub dilate_last: Option<usize>,
+    /// Build the feature extractor only (a backbone: no classifier).
+    pub features_only: bool,
 }
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -99,7 +103,46 @@ pub fn model_names() -> Vec<String> {
         v.push(format!("shufflenet_v2_{w}"));
         v.push(format!("shufflenet_v2_{w}_cifar"));
     }
+    for head in ["fpn", "deeplabv3"] {
+        for bb in SEG_BACKBONES {
+            v.push(format!("{head}_{bb}"));
+            if !bb.starts_with("lean_") {
+                v.push(format!("lean_{head}_{bb}"));
+            }
+        }
+    }
     v
+}
+
+/// Backbones registered with segmentation heads (any ResNet or MobileNetV2 name works).
+const SEG_BACKBONES: [&str; 8] = [
+    "resnet18",
+    "lean_resnet18",
+    "resnet18_cifar",
+    "lean_resnet18_cifar",
+    "resnet20",
+    "lean_resnet20",
+    "mobilenet_v2",
+    "mobilenet_v2_cifar",
+];
+
+/// A segmentation name: (head, lean decoder, backbone name).
+fn parse_seg(arch: &str) -> Option<(crate::segment::SegHead, bool, String)> {
+    let (lean_dec, rest) = match arch.strip_prefix("lean_") {
+        Some(r) => (true, r),
+        None => (false, arch),
+    };
+    let (head, bb) = if let Some(b) = rest.strip_prefix("fpn_") {
+        (crate::segment::SegHead::Fpn, b)
+    } else if let Some(b) = rest.strip_prefix("deeplabv3_") {
+        (crate::segment::SegHead::Aspp, b)
+    } else {
+        return None;
+    };
+    match parse_arch(bb)? {
+        (Arch::ResNet(_) | Arch::MobileNetV2(_), bb_lean, _) => Some((head, lean_dec || bb_lean, bb.to_string())),
+        _ => None,
+    }
 }
 
 /// Shell-style match with `*` and `?`.
@@ -267,6 +310,25 @@ fn apply_tag(name: &str, tag: &str, kind: &mut Conv3x3Kind) -> Result<()> {
 /// Describes `name` (`arch` or `arch.tag`).
 pub fn describe(name: &str) -> Result<ModelInfo> {
     let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
+    if let Some((_, lean_dec, bb)) = parse_seg(arch) {
+        if !tag.is_empty() && !lean_dec {
+            return Err(Error::Config {
+                model: name.into(),
+                msg: format!("tag `{tag}`: only lean models take tags"),
+            });
+        }
+        let b = describe(&bb)?;
+        let small = b.input_size[1] == 32;
+        return Ok(ModelInfo {
+            name: name.to_string(),
+            family: b.family,
+            input_size: if small { [3, 64, 64] } else { [3, 512, 512] },
+            mean: b.mean,
+            std: b.std,
+            num_classes: if small { 11 } else { 21 },
+            segmentation: true,
+        });
+    }
     let (a, lean, small) = parse_arch(arch).ok_or_else(|| unknown(arch))?;
     if !tag.is_empty() {
         let mut k = Conv3x3Kind::lean();
@@ -298,12 +360,62 @@ pub fn describe(name: &str) -> Result<ModelInfo> {
         mean,
         std,
         num_classes,
+        segmentation: false,
     })
 }
 
 /// Builds `name` (`arch` or `arch.tag`) with `opts`, loading or creating its weights in `vb`.
 pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<Box<dyn Model>> {
     let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
+    if let Some((head, lean_dec, bb)) = parse_seg(arch) {
+        let info = describe(name)?;
+        let small = info.input_size[1] == 64;
+        let bb_lean = bb.starts_with("lean_");
+        let mut bopts = ModelOptions {
+            features_only: true,
+            num_classes: None,
+            width: opts.width,
+            in_channels: opts.in_channels,
+            ..Default::default()
+        };
+        if bb_lean {
+            (bopts.stencil, bopts.group_size, bopts.dense_downsample) =
+                (opts.stencil, opts.group_size, opts.dense_downsample);
+        }
+        // DeepLabV3 keeps the ImageNet-stem ResNets at output stride 8 with dilation.
+        if head == crate::segment::SegHead::Aspp && !small && bb.contains("resnet") {
+            bopts.dilate_last = Some(2);
+        }
+        let bb_name = if bb_lean && !tag.is_empty() {
+            format!("{bb}.{tag}")
+        } else {
+            bb.clone()
+        };
+        let backbone = create_model(&bb_name, &bopts, vb.pp("backbone"))?;
+        let mut conv = if lean_dec {
+            Conv3x3Kind::lean()
+        } else {
+            Conv3x3Kind::Dense
+        };
+        if !tag.is_empty() {
+            apply_tag(name, tag, &mut conv)?;
+        }
+        if let Conv3x3Kind::Lean {
+            stencil, group_size, ..
+        } = &mut conv
+        {
+            *stencil = opts.stencil.unwrap_or(*stencil);
+            *group_size = opts.group_size.unwrap_or(*group_size);
+        }
+        let cfg = crate::segment::SegDecoderConfig {
+            head,
+            channels: if small { 32 } else { 256 },
+            conv,
+            rates: if small { [2, 4, 6] } else { [6, 12, 18] },
+            num_classes: opts.num_classes.unwrap_or(info.num_classes),
+        };
+        return Ok(Box::new(crate::segment::SegmentationModel::new(backbone, &cfg, vb)?));
+    }
     let (a, lean, _) = parse_arch(arch).ok_or_else(|| unknown(arch))?;
     let bad = |msg: String| Error::Config {
         model: name.to_string(),
@@ -338,6 +450,7 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             }
             c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
             c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
+            c.features_only = opts.features_only;
             c.dilate_last = opts.dilate_last.unwrap_or(0);
             if c.dilate_last > 2 || c.dilate_last >= c.layers.len() {
                 return Err(bad(format!("dilate_last must be 0, 1 or 2, got {}", c.dilate_last)));
@@ -351,6 +464,7 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             c.width = opts.width.unwrap_or(c.width);
             c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
             c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
+            c.features_only = opts.features_only;
             Box::new(MobileNetV2::new(&c, vb)?)
         }
         Arch::ShuffleNetV2(mut c) => {

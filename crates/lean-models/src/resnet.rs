@@ -57,6 +57,8 @@ pub struct ResNetConfig {
     pub in_channels: usize,
     /// Classes.
     pub num_classes: usize,
+    /// Build only the feature extractor (no pooling and classifier): a backbone.
+    pub features_only: bool,
 }
 
 impl ResNetConfig {
@@ -79,6 +81,7 @@ impl ResNetConfig {
             dilate_last: 0,
             in_channels: 3,
             num_classes: 1000,
+            features_only: false,
         })
     }
 
@@ -98,6 +101,7 @@ impl ResNetConfig {
             dilate_last: 0,
             in_channels: 3,
             num_classes: 10,
+            features_only: false,
         })
     }
 }
@@ -206,7 +210,7 @@ impl Block {
 pub struct ResNet {
     stem: ConvBnAct,
     stages: Vec<Vec<Block>>,
-    fc: Classifier,
+    fc: Option<Classifier>,
     cfg: ResNetConfig,
 }
 
@@ -251,7 +255,11 @@ impl ResNet {
             }
             stages.push(blocks);
         }
-        let fc = Classifier::new(inplanes, cfg.num_classes, vb.pp("fc"))?;
+        let fc = if cfg.features_only {
+            None
+        } else {
+            Some(Classifier::new(inplanes, cfg.num_classes, vb.pp("fc"))?)
+        };
         Ok(ResNet {
             stem,
             stages,
@@ -278,7 +286,7 @@ impl Model for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let feats = self.forward_features(x, train)?;
         let last = feats.last().expect("a ResNet has stages");
-        self.fc.forward(&global_avg_pool2d(last)?)
+        crate::model::head(&self.fc)?.forward(&global_avg_pool2d(last)?)
     }
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
@@ -297,19 +305,32 @@ impl Model for ResNet {
         self.cfg.widths.iter().map(|w| w * self.cfg.block.expansion()).collect()
     }
 
-    fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
+    fn trace_features(&self, input: &[usize], t: &mut Trace) -> Result<Vec<Vec<usize>>> {
         let mut s = self.stem.trace(t, input)?;
         if self.cfg.stem == Stem::ImageNet {
             let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
             s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
         }
+        let mut out = vec![];
         for stage in &self.stages {
             for b in stage {
                 s = b.trace(t, &s)?;
             }
+            out.push(s.clone());
         }
-        s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
-        self.fc.trace(t, &s)
+        Ok(out)
+    }
+
+    fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
+        let feats = self.trace_features(input, t)?;
+        let s = feats.last().expect("stages");
+        match &self.fc {
+            Some(fc) => {
+                let s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
+                fc.trace(t, &s)
+            }
+            None => Ok(s.clone()),
+        }
     }
 
     fn fold_batchnorm(&mut self) -> Result<()> {
@@ -318,12 +339,13 @@ impl Model for ResNet {
     }
 
     fn reset_classifier(&mut self, num_classes: usize, vb: VarBuilder) -> Result<()> {
-        self.fc = Classifier::new(self.fc.in_features(), num_classes, vb)?;
+        let in_features = *self.feature_channels().last().expect("stages");
+        self.fc = Some(Classifier::new(in_features, num_classes, vb)?);
         self.cfg.num_classes = num_classes;
         Ok(())
     }
 
     fn num_classes(&self) -> usize {
-        self.fc.out_features()
+        self.fc.as_ref().map_or(0, |f| f.out_features())
     }
 }

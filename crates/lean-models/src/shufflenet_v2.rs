@@ -210,6 +210,22 @@ impl Model for ShuffleNetV2 {
         self.cfg.stages_out_channels[..4].to_vec()
     }
 
+    fn trace_features(&self, input: &[usize], t: &mut Trace) -> Result<Vec<Vec<usize>>> {
+        let mut s = self.conv1.trace(t, input)?;
+        if !self.cfg.small_stem {
+            let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
+            s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
+        }
+        let mut out = vec![s.clone()];
+        for stage in &self.stages {
+            for b in stage {
+                s = b.trace(t, &s)?;
+            }
+            out.push(s.clone());
+        }
+        Ok(out)
+    }
+
     fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
         let mut s = self.conv1.trace(t, input)?;
         if !self.cfg.small_stem {

@@ -200,3 +200,31 @@ fn bad_inputs_give_typed_errors_naming_the_op() {
         .to_string()
         .contains("unknown stencil `plus`"));
 }
+
+#[test]
+fn large_dilations_of_segmentation_heads_match_the_dense_oracle() {
+    // ASPP rates 2/4/6 (small images) on maps barely larger than the dilation.
+    for dil in [3, 4, 6] {
+        for stencil in [Stencil::Five, Stencil::Full] {
+            let cfg = LeanConv2dConfig::new(4, 8)
+                .stencil(stencil)
+                .group_size(2)
+                .dilation(dil)
+                .bias(true);
+            let [x, p, q, b] = case_inputs(&cfg, 2, 9, 7, DType::F64, dil as u64);
+            let vars: Vec<_> = [&x, &p, &q, &b].iter().map(|t| var(t)).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let fast = lean_conv2d(&ts[0], &ts[1], &ts[2], Some(&ts[3]), &cfg).unwrap();
+            let oracle = lean_conv2d_dense_oracle(&ts[0], &ts[1], &ts[2], &cfg)
+                .unwrap()
+                .broadcast_add(&ts[3].reshape((1, 8, 1, 1)).unwrap())
+                .unwrap();
+            assert_close(&fast, &oracle, 1e-10, &format!("dilation {dil} {stencil}"));
+            let r = rand(fast.dims(), 5, DType::F64);
+            let (gf, go) = (grads_of(&vars, &fast, &r), grads_of(&vars, &oracle, &r));
+            for k in 0..4 {
+                assert_close(&gf[k], &go[k], 1e-10, &format!("dilation {dil} {stencil} grad {k}"));
+            }
+        }
+    }
+}

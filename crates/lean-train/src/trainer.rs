@@ -51,6 +51,7 @@ impl ModelSpec {
             group_size: self.group_size,
             dense_downsample: self.dense_downsample,
             dilate_last: None,
+            features_only: false,
         })
     }
 
@@ -250,6 +251,19 @@ pub struct EpochRow {
     pub time_s: f64,
     /// Training throughput.
     pub train_images_per_sec: f64,
+    /// Segmentation: mean IoU over the classes present, percent.
+    #[serde(default)]
+    pub eval_miou: Option<f64>,
+    /// Segmentation: pixel accuracy, percent.
+    #[serde(default)]
+    pub eval_pixel_acc: Option<f64>,
+}
+
+impl EpochRow {
+    /// The metric that picks the best checkpoint: mIoU for segmentation, else top-1.
+    pub fn score(&self) -> f64 {
+        self.eval_miou.unwrap_or(self.eval_top1)
+    }
 }
 
 /// What a checkpoint stores besides tensors.
@@ -257,7 +271,7 @@ pub struct EpochRow {
 pub struct RunState {
     /// Completed epochs.
     pub epoch: usize,
-    /// Best top-1 so far.
+    /// Best score so far: top-1, or mIoU for segmentation.
     pub best_top1: f64,
     /// The run's configuration.
     pub config: TrainConfig,
@@ -276,6 +290,15 @@ pub struct EvalResult {
     pub top5: f64,
     /// Samples evaluated.
     pub samples: usize,
+    /// Segmentation: mean IoU over the classes present, percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub miou: Option<f64>,
+    /// Segmentation: pixel accuracy, percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pixel_acc: Option<f64>,
+    /// Segmentation: IoU of each class, percent (None: absent from truth and prediction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iou: Option<Vec<Option<f64>>>,
 }
 
 /// The first `n` samples of a data set.
@@ -358,8 +381,12 @@ fn train_pipeline(cfg: &TrainConfig, ds: &dyn Dataset) -> Result<Pipeline> {
     Ok(Pipeline(steps))
 }
 
-/// Evaluates `model` (eval mode) on every batch of `loader`.
+/// Evaluates `model` (eval mode) on every batch of `loader`: top-1/top-5 for classifiers,
+/// mIoU, per-class IoU and pixel accuracy for segmentation models.
 pub fn evaluate(model: &dyn Model, loader: &Loader) -> Result<EvalResult> {
+    if model.is_segmentation() {
+        return evaluate_segmentation(model, loader);
+    }
     let (mut loss, mut c1, mut c5, mut n) = (0.0, 0usize, 0usize, 0usize);
     let ce = CrossEntropyConfig {
         label_smoothing: 0.0,
@@ -383,7 +410,48 @@ pub fn evaluate(model: &dyn Model, loader: &Loader) -> Result<EvalResult> {
         top1: pct(c1),
         top5: pct(c5),
         samples: n,
+        miou: None,
+        pixel_acc: None,
+        iou: None,
     })
+}
+
+fn evaluate_segmentation(model: &dyn Model, loader: &Loader) -> Result<EvalResult> {
+    let ce = CrossEntropyConfig {
+        label_smoothing: 0.0,
+        ignore_index: Some(lean_data::IGNORE_INDEX as i64),
+    };
+    let mut conf = crate::metrics::Confusion::new(model.num_classes());
+    let (mut loss, mut n) = (0.0, 0usize);
+    for batch in loader.epoch(0) {
+        let b = batch?;
+        let logits = model.forward_t(&b.images, false)?.detach();
+        let k = b.indices.len();
+        loss += cross_entropy(&logits, &b.targets, &ce)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?
+            * k as f64;
+        conf.add(&logits, &b.targets, lean_data::IGNORE_INDEX as u32)?;
+        n += k;
+    }
+    Ok(EvalResult {
+        loss: loss / n.max(1) as f64,
+        top1: 0.0,
+        top5: 0.0,
+        samples: n,
+        miou: Some(100.0 * conf.miou()),
+        pixel_acc: Some(100.0 * conf.pixel_accuracy()),
+        iou: Some(conf.iou().into_iter().map(|v| v.map(|x| 100.0 * x)).collect()),
+    })
+}
+
+/// Pixel accuracy (percent of non-ignored pixels) of per-pixel logits against masks.
+fn pixel_correct(logits: &Tensor, masks: &Tensor) -> Result<(usize, usize)> {
+    let pred = logits.argmax(1)?.flatten_all()?.to_vec1::<u32>()?;
+    let truth = masks.flatten_all()?.to_vec1::<u32>()?;
+    let valid = truth.iter().filter(|&&t| t != lean_data::IGNORE_INDEX as u32).count();
+    let ok = pred.iter().zip(&truth).filter(|(p, t)| p == t).count();
+    Ok((ok, valid))
 }
 
 /// Writes `bytes` to `path` through a temporary file.
@@ -403,6 +471,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn summary_csv(history: &[EpochRow]) -> String {
+    if history.first().is_some_and(|r| r.eval_miou.is_some()) {
+        let mut s =
+            String::from("epoch,train_loss,eval_loss,eval_miou,eval_pixel_acc,lr,time_s,train_images_per_sec\n");
+        for r in history {
+            s.push_str(&format!(
+                "{},{:.6},{:.6},{:.4},{:.4},{:.6e},{:.2},{:.1}\n",
+                r.epoch,
+                r.train_loss,
+                r.eval_loss,
+                r.eval_miou.unwrap_or(0.0),
+                r.eval_pixel_acc.unwrap_or(0.0),
+                r.lr,
+                r.time_s,
+                r.train_images_per_sec
+            ));
+        }
+        return s;
+    }
     let mut s = String::from("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr,time_s,train_images_per_sec\n");
     for r in history {
         s.push_str(&format!(
@@ -487,10 +573,14 @@ pub fn train_with(
     };
     cfg.validate()?;
     let device = parse_device(&cfg.device)?;
-    if dataset_info(&cfg.dataset)?.segmentation {
+    let seg_data = dataset_info(&cfg.dataset)?.segmentation;
+    if seg_data != describe(&cfg.model.name)?.segmentation {
         return Err(Error::Config(format!(
-            "{} is a segmentation data set: segmentation training is not available yet",
-            cfg.dataset
+            "{} is a {} data set but {} is a {} model",
+            cfg.dataset,
+            if seg_data { "segmentation" } else { "classification" },
+            cfg.model.name,
+            if seg_data { "classification" } else { "segmentation" }
         )));
     }
     let train_ds = open_limited(&cfg.dataset, &cfg.data_dir, Split::Train, cfg.limit_train)?;
@@ -571,7 +661,7 @@ pub fn train_with(
     }
     let ce = CrossEntropyConfig {
         label_smoothing: cfg.smoothing,
-        ignore_index: None,
+        ignore_index: seg_data.then_some(lean_data::IGNORE_INDEX as i64),
     };
     tracing::info!(run = %run_dir.display(), model = %cfg.model.name, dataset = %cfg.dataset, start_epoch = start, epochs = cfg.epochs, "training");
     for epoch in start..cfg.epochs {
@@ -584,7 +674,7 @@ pub fn train_with(
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        let (mut loss_sum, mut correct, mut seen, mut pixels) = (0.0, 0usize, 0usize, 0usize);
         for (step, batch) in train_loader.epoch(epoch as u64).enumerate() {
             let b = batch?;
             let lr = sched.lr(epoch, step, steps);
@@ -605,13 +695,20 @@ pub fn train_with(
                 )));
             }
             loss_sum += l * k as f64;
-            correct += topk_correct(&logits.detach(), &b.targets, 1)?;
+            if seg_data {
+                let (ok, valid) = pixel_correct(&logits.detach(), &b.targets)?;
+                correct += ok;
+                pixels += valid;
+            } else {
+                correct += topk_correct(&logits.detach(), &b.targets, 1)?;
+                pixels += k;
+            }
             seen += k;
             bar.inc(1);
             bar.set_message(format!(
                 "loss {:.4} acc {:.2}% lr {lr:.2e} {:.0} img/s",
                 loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
+                100.0 * correct as f64 / pixels.max(1) as f64,
                 seen as f64 / t0.elapsed().as_secs_f64()
             ));
         }
@@ -627,20 +724,21 @@ pub fn train_with(
             lr: opt.learning_rate(),
             time_s: t0.elapsed().as_secs_f64(),
             train_images_per_sec: seen as f64 / train_time,
+            eval_miou: ev.miou,
+            eval_pixel_acc: ev.pixel_acc,
         };
         tracing::info!(
             epoch = row.epoch,
             train_loss = format!("{:.4}", row.train_loss),
             eval_loss = format!("{:.4}", row.eval_loss),
-            top1 = format!("{:.2}", row.eval_top1),
-            top5 = format!("{:.2}", row.eval_top5),
+            score = format!("{:.2}", row.score()),
             img_per_s = format!("{:.0}", row.train_images_per_sec),
             "epoch done"
         );
         history.push(row.clone());
         write_atomic(&run_dir.join("summary.csv"), summary_csv(&history).as_bytes())?;
-        let improved = row.eval_top1 > best;
-        best = best.max(row.eval_top1);
+        let improved = row.score() > best;
+        best = best.max(row.score());
         let st = RunState {
             epoch: epoch + 1,
             best_top1: best,
