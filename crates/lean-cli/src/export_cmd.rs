@@ -52,6 +52,10 @@ pub struct ExportArgs {
     /// Export the last instead of the best checkpoint of a run folder.
     #[arg(long)]
     last: bool,
+    /// Evaluate on the first N test samples only (default: the whole test split; the count is
+    /// recorded with the metrics).
+    #[arg(long)]
+    limit_val: Option<usize>,
 }
 
 fn card(c: &ExportConfig, cmd: &str) -> String {
@@ -60,7 +64,7 @@ fn card(c: &ExportConfig, cmd: &str) -> String {
     format!(
         "# {name} on {ds}\n\n\
          A `{name}` from [lean-convnets](https://github.com/lean-convnets/lean-convnets) trained on {ds}.\n\n\
-         | | |\n|---|---|\n| parameters | {params} |\n| MACs per image | {macs} at {c}x{h}x{w} |\n| test top-1 | {top1:.2}% |\n| test top-5 | {top5:.2}% |\n| test samples | {n} |\n\n\
+         | | |\n|---|---|\n| parameters | {params} |\n| MACs per image | {macs} at {c}x{h}x{w} |\n{scores}| test samples | {n} |\n\n\
          ## Recipe\n\n{epochs} epochs, batch {bs}, {opt} lr {lr} ({sched}, {warm} warmup epochs), weight decay {wd}, label smoothing {sm}, seed {seed}, random crop + flip: {aug}.\n\n\
          ## Use\n\n```sh\nlean eval --weights {cmd}\n```\n\nor in Rust: build `{name}` with `lean_models::create_model` (options in config.json) on a `VarBuilder` of `model.safetensors`; normalise inputs with mean {mean:?}, std {std:?}.\n",
         name = c.model.name,
@@ -70,8 +74,14 @@ fn card(c: &ExportConfig, cmd: &str) -> String {
         c = c.input_size[0],
         h = c.input_size[1],
         w = c.input_size[2],
-        top1 = m["top1"].as_f64().unwrap_or(0.0),
-        top5 = m["top5"].as_f64().unwrap_or(0.0),
+        scores = match m.get("miou").and_then(|v| v.as_f64()) {
+            Some(miou) => format!("| test mIoU | {miou:.2}% |\n| test pixel accuracy | {:.2}% |\n", m["pixel_acc"].as_f64().unwrap_or(0.0)),
+            None => format!(
+                "| test top-1 | {:.2}% |\n| test top-5 | {:.2}% |\n",
+                m["top1"].as_f64().unwrap_or(0.0),
+                m["top5"].as_f64().unwrap_or(0.0)
+            ),
+        },
         n = m["samples"],
         epochs = r["epochs"],
         bs = r["batch_size"],
@@ -100,7 +110,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         load_checkpoint_model(&ck, &device).with_context(|| format!("cannot load checkpoint {}", ck.display()))?;
     let tensors = load_checkpoint::<RunState>(&ck)?.model;
     let cfg = &state.config;
-    let ds = open_limited(&cfg.dataset, &cfg.data_dir, Split::Test, None)?;
+    let ds = open_limited(&cfg.dataset, &cfg.data_dir, Split::Test, a.limit_val)?;
     let pipe = eval_pipeline(&cfg.dataset, ds.as_ref(), &cfg.model.name)?;
     let loader = lean_data::Loader::new(
         ds.clone(),
@@ -130,7 +140,14 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         std: info.std,
         label_names: ds.classes().to_vec(),
         dataset: cfg.dataset.clone(),
-        metrics: serde_json::json!({"top1": ev.top1, "top5": ev.top5, "loss": ev.loss, "samples": ev.samples, "split": "test"}),
+        metrics: match (ev.miou, ev.pixel_acc) {
+            (Some(miou), Some(pacc)) => {
+                serde_json::json!({"miou": miou, "pixel_acc": pacc, "iou": ev.iou, "loss": ev.loss, "samples": ev.samples, "split": "test"})
+            }
+            _ => {
+                serde_json::json!({"top1": ev.top1, "top5": ev.top5, "loss": ev.loss, "samples": ev.samples, "split": "test"})
+            }
+        },
         params: cost.params,
         macs: cost.macs,
         recipe: serde_json::to_value(cfg)?,
@@ -154,12 +171,19 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     } else {
         std::fs::rename(&tmp, &a.out)?;
     }
-    println!(
-        "exported {} (test top-1 {:.2}%) to {}",
-        config.model.name,
-        ev.top1,
-        a.out.display()
-    );
+    match ev.miou {
+        Some(miou) => println!(
+            "exported {} (test mIoU {miou:.2}%) to {}",
+            config.model.name,
+            a.out.display()
+        ),
+        None => println!(
+            "exported {} (test top-1 {:.2}%) to {}",
+            config.model.name,
+            ev.top1,
+            a.out.display()
+        ),
+    }
     Ok(())
 }
 

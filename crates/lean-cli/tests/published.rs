@@ -15,11 +15,24 @@ fn published_models_reproduce_their_stated_accuracy() {
     for dir in dirs {
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-        let stated = cfg["metrics"]["top1"].as_f64().unwrap();
+        let key = if cfg["metrics"].get("miou").is_some() {
+            "miou"
+        } else {
+            "top1"
+        };
+        let stated = cfg["metrics"][key].as_f64().unwrap();
         let samples = cfg["metrics"]["samples"].as_u64().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_lean"))
             .current_dir(&root)
-            .args(["eval", "--weights", dir.to_str().unwrap(), "--format", "json"])
+            .args([
+                "eval",
+                "--weights",
+                dir.to_str().unwrap(),
+                "--limit-val",
+                &samples.to_string(),
+                "--format",
+                "json",
+            ])
             .output()
             .unwrap();
         assert!(
