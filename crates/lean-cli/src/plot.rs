@@ -112,14 +112,12 @@ pub fn scatter(path: &Path, title: &str, xdesc: &str, ydesc: &str, points: &[Poi
         let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
         for p in points {
             let col = palette[p.series % palette.len()];
-            c.draw_series(std::iter::once(Circle::new((p.x, p.y), 5, col.filled())))
-                .map_err(err)?;
-            c.draw_series(std::iter::once(Text::new(
-                p.label.clone(),
-                (p.x, p.y),
-                ("sans-serif", 13).into_font().color(&col),
-            )))
-            .map_err(err)?;
+            let font = ("sans-serif", 13).into_font().color(&col);
+            // The label sits beside its marker, not on it.
+            let marker = EmptyElement::at((p.x, p.y))
+                + Circle::new((0, 0), 5, col.filled())
+                + Text::new(p.label.clone(), (8, -6), font);
+            c.draw_series(std::iter::once(marker)).map_err(err)?;
         }
         root.present().map_err(err)?;
     }
