@@ -38,7 +38,9 @@ fn bench_ops_json_has_one_object_per_case() {
 fn bad_arguments_fail_with_a_clear_message() {
     let out = lean(&["bench", "nothing"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown benchmark `nothing`"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown model `nothing`"));
+    let out = lean(&["bench", "ops", "resnet20"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be mixed"));
     let out = lean(&["bench", "ops", "--shapes", "1,2,3"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad shape `1,2,3`"));

@@ -261,7 +261,12 @@ fn every_registered_model_builds_and_runs() {
         let hw = if info.input_size[1] == 32 { 28 } else { 64 };
         let x = Tensor::randn(0f32, 1., (2, 1, hw, hw), &Device::Cpu).unwrap();
         let y = m.forward_t(&x, true).unwrap();
-        assert_eq!(y.dims(), &[2, 7], "{}", info.name);
+        let want: Vec<usize> = if info.segmentation {
+            vec![2, 7, hw, hw]
+        } else {
+            vec![2, 7]
+        };
+        assert_eq!(y.dims(), want.as_slice(), "{}", info.name);
         let feats = m.forward_features(&x, false).unwrap();
         assert_eq!(feats.len(), m.feature_channels().len(), "{}", info.name);
         for (f, c) in feats.iter().zip(m.feature_channels()) {
