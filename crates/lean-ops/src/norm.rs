@@ -22,30 +22,51 @@ pub enum Activation {
     Relu6,
 }
 
-impl Activation {
-    #[inline]
-    fn apply<T: Real>(self, v: T) -> T {
-        match self {
-            Activation::None => v,
-            Activation::Relu => num_traits::Float::max(v, T::zero()),
-            Activation::Relu6 => num_traits::Float::min(num_traits::Float::max(v, T::zero()), T::from_f64(6.0)),
-        }
+#[inline]
+fn relu<T: Real>(v: T) -> T {
+    if v > T::zero() {
+        v
+    } else {
+        T::zero()
     }
-    /// The derivative, read off the activation's output `y` (PyTorch's convention at the kinks:
-    /// 0 at y = 0 and at y = 6).
-    #[inline]
-    fn grad_from_output<T: Real>(self, y: T) -> T {
-        let on = match self {
-            Activation::None => true,
-            Activation::Relu => y > T::zero(),
-            Activation::Relu6 => y > T::zero() && y < T::from_f64(6.0),
-        };
-        if on {
-            T::one()
+}
+
+#[inline]
+fn relu6<T: Real>(v: T) -> T {
+    let six = T::from_f64(6.0);
+    if v > T::zero() {
+        if v < six {
+            v
         } else {
-            T::zero()
+            six
         }
+    } else {
+        T::zero()
     }
+}
+
+/// Runs `body` with the activation as a plain function, so that each activation gets its own
+/// branch-free, vectorised loop (a match per element defeats vectorisation).
+macro_rules! with_act {
+    ($act:expr, |$f:ident| $body:expr) => {
+        match $act {
+            Activation::None => {
+                let $f = |v| v;
+                $body
+            }
+            Activation::Relu => {
+                let $f = relu;
+                $body
+            }
+            Activation::Relu6 => {
+                let $f = relu6;
+                $body
+            }
+        }
+    };
+}
+
+impl Activation {
     /// The activation from candle primitives (reference path).
     pub fn apply_tensor(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -73,17 +94,64 @@ fn affine_act_planes<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act:
         .enumerate()
         .for_each(|(p, (yp, xp))| {
             let (a, b) = (scale[p % c], shift[p % c]);
-            yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = act.apply(*xv * a + b));
+            with_act!(act, |f| yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = f(*xv * a + b)));
         });
     y
 }
 
+/// Elements per parallel task of the elementwise maps: large enough that rayon's per-task cost
+/// vanishes, small enough to share a layer's tensor between the cores.
+const MAP_CHUNK: usize = 1 << 14;
+
+/// out[i] = f(a[i], b[i]) in parallel over fixed chunks; the plain inner loop vectorises
+/// (a rayon map per element does not).
+fn par_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    out.par_chunks_mut(MAP_CHUNK)
+        .zip(a.par_chunks(MAP_CHUNK).zip(b.par_chunks(MAP_CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(*a, *b);
+            }
+        });
+    out
+}
+
 /// gy · act'(y): the gradient before the activation, read off the activation's output.
 fn pre_activation_grad<T: Real>(gy: &[T], y: &[T], act: Activation) -> Vec<T> {
-    gy.par_iter()
-        .zip(y.par_iter())
-        .map(|(g, y)| *g * act.grad_from_output(*y))
-        .collect()
+    // One branch-free loop per activation (a select vectorises; a match per element does not).
+    let (zero, six) = (T::zero(), T::from_f64(6.0));
+    match act {
+        Activation::None => gy.to_vec(),
+        Activation::Relu => par_map2(gy, y, |g, y| if y > zero { g } else { zero }),
+        Activation::Relu6 => par_map2(gy, y, |g, y| if y > zero && y < six { g } else { zero }),
+    }
+}
+
+/// act(x) elementwise.
+fn activate<T: Real>(x: &[T], act: Activation) -> Vec<T> {
+    with_act!(act, |f| par_map2(x, x, |v, _| f(v)))
+}
+
+/// Σ f(a[i], b[i]) in f64 over eight independent accumulators: a fixed order (deterministic)
+/// that vectorises, where one serial f64 sum waits on every add.
+#[inline]
+fn sum_pairs<T: Real>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
+    const L: usize = 8;
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f64 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| f(x.f(), y.f()))
+        .sum();
+    let mut acc = [0f64; L];
+    for (x, y) in ac.zip(bc) {
+        for i in 0..L {
+            acc[i] += f(x[i].f(), y[i].f());
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 impl CustomOp3 for ChannelAffineOp {
@@ -156,14 +224,11 @@ fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<(&[T], &[f64])
             let (mut sx, mut s) = (0f64, 0f64);
             for ni in 0..n {
                 let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
-                s += gz[r.clone()].iter().map(|v| v.f()).sum::<f64>();
+                let g = &gz[r.clone()];
+                s += sum_pairs(g, g, |a, _| a);
                 if let Some((x, centre)) = x {
                     let m = centre[ch];
-                    sx += gz[r.clone()]
-                        .iter()
-                        .zip(&x[r])
-                        .map(|(a, b)| a.f() * (b.f() - m))
-                        .sum::<f64>();
+                    sx += sum_pairs(g, &x[r], |a, b| a * (b - m));
                 }
             }
             (sx, s)
@@ -217,7 +282,7 @@ impl CustomOp1 for ActOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let act = self.0;
         dispatch!(self.name(), s, |T| {
-            let y: Vec<T> = slice::<T>(s, l)?.par_iter().map(|v| act.apply(*v)).collect();
+            let y = activate(slice::<T>(s, l)?, act);
             Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
         })
     }
@@ -256,12 +321,9 @@ fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
         .into_par_iter()
         .map(|ch| {
             let plane = |ni: usize| &x[(ni * c + ch) * hw..(ni * c + ch + 1) * hw];
-            let mean = (0..n)
-                .map(|ni| plane(ni).iter().map(|v| v.f()).sum::<f64>())
-                .sum::<f64>()
-                / m;
+            let mean = (0..n).map(|ni| sum_pairs(plane(ni), plane(ni), |v, _| v)).sum::<f64>() / m;
             let var = (0..n)
-                .map(|ni| plane(ni).iter().map(|v| (v.f() - mean).powi(2)).sum::<f64>())
+                .map(|ni| sum_pairs(plane(ni), plane(ni), |v, _| (v - mean) * (v - mean)))
                 .sum::<f64>()
                 / m;
             (mean, var)
