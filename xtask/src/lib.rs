@@ -5,6 +5,7 @@
 //! request (or restarts when the server ignores ranges). A checksum mismatch deletes only the
 //! bad download and names it. Archives extract into a temporary folder that replaces the data
 //! set's folder only when extraction completed.
+#![forbid(unsafe_code)]
 
 use anyhow::{anyhow, bail, Context, Result};
 use md5::{Digest, Md5};

@@ -1,4 +1,5 @@
 //! `cargo xtask`: project tasks that are not part of the library crates.
+#![forbid(unsafe_code)]
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -8,8 +8,8 @@ use clap::Args;
 use lean_data::{dataset_info, LoaderConfig, Split};
 use lean_models::{create_model, describe, Model};
 use lean_train::{
-    checkpoint::load_checkpoint, checkpoint_path, eval_pipeline, evaluate, load_checkpoint_model, open_limited,
-    write_atomic, ModelSpec, RunState,
+    checkpoint::load_checkpoint, checkpoint_model, checkpoint_path, eval_pipeline, evaluate, open_limited, write_atomic,
+    ModelSpec, RunState,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -65,7 +65,7 @@ fn card(c: &ExportConfig, cmd: &str) -> String {
         "# {name} on {ds}\n\n\
          A `{name}` from [lean-convnets](https://github.com/lean-convnets/lean-convnets) trained on {ds}.\n\n\
          | | |\n|---|---|\n| parameters | {params} |\n| MACs per image | {macs} at {c}x{h}x{w} |\n{scores}| test samples | {n} |\n\n\
-         ## Recipe\n\n{epochs} epochs, batch {bs}, {opt} lr {lr} ({sched}, {warm} warmup epochs), weight decay {wd}, label smoothing {sm}, seed {seed}, random crop + flip: {aug}.\n\n\
+         ## Recipe\n\n{epochs} epochs of {train} training images, batch {bs}, {opt} lr {lr} ({sched}, {warm} warmup epochs), weight decay {wd}, label smoothing {sm}, seed {seed}, random crop + flip: {aug}.\n\n\
          ## Use\n\n```sh\nlean eval --weights {cmd}\n```\n\nor in Rust: build `{name}` with `lean_models::create_model` (options in config.json) on a `VarBuilder` of `model.safetensors`; normalise inputs with mean {mean:?}, std {std:?}.\n",
         name = c.model.name,
         ds = c.dataset,
@@ -84,6 +84,10 @@ fn card(c: &ExportConfig, cmd: &str) -> String {
         },
         n = m["samples"],
         epochs = r["epochs"],
+        train = match r["limit_train"].as_u64() {
+            Some(n) => format!("the first {n}"),
+            None => "all the".to_string(),
+        },
         bs = r["batch_size"],
         opt = r["opt"].as_str().unwrap_or(""),
         lr = r["lr"],
@@ -106,10 +110,11 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         checkpoint_path(&a.run)
     };
     let device = Device::Cpu;
-    let (model, state) =
-        load_checkpoint_model(&ck, &device).with_context(|| format!("cannot load checkpoint {}", ck.display()))?;
-    let tensors = load_checkpoint::<RunState>(&ck)?.model;
-    let cfg = &state.config;
+    let ck_data = load_checkpoint::<RunState>(&ck).with_context(|| format!("cannot load checkpoint {}", ck.display()))?;
+    let model = checkpoint_model(&ck_data, &device)
+        .with_context(|| format!("cannot build the model of checkpoint {}", ck.display()))?;
+    let tensors = &ck_data.model;
+    let cfg = &ck_data.meta.config;
     let ds = open_limited(&cfg.dataset, &cfg.data_dir, Split::Test, a.limit_val)?;
     let pipe = eval_pipeline(&cfg.dataset, ds.as_ref(), &cfg.model.name)?;
     let loader = lean_data::Loader::new(
@@ -157,7 +162,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+    candle_core::safetensors::save(tensors, tmp.join("model.safetensors"))?;
     write_atomic(&tmp.join("config.json"), &serde_json::to_vec_pretty(&config)?)?;
     write_atomic(
         &tmp.join("README.md"),
@@ -187,6 +192,14 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// Reads a safetensors weights file into a VarBuilder (f32). The file is read, not memory-mapped:
+/// the models are small, and no `unsafe` is needed.
+pub fn load_weights(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+    let tensors =
+        candle_core::safetensors::load(path, device).with_context(|| format!("cannot load weights {}", path.display()))?;
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
+}
+
 /// Loads an exported folder: its config and model.
 pub fn load_exported(dir: &Path, device: &Device) -> Result<(ExportConfig, Box<dyn Model>)> {
     let cfg_path = dir.join("config.json");
@@ -197,8 +210,7 @@ pub fn load_exported(dir: &Path, device: &Device) -> Result<(ExportConfig, Box<d
     if !weights.is_file() {
         bail!("{} is missing", weights.display());
     }
-    // SAFETY: the weights file is mapped read-only for the life of the model.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }?;
+    let vb = load_weights(&weights, device)?;
     let model = create_model(&cfg.model.name, &cfg.model.options()?, vb)
         .with_context(|| format!("{} does not fit {}", weights.display(), cfg.model.name))?;
     Ok((cfg, model))

@@ -3,6 +3,7 @@
 //! Run `lean --help` for the subcommands. The binary tunes glibc's allocator at start
 //! (see [`lean_ops::runtime::tune_allocator`]); set `LEAN_DEFAULT_MALLOC=1` to keep glibc's
 //! defaults (e.g. to measure the difference).
+#![forbid(unsafe_code)]
 
 mod bench_models;
 mod bench_ops;

@@ -229,10 +229,7 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
         if !args.weights.is_file() {
             bail!("weights file {} does not exist", args.weights.display());
         }
-        // SAFETY: the weights file is mapped read-only for the life of this command; a concurrent
-        // writer could change it, as with any memory-mapped read.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&args.weights], DType::F32, &Device::Cpu) }
-            .with_context(|| format!("cannot load weights {}", args.weights.display()))?;
+        let vb = crate::export_cmd::load_weights(&args.weights, &Device::Cpu)?;
         create_model(&args.model, &args.opts.options()?, vb)
             .with_context(|| format!("weights {} do not fit model {}", args.weights.display(), args.model))?
     };

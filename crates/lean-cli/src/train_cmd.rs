@@ -3,8 +3,6 @@
 use crate::model_args::ModelArgs;
 use crate::output::{table, Format};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
-use candle_nn::VarBuilder;
 use clap::Args;
 use lean_data::{LoaderConfig, Split};
 use lean_train::{
@@ -274,9 +272,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
             if let Some([c, _, _]) = ds.image_shape() {
                 o.in_channels = o.in_channels.or(Some(c));
             }
-            // SAFETY: the file is mapped read-only for this command.
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[w], DType::F32, &device) }
-                .with_context(|| format!("cannot load weights {}", w.display()))?;
+            let vb = crate::export_cmd::load_weights(w, &device)?;
             let m = lean_models::create_model(&name, &o, vb)
                 .with_context(|| format!("weights {} do not fit {name}", w.display()))?;
             (m, name, dataset)

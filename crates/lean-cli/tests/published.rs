@@ -1,4 +1,5 @@
-//! Every published model in models/ evaluates to the accuracy its config.json states.
+//! Every published model in models/ evaluates to the accuracy (top-1, or mIoU for segmentation)
+//! its config.json states.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -43,10 +44,12 @@ fn published_models_reproduce_their_stated_accuracy() {
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["samples"].as_u64().unwrap(), samples, "{}", dir.display());
-        let got = v["top1"].as_f64().unwrap();
+        let got = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}: eval JSON has no `{key}`", dir.display()));
         assert!(
             (got - stated).abs() < 1e-9,
-            "{}: top-1 {got} but config.json states {stated}",
+            "{}: {key} {got} but config.json states {stated}",
             dir.display()
         );
         let card = std::fs::read_to_string(dir.join("README.md")).unwrap();

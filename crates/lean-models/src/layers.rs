@@ -6,8 +6,8 @@ use crate::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use lean_ops::{
-    activation, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel, DepthwiseConv2d,
-    LeanConv2d, LeanConv2dConfig, Stencil,
+    activation, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel, DepthwiseConv2d,
+    LeanConv2d, LeanConv2dConfig, Pool2dConfig, Stencil,
 };
 
 /// One row of a model's per-layer table.
@@ -44,6 +44,23 @@ impl Trace {
     pub fn total(&self) -> Cost {
         self.rows.iter().map(|r| r.cost).sum()
     }
+}
+
+/// torchvision's max-pool after an ImageNet stem (3x3, stride 2, padding 1), shared by ResNet
+/// and ShuffleNetV2.
+fn stem_pool() -> Pool2dConfig {
+    Pool2dConfig::new(3, 2, 1)
+}
+
+/// Applies the ImageNet stem's max-pool.
+pub(crate) fn stem_max_pool(x: &Tensor) -> Result<Tensor> {
+    Ok(max_pool2d(x, &stem_pool())?)
+}
+
+/// Records the ImageNet stem's max-pool in a trace; returns its output shape.
+pub(crate) fn trace_stem_max_pool(t: &mut Trace, s: &[usize]) -> Result<Vec<usize>> {
+    let (h, w) = stem_pool().output_hw("maxpool", s[2], s[3])?;
+    Ok(t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]))
 }
 
 /// The 3x3 convolutions of a (lean) ResNet: dense, or lean with its knobs.

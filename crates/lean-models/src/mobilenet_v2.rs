@@ -248,12 +248,8 @@ impl Model for MobileNetV2 {
     }
 
     fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
-        let mut s = self.stem.trace(t, input)?;
-        for b in &self.blocks {
-            for l in &b.layers {
-                s = l.trace(t, &s)?;
-            }
-        }
+        // The last block ends the last stage.
+        let mut s = self.trace_features(input, t)?.pop().expect("stages");
         match &self.head {
             Some((conv, classifier)) => {
                 s = conv.trace(t, &s)?;

@@ -1,12 +1,12 @@
 //! ResNets (torchvision layout), their small-image variants, the classic CIFAR ResNets, and
 //! the lean versions of all of them (every 3x3 conv inside the residual blocks lean).
 
-use crate::layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
+use crate::layers::{stem_max_pool, trace_stem_max_pool, Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
 use crate::model::Model;
 use crate::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use lean_ops::{activation, global_avg_pool2d, max_pool2d, Activation, Pool2dConfig};
+use lean_ops::{add_activation, global_avg_pool2d, Activation};
 
 /// Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) residual blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,7 +182,7 @@ impl Block {
             Some(d) => d.forward_t(x, train)?,
             None => x.clone(),
         };
-        Ok(activation(&(h + shortcut)?, Activation::Relu)?)
+        Ok(add_activation(&h, &shortcut, Activation::Relu)?)
     }
 
     fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
@@ -276,7 +276,7 @@ impl ResNet {
     fn stem_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.stem.forward_t(x, train)?;
         Ok(match self.cfg.stem {
-            Stem::ImageNet => max_pool2d(&h, &Pool2dConfig::new(3, 2, 1))?,
+            Stem::ImageNet => stem_max_pool(&h)?,
             Stem::Small => h,
         })
     }
@@ -308,8 +308,7 @@ impl Model for ResNet {
     fn trace_features(&self, input: &[usize], t: &mut Trace) -> Result<Vec<Vec<usize>>> {
         let mut s = self.stem.trace(t, input)?;
         if self.cfg.stem == Stem::ImageNet {
-            let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
-            s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
+            s = trace_stem_max_pool(t, &s)?;
         }
         let mut out = vec![];
         for stage in &self.stages {

@@ -1,11 +1,11 @@
 //! ShuffleNetV2 in torchvision's layout (`conv1`, `stage{2,3,4}`, `conv5`, `fc`).
 
-use crate::layers::{Classifier, Conv, ConvBnAct, Trace};
+use crate::layers::{stem_max_pool, trace_stem_max_pool, Classifier, Conv, ConvBnAct, Trace};
 use crate::model::Model;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use lean_ops::{channel_shuffle, global_avg_pool2d, max_pool2d, Activation, DepthwiseConv2d, Pool2dConfig};
+use lean_ops::{channel_shuffle, global_avg_pool2d, Activation, DepthwiseConv2d};
 
 /// Everything that defines a ShuffleNetV2.
 #[derive(Clone, Debug, PartialEq)]
@@ -181,7 +181,7 @@ impl ShuffleNetV2 {
         Ok(if self.cfg.small_stem {
             h
         } else {
-            max_pool2d(&h, &Pool2dConfig::new(3, 2, 1))?
+            stem_max_pool(&h)?
         })
     }
 }
@@ -213,8 +213,7 @@ impl Model for ShuffleNetV2 {
     fn trace_features(&self, input: &[usize], t: &mut Trace) -> Result<Vec<Vec<usize>>> {
         let mut s = self.conv1.trace(t, input)?;
         if !self.cfg.small_stem {
-            let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
-            s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
+            s = trace_stem_max_pool(t, &s)?;
         }
         let mut out = vec![s.clone()];
         for stage in &self.stages {
@@ -227,14 +226,7 @@ impl Model for ShuffleNetV2 {
     }
 
     fn trace(&self, input: &[usize], t: &mut Trace) -> Result<Vec<usize>> {
-        let mut s = self.conv1.trace(t, input)?;
-        if !self.cfg.small_stem {
-            let (h, w) = Pool2dConfig::new(3, 2, 1).output_hw("maxpool", s[2], s[3])?;
-            s = t.push("maxpool", "maxpool", Default::default(), vec![s[0], s[1], h, w]);
-        }
-        for b in self.stages.iter().flatten() {
-            s = b.trace(t, &s)?;
-        }
+        let mut s = self.trace_features(input, t)?.pop().expect("stages");
         s = self.conv5.trace(t, &s)?;
         s = t.push("avgpool", "avgpool", Default::default(), vec![s[0], s[1]]);
         self.fc.trace(t, &s)

@@ -53,7 +53,7 @@ pub use depthwise::{depthwise_conv2d, DepthwiseConv2d};
 pub use error::{Error, Result};
 pub use lean_conv::{grouped_stencil_conv2d, lean_conv2d, LeanConv2d, LeanConv2dConfig};
 pub use loss::{cross_entropy, CrossEntropyConfig};
-pub use norm::{activation, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
+pub use norm::{activation, add_activation, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
 pub use pool::{avg_pool2d, global_avg_pool2d, max_pool2d, Pool2dConfig};
 pub use resample::{channel_shuffle, upsample_bilinear2d};
 pub use stencil::Stencil;

@@ -4,7 +4,7 @@
 use crate::cost::{Cost, CostModel};
 use crate::error::{check_float, dims4, shape_err, Result};
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
 use num_traits::Zero;
 use rayon::prelude::*;
@@ -310,6 +310,70 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
         Ok(x.contiguous()?.apply_op1(ActOp(act))?)
     } else {
         act.apply_tensor(x)
+    }
+}
+
+/// act(a + b): a residual sum and its activation in one pass.
+struct AddActOp(Activation);
+
+impl CustomOp2 for AddActOp {
+    fn name(&self) -> &'static str {
+        "add-activation"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let act = self.0;
+        dispatch!(self.name(), s1, |T| {
+            let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+            let y = with_act!(act, |f| par_map2(a, b, |x, y| f(x + y)));
+            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let act = self.0;
+        dispatch_dtype!(self.name(), y.dtype(), |T| {
+            with_data::<T, _>(y, |ys| {
+                with_data::<T, _>(gy, |gys| {
+                    let g = tensor(pre_activation_grad(gys, ys, act), y.dims())?;
+                    Ok((Some(g.clone()), Some(g)))
+                })
+            })
+        })
+    }
+}
+
+/// act(a + b) for same-shaped `a` and `b`: the end of a residual block, one pass forward and one
+/// backward (instead of an add, an activation and their gradients' bookkeeping).
+pub fn add_activation(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    const OP: &str = "add_activation";
+    if a.dims() != b.dims() {
+        return Err(shape_err(
+            OP,
+            format!("operands differ in shape: {:?} and {:?}", a.dims(), b.dims()),
+        ));
+    }
+    check_float(OP, a)?;
+    if a.dtype() != b.dtype() {
+        return Err(shape_err(
+            OP,
+            format!("operands differ in dtype: {:?} and {:?}", a.dtype(), b.dtype()),
+        ));
+    }
+    if a.device().is_cpu() {
+        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddActOp(act))?)
+    } else {
+        act.apply_tensor(&(a + b)?)
     }
 }
 

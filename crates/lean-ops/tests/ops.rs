@@ -208,6 +208,30 @@ fn activations_have_pytorch_gradients() {
 }
 
 #[test]
+fn fused_residual_add_and_activation_match_the_composite() {
+    for dt in [DType::F32, DType::F64] {
+        let (a, b) = (var(&rand(&[2, 3, 5, 5], 31, dt)), var(&rand(&[2, 3, 5, 5], 32, dt)));
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            let scale = |x: &Tensor| (x * 4.0).unwrap(); // reach past 6 for ReLU6
+            let fused = add_activation(&scale(a.as_tensor()), b.as_tensor(), act).unwrap();
+            let composite = act
+                .apply_tensor(&(scale(a.as_tensor()) + b.as_tensor()).unwrap())
+                .unwrap();
+            assert_close(&fused, &composite, tol(dt), &format!("add+{act:?} forward {dt:?}"));
+            let r = rand(fused.dims(), 33, dt);
+            let vars = [a.clone(), b.clone()];
+            let (gf, gc) = (grads_of(&vars, &fused, &r), grads_of(&vars, &composite, &r));
+            for (i, (f, c)) in gf.iter().zip(&gc).enumerate() {
+                assert_close(f, c, tol(dt), &format!("add+{act:?} gradient {i} {dt:?}"));
+            }
+        }
+    }
+    let (a, b) = (rand(&[2, 3], 1, DType::F32), rand(&[3, 2], 2, DType::F32));
+    let err = add_activation(&a, &b, Activation::Relu).unwrap_err().to_string();
+    assert!(err.contains("add_activation") && err.contains("[2, 3]"), "{err}");
+}
+
+#[test]
 fn pooling_matches_hand_values() {
     let x = Tensor::arange(0f64, 16., &Device::Cpu)
         .unwrap()

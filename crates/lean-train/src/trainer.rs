@@ -1,7 +1,7 @@
 //! The training loop: train mode with batch statistics, evaluation after every epoch, a run
 //! folder (`args.json`, `summary.csv`, `last` and `best` checkpoints), exact resume.
 
-use crate::checkpoint::{load_checkpoint, restore_vars, save_checkpoint};
+use crate::checkpoint::{load_checkpoint, restore_vars, save_checkpoint, Checkpoint};
 use crate::init::seeded_var_builder;
 use crate::metrics::topk_correct;
 use crate::optim::{clip_grad_norm, Optimizer};
@@ -761,6 +761,12 @@ pub fn train_with(
 /// Loads the model of a checkpoint (a run folder or file) for evaluation.
 pub fn load_checkpoint_model(p: &Path, device: &Device) -> Result<(Box<dyn Model>, RunState)> {
     let ck = load_checkpoint::<RunState>(&checkpoint_path(p))?;
+    let model = checkpoint_model(&ck, device)?;
+    Ok((model, ck.meta))
+}
+
+/// Builds the model of a loaded checkpoint from its weights (on `device`).
+pub fn checkpoint_model(ck: &Checkpoint<RunState>, device: &Device) -> Result<Box<dyn Model>> {
     let cfg = &ck.meta.config;
     let mut spec = cfg.model.clone();
     let train_ds = open_limited(&cfg.dataset, &cfg.data_dir, Split::Test, Some(1)).ok();
@@ -776,6 +782,5 @@ pub fn load_checkpoint_model(p: &Path, device: &Device) -> Result<(Box<dyn Model
         .map(|(k, t)| Ok((k.clone(), t.to_device(device)?)))
         .collect::<Result<_>>()?;
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = spec.build(vb)?;
-    Ok((model, ck.meta))
+    spec.build(vb)
 }
