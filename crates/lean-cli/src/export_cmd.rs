@@ -8,8 +8,8 @@ use clap::Args;
 use lean_data::{dataset_info, LoaderConfig, Split};
 use lean_models::{create_model, describe, Model};
 use lean_train::{
-    checkpoint::load_checkpoint, checkpoint_model, checkpoint_path, eval_pipeline, evaluate, open_limited, write_atomic,
-    ModelSpec, RunState,
+    checkpoint::load_checkpoint, checkpoint_model, checkpoint_path, eval_pipeline, evaluate, open_limited,
+    write_atomic, ModelSpec, RunState,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -110,7 +110,8 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         checkpoint_path(&a.run)
     };
     let device = Device::Cpu;
-    let ck_data = load_checkpoint::<RunState>(&ck).with_context(|| format!("cannot load checkpoint {}", ck.display()))?;
+    let ck_data =
+        load_checkpoint::<RunState>(&ck).with_context(|| format!("cannot load checkpoint {}", ck.display()))?;
     let model = checkpoint_model(&ck_data, &device)
         .with_context(|| format!("cannot build the model of checkpoint {}", ck.display()))?;
     let tensors = &ck_data.model;
@@ -195,8 +196,8 @@ pub fn run(a: &ExportArgs) -> Result<()> {
 /// Reads a safetensors weights file into a VarBuilder (f32). The file is read, not memory-mapped:
 /// the models are small, and no `unsafe` is needed.
 pub fn load_weights(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
-    let tensors =
-        candle_core::safetensors::load(path, device).with_context(|| format!("cannot load weights {}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot load weights {}", path.display()))?;
     Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 

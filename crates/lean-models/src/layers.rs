@@ -6,8 +6,8 @@ use crate::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use lean_ops::{
-    activation, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel, DepthwiseConv2d,
-    LeanConv2d, LeanConv2dConfig, Pool2dConfig, Stencil,
+    activation, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel,
+    DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, Pool2dConfig, Stencil,
 };
 
 /// One row of a model's per-layer table.

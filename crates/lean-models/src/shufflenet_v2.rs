@@ -178,11 +178,7 @@ impl ShuffleNetV2 {
 
     fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.conv1.forward_t(x, train)?;
-        Ok(if self.cfg.small_stem {
-            h
-        } else {
-            stem_max_pool(&h)?
-        })
+        Ok(if self.cfg.small_stem { h } else { stem_max_pool(&h)? })
     }
 }
 

@@ -40,6 +40,6 @@ pub use params::{is_buffer, ParamGroups};
 pub use schedule::{LrSchedule, Schedule};
 pub use sgd::{Sgd, SgdConfig};
 pub use trainer::{
-    checkpoint_model, checkpoint_path, eval_pipeline, evaluate, load_checkpoint_model, open_limited, parse_device, train,
-    train_with, write_atomic, EpochRow, EvalResult, ModelSpec, RunState, RunSummary, TrainConfig,
+    checkpoint_model, checkpoint_path, eval_pipeline, evaluate, load_checkpoint_model, open_limited, parse_device,
+    train, train_with, write_atomic, EpochRow, EvalResult, ModelSpec, RunState, RunSummary, TrainConfig,
 };
