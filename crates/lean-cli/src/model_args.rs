@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lean_models::ModelOptions;
-use lean_ops::Stencil;
+use lean_ops::{LeanInit, Stencil};
 
 /// Options that change a model's shape or its lean knobs.
 #[derive(Args, Debug, Clone, Default)]
@@ -26,6 +26,9 @@ pub struct ModelArgs {
     /// Lean models: keep the strided 3x3 convolutions dense.
     #[arg(long)]
     pub dense_downsample: bool,
+    /// Lean models: initialisation of new weights (balanced, fanout).
+    #[arg(long)]
+    pub lean_init: Option<String>,
 }
 
 impl ModelArgs {
@@ -33,6 +36,10 @@ impl ModelArgs {
     pub fn options(&self) -> Result<ModelOptions> {
         let stencil = match &self.stencil {
             Some(s) => Some(s.parse::<Stencil>().with_context(|| format!("--stencil {s}"))?),
+            None => None,
+        };
+        let lean_init = match &self.lean_init {
+            Some(s) => Some(s.parse::<LeanInit>().with_context(|| format!("--lean-init {s}"))?),
             None => None,
         };
         if self.group_size == Some(0) {
@@ -45,6 +52,7 @@ impl ModelArgs {
             stencil,
             group_size: self.group_size,
             dense_downsample: self.dense_downsample.then_some(true),
+            lean_init,
             dilate_last: None,
             features_only: false,
         })

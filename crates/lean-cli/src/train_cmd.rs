@@ -49,6 +49,9 @@ pub struct TrainArgs {
     /// Decay BatchNorm parameters and biases too (default: not, as timm).
     #[arg(long)]
     decay_all: bool,
+    /// No weight decay on the lean stencil weights.
+    #[arg(long)]
+    no_decay_stencil: bool,
     /// Schedule: cosine, step, multistep, constant.
     #[arg(long, default_value = "cosine")]
     sched: String,
@@ -117,6 +120,7 @@ impl TrainArgs {
                 stencil: o.stencil.map(|s| s.to_string()),
                 group_size: o.group_size,
                 dense_downsample: o.dense_downsample,
+                lean_init: o.lean_init.map(|i| i.to_string()),
             },
             dataset: self.dataset.clone(),
             data_dir: self.data_dir.clone(),
@@ -128,6 +132,7 @@ impl TrainArgs {
             nesterov: !self.no_nesterov,
             weight_decay: self.weight_decay,
             decay_all: self.decay_all,
+            no_decay_stencil: self.no_decay_stencil,
             sched: self.sched.clone(),
             warmup_epochs: self.warmup_epochs,
             warmup_lr: self.warmup_lr,

@@ -3,11 +3,11 @@
 //! `lean info`.
 
 use crate::Result;
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use lean_ops::{
     activation, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel,
-    DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, Pool2dConfig, Stencil,
+    DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
 };
 
 /// One row of a model's per-layer table.
@@ -76,6 +76,8 @@ pub enum Conv3x3Kind {
         group_size: usize,
         /// Keep the strided (downsampling) 3x3 convolutions dense.
         dense_downsample: bool,
+        /// How new lean weights are drawn.
+        init: LeanInit,
     },
 }
 
@@ -86,6 +88,7 @@ impl Conv3x3Kind {
             stencil: Stencil::Five,
             group_size: 1,
             dense_downsample: false,
+            init: LeanInit::Balanced,
         }
     }
 }
@@ -125,6 +128,7 @@ impl Conv {
                 stencil,
                 group_size,
                 dense_downsample,
+                init,
             } if !(dense_downsample && stride > 1) => {
                 // The smallest group size >= the requested one that fits Cin and Cout (a
                 // channel-reducing lean conv needs g > 1: Cout must be a multiple of Cin / g).
@@ -136,7 +140,8 @@ impl Conv {
                     .stencil(stencil)
                     .group_size(g)
                     .stride(stride)
-                    .dilation(dilation);
+                    .dilation(dilation)
+                    .init(init);
                 Ok(Conv::Lean(LeanConv2d::new(cfg, vb)?))
             }
             _ => Conv::dense(cin, cout, 3, stride, dilation, vb),
@@ -272,6 +277,26 @@ impl ConvBnAct {
         &self.conv
     }
 
+    /// For a lean convolution, how its two branches share its output on input `x`; `None` for
+    /// other convolutions.
+    pub fn lean_branch_stats(&self, x: &Tensor) -> Result<Option<LeanBranchStats>> {
+        let Conv::Lean(c) = &self.conv else {
+            return Ok(None);
+        };
+        let cfg = c.config();
+        let pw = x.conv2d(c.pointwise_weight(), 0, cfg.stride, 1, 1)?;
+        let gs = lean_ops::grouped_stencil_conv2d(x, c.stencil_weight(), cfg)?;
+        let second_moment = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sqr()?.mean_all()?.to_scalar()?) };
+        let (vp, vs) = (channel_variance(&pw)?, channel_variance(&gs)?);
+        Ok(Some(LeanBranchStats {
+            name: self.conv_name.clone(),
+            in_channels: cfg.in_channels,
+            out_channels: cfg.out_channels,
+            stencil_share: vs / (vp + vs).max(f64::MIN_POSITIVE),
+            gain: second_moment(&(pw + gs)?)? / second_moment(x)?.max(f64::MIN_POSITIVE),
+        }))
+    }
+
     /// Adds this layer's rows to `t`; returns the output shape.
     pub fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
         let (c, out) = self.conv.cost(input)?;
@@ -284,6 +309,38 @@ impl ConvBnAct {
             None => Ok(out),
         }
     }
+}
+
+/// How the two branches of one lean convolution share its output, measured on one batch
+/// (see [`LeanInit`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeanBranchStats {
+    /// The convolution's name (`layer1.0.conv1`).
+    pub name: String,
+    /// Input channels Cin.
+    pub in_channels: usize,
+    /// Output channels Cout.
+    pub out_channels: usize,
+    /// The stencil branch's share of the output variance, var(GS x) / (var(PW x) + var(GS x)),
+    /// each the per-channel variance over batch and pixels (what the BatchNorm after the sum
+    /// sees), summed over channels.
+    pub stencil_share: f64,
+    /// The second-moment gain E[y²] / E[x²] of the whole lean convolution; Kaiming fan-out init
+    /// gives 2·Cin/Cout for independent zero-mean inputs.
+    pub gain: f64,
+}
+
+/// Per-channel variance over (N, H, W), summed over channels, in f64.
+fn channel_variance(t: &Tensor) -> Result<f64> {
+    let t = t.to_dtype(DType::F64)?;
+    let mean = t.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+    let var = t
+        .broadcast_sub(&mean)?
+        .sqr()?
+        .mean_keepdim(0)?
+        .mean_keepdim(2)?
+        .mean_keepdim(3)?;
+    Ok(var.sum_all()?.to_scalar()?)
 }
 
 /// A linear classifier with torchvision's names (`weight` (out, in), `bias`).

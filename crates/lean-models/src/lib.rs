@@ -33,7 +33,7 @@ mod segment;
 mod shufflenet_v2;
 
 pub use error::{Error, Result};
-pub use layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, LayerRow, Trace};
+pub use layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, LayerRow, LeanBranchStats, Trace};
 pub use mobilenet_v2::{make_divisible, MobileNetV2, MobileNetV2Config};
 pub use model::Model;
 pub use registry::{create_model, describe, list_models, model_names, Family, ModelInfo, ModelOptions};

@@ -2,7 +2,8 @@
 //! knobs, descriptions, and creation with options.
 //!
 //! Tags (lean models only) are `_`-separated tokens: a stencil (`five`, `four`, `h3`, `v3`,
-//! `full`), a group size `g<N>`, and `dd` for dense downsampling, e.g. `lean_resnet18.four_g2`.
+//! `full`), a group size `g<N>`, `dd` for dense downsampling, and an initialisation of new lean
+//! weights (`balanced`, the default, or `fanout`), e.g. `lean_resnet18.four_g2`.
 
 use crate::layers::Conv3x3Kind;
 use crate::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
@@ -11,7 +12,7 @@ use crate::resnet::{ResNet, ResNetConfig, Stem};
 use crate::shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};
 use crate::{Error, Result};
 use candle_nn::VarBuilder;
-use lean_ops::Stencil;
+use lean_ops::{LeanInit, Stencil};
 
 /// The model families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +73,8 @@ pub struct ModelOptions {
     pub group_size: Option<usize>,
     /// Keep downsampling 3x3 convolutions dense.
     pub dense_downsample: Option<bool>,
+    /// How new lean weights are drawn.
+    pub lean_init: Option<LeanInit>,
     /// ResNets: how many of the last stages are dilated instead of strided (0-2).
     pub dilate_last: Option<usize>,
     /// Build the feature extractor only (a backbone: no classifier).
@@ -283,6 +286,7 @@ fn apply_tag(name: &str, tag: &str, kind: &mut Conv3x3Kind) -> Result<()> {
         stencil,
         group_size,
         dense_downsample,
+        init,
     } = kind
     else {
         return Err(Error::Config {
@@ -297,10 +301,12 @@ fn apply_tag(name: &str, tag: &str, kind: &mut Conv3x3Kind) -> Result<()> {
             *group_size = g;
         } else if tok == "dd" {
             *dense_downsample = true;
+        } else if let Ok(i) = tok.parse::<LeanInit>() {
+            *init = i;
         } else {
             return Err(Error::Config {
                 model: name.into(),
-                msg: format!("unknown tag token `{tok}` (expected a stencil, g<N> or dd)"),
+                msg: format!("unknown tag token `{tok}` (expected a stencil, g<N>, dd, balanced or fanout)"),
             });
         }
     }
@@ -379,8 +385,8 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             ..Default::default()
         };
         if bb_lean {
-            (bopts.stencil, bopts.group_size, bopts.dense_downsample) =
-                (opts.stencil, opts.group_size, opts.dense_downsample);
+            (bopts.stencil, bopts.group_size, bopts.dense_downsample, bopts.lean_init) =
+                (opts.stencil, opts.group_size, opts.dense_downsample, opts.lean_init);
         }
         // DeepLabV3 keeps the ImageNet-stem ResNets at output stride 8 with dilation.
         if head == crate::segment::SegHead::Aspp && !small && bb.contains("resnet") {
@@ -401,11 +407,15 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             apply_tag(name, tag, &mut conv)?;
         }
         if let Conv3x3Kind::Lean {
-            stencil, group_size, ..
+            stencil,
+            group_size,
+            init,
+            ..
         } = &mut conv
         {
             *stencil = opts.stencil.unwrap_or(*stencil);
             *group_size = opts.group_size.unwrap_or(*group_size);
+            *init = opts.lean_init.unwrap_or(*init);
         }
         let cfg = crate::segment::SegDecoderConfig {
             head,
@@ -421,10 +431,13 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
         model: name.to_string(),
         msg,
     };
-    let lean_knobs = opts.stencil.is_some() || opts.group_size.is_some() || opts.dense_downsample.is_some();
+    let lean_knobs = opts.stencil.is_some()
+        || opts.group_size.is_some()
+        || opts.dense_downsample.is_some()
+        || opts.lean_init.is_some();
     if lean_knobs && !lean {
         return Err(bad(
-            "--stencil, --group-size and --dense-downsample apply to lean models only".into(),
+            "--stencil, --group-size, --dense-downsample and --lean-init apply to lean models only".into(),
         ));
     }
     if opts.num_classes == Some(0) || opts.in_channels == Some(0) {
@@ -442,11 +455,13 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
                 stencil,
                 group_size,
                 dense_downsample,
+                init,
             } = &mut c.conv
             {
                 *stencil = opts.stencil.unwrap_or(*stencil);
                 *group_size = opts.group_size.unwrap_or(*group_size);
                 *dense_downsample = opts.dense_downsample.unwrap_or(*dense_downsample);
+                *init = opts.lean_init.unwrap_or(*init);
             }
             c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
             c.num_classes = opts.num_classes.unwrap_or(c.num_classes);

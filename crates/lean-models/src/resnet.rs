@@ -1,7 +1,9 @@
 //! ResNets (torchvision layout), their small-image variants, the classic CIFAR ResNets, and
 //! the lean versions of all of them (every 3x3 conv inside the residual blocks lean).
 
-use crate::layers::{stem_max_pool, trace_stem_max_pool, Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
+use crate::layers::{
+    stem_max_pool, trace_stem_max_pool, Classifier, Conv, Conv3x3Kind, ConvBnAct, LeanBranchStats, Trace,
+};
 use crate::model::Model;
 use crate::Result;
 use candle_core::Tensor;
@@ -174,8 +176,16 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_probed(x, train, None)
+    }
+
+    /// The forward pass; with `probe`, each lean convolution's branch statistics are recorded.
+    fn forward_probed(&self, x: &Tensor, train: bool, mut probe: Option<&mut Vec<LeanBranchStats>>) -> Result<Tensor> {
         let mut h = x.clone();
         for c in &self.convs {
+            if let Some(stats) = probe.as_deref_mut() {
+                stats.extend(c.lean_branch_stats(&h)?);
+            }
             h = c.forward_t(&h, train)?;
         }
         let shortcut = match &self.downsample {
@@ -271,6 +281,18 @@ impl ResNet {
     /// The configuration.
     pub fn config(&self) -> &ResNetConfig {
         &self.cfg
+    }
+
+    /// Runs `x` through the network (train mode, as a fresh network is used) and reports, for
+    /// every lean convolution in order, how its two branches share its output on the input it
+    /// receives there: the diagnostic behind [`lean_ops::LeanInit`].
+    pub fn lean_branch_stats(&self, x: &Tensor) -> Result<Vec<LeanBranchStats>> {
+        let mut stats = vec![];
+        let mut h = self.stem_forward(x, true)?;
+        for b in self.stages.iter().flatten() {
+            h = b.forward_probed(&h, true, Some(&mut stats))?;
+        }
+        Ok(stats)
     }
 
     fn stem_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

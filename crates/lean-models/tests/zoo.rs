@@ -379,12 +379,12 @@ fn deep_fresh_lean_resnet_keeps_activations_of_order_one() {
 }
 
 #[test]
-fn lean_init_is_kaiming_over_the_combined_operator() {
-    // Each fresh lean conv doubles E[x²] of independent unit inputs (the ReLU gain), whatever
+fn fanout_lean_init_is_kaiming_over_the_combined_operator() {
+    // The `fanout` init (the balanced default is tested in lean_init.rs): each fresh lean conv doubles E[x²] of independent unit inputs (the ReLU gain), whatever
     // the stencil and group size, so a ReLU after it restores the second moment: this is what
     // keeps a deep lean stack at order one. Averaged over 10 fresh layers.
     use candle_core::Module;
-    use lean_ops::{LeanConv2d, LeanConv2dConfig, Stencil};
+    use lean_ops::{LeanConv2d, LeanConv2dConfig, LeanInit, Stencil};
     for (stencil, g, cout) in [
         (Stencil::Five, 1, 64),
         (Stencil::Four, 1, 128),
@@ -396,7 +396,10 @@ fn lean_init_is_kaiming_over_the_combined_operator() {
         let mut gains = vec![];
         for i in 0..10 {
             let x = Tensor::randn(0f32, 1., (2, 64, 24, 24), &Device::Cpu).unwrap();
-            let cfg = LeanConv2dConfig::new(64, cout).stencil(stencil).group_size(g);
+            let cfg = LeanConv2dConfig::new(64, cout)
+                .stencil(stencil)
+                .group_size(g)
+                .init(LeanInit::Fanout);
             let conv = LeanConv2d::new(cfg, vb.pp(format!("l{i}"))).unwrap();
             let y = conv.forward(&x).unwrap();
             // Kaiming fan_out: the gain is 2 · fan_in / fan_out of the combined operator.

@@ -9,7 +9,7 @@ use crate::kernels::gemm_conv::ConvGeom;
 use crate::kernels::stencil::StencilGeom;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
 use crate::reference;
-use crate::stencil::Stencil;
+use crate::stencil::{LeanInit, Stencil};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Shape, Tensor, WithDType};
 use candle_nn::{Init, VarBuilder};
 
@@ -30,6 +30,8 @@ pub struct LeanConv2dConfig {
     pub dilation: usize,
     /// Whether the layer adds a bias.
     pub bias: bool,
+    /// How [`LeanConv2d::new`] draws new weights.
+    pub init: LeanInit,
 }
 
 impl LeanConv2dConfig {
@@ -43,6 +45,7 @@ impl LeanConv2dConfig {
             stride: 1,
             dilation: 1,
             bias: false,
+            init: LeanInit::Balanced,
         }
     }
     /// Sets the stencil.
@@ -69,6 +72,26 @@ impl LeanConv2dConfig {
     pub fn bias(mut self, b: bool) -> Self {
         self.bias = b;
         self
+    }
+    /// Sets the initialisation of new weights.
+    pub fn init(mut self, init: LeanInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// The standard deviations (pointwise, stencil) of new weights under `self.init`.
+    pub fn init_stds(&self) -> (f64, f64) {
+        let (cin, cout) = (self.in_channels as f64, self.out_channels as f64);
+        let taps = self.stencil.len() as f64;
+        let g = self.group_size.max(1) as f64;
+        match self.init {
+            LeanInit::Balanced => ((1.0 / cout).sqrt(), (cin / (g * taps * cout)).sqrt()),
+            LeanInit::Fanout => {
+                let fan_out = cout + cout / self.groups().max(1) as f64 * taps;
+                let s = (2.0 / fan_out).sqrt();
+                (s, s)
+            }
+        }
     }
 
     /// Number of groups of the stencil branch: Cin / g.
@@ -385,18 +408,19 @@ pub struct LeanConv2d {
 }
 
 impl LeanConv2d {
-    /// Builds the layer from `vb`. New weights are Kaiming-normal with ReLU gain over the fan-out
-    /// of the combined operator (Cout pointwise + Cout/groups·|S| stencil taps per input value),
-    /// so a deep lean network keeps activations of order one.
+    /// Builds the layer from `vb`. New weights are drawn as `cfg.init` says ([`LeanInit`]: by
+    /// default each branch carries half of the Kaiming fan-out output variance 2·Cin/Cout, so
+    /// both start with comparable variance and a deep lean network keeps activations of order one).
     pub fn new(cfg: LeanConv2dConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let fan_out = (cfg.out_channels + cfg.out_channels / cfg.groups() * cfg.stencil.len()) as f64;
-        let init = Init::Randn {
-            mean: 0.,
-            stdev: (2.0 / fan_out).sqrt(),
-        };
-        let pointwise = vb.get_with_hints((cfg.out_channels, cfg.in_channels, 1, 1), "pointwise.weight", init)?;
-        let stencil = vb.get_with_hints(cfg.stencil_shape(), "stencil.weight", init)?;
+        let (p_std, q_std) = cfg.init_stds();
+        let normal = |stdev| Init::Randn { mean: 0., stdev };
+        let pointwise = vb.get_with_hints(
+            (cfg.out_channels, cfg.in_channels, 1, 1),
+            "pointwise.weight",
+            normal(p_std),
+        )?;
+        let stencil = vb.get_with_hints(cfg.stencil_shape(), "stencil.weight", normal(q_std))?;
         let bias = if cfg.bias {
             Some(vb.get_with_hints(cfg.out_channels, "bias", Init::Const(0.))?)
         } else {

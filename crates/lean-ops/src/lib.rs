@@ -56,4 +56,4 @@ pub use loss::{cross_entropy, CrossEntropyConfig};
 pub use norm::{activation, add_activation, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
 pub use pool::{avg_pool2d, global_avg_pool2d, max_pool2d, Pool2dConfig};
 pub use resample::{channel_shuffle, upsample_bilinear2d};
-pub use stencil::Stencil;
+pub use stencil::{LeanInit, Stencil};

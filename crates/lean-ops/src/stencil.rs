@@ -83,3 +83,53 @@ impl FromStr for Stencil {
         })
     }
 }
+
+/// How a new [`LeanConv2d`](crate::LeanConv2d) draws its two weights.
+///
+/// With input channels Cin, output channels Cout, group size g and |S| stencil taps, an output
+/// of the pointwise branch sums Cin products and one of the stencil branch g·|S| products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LeanInit {
+    /// Each branch scaled on its own fan (the default): P ~ N(0, 1/Cout) and
+    /// Q ~ N(0, Cin/(g·|S|·Cout)). For unit-variance inputs each branch then carries Cin/Cout of
+    /// output variance, half of the sum 2·Cin/Cout that Kaiming fan-out init gives a dense 3x3
+    /// convolution, so spatial mixing starts on an equal footing with channel mixing.
+    #[default]
+    Balanced,
+    /// One Kaiming-normal std over the fan-out of the combined operator for both weights,
+    /// N(0, 2/(Cout + Cout/groups·|S|)). The pointwise branch then carries Cin/(g·|S|) times the
+    /// stencil branch's variance (13x at 64 channels): a fresh network is in effect a 1x1
+    /// network, and learns slowly. Kept for ablations and to reproduce older runs.
+    Fanout,
+}
+
+impl LeanInit {
+    /// Every initialisation.
+    pub const ALL: [LeanInit; 2] = [LeanInit::Balanced, LeanInit::Fanout];
+
+    /// The name used on the command line, in tags and configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LeanInit::Balanced => "balanced",
+            LeanInit::Fanout => "fanout",
+        }
+    }
+}
+
+impl fmt::Display for LeanInit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LeanInit {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        LeanInit::ALL.into_iter().find(|i| i.name() == s).ok_or_else(|| {
+            crate::error::config_err(
+                "lean_init",
+                format!("unknown lean init `{s}` (expected balanced or fanout)"),
+            )
+        })
+    }
+}

@@ -44,6 +44,16 @@ impl ParamGroups {
         g
     }
 
+    /// Moves the decayed parameters whose name satisfies `exempt` to the group without decay
+    /// (e.g. the small stencil weights of lean convolutions, `*.stencil.weight`).
+    pub fn exempt_from_decay(mut self, exempt: impl Fn(&str) -> bool) -> Self {
+        let (moved, kept): (Vec<_>, Vec<_>) = self.decay.into_iter().partition(|(n, _)| exempt(n));
+        self.decay = kept;
+        self.no_decay.extend(moved);
+        self.no_decay.sort_by(|a, b| a.0.cmp(&b.0));
+        self
+    }
+
     /// Every trained parameter.
     pub fn params(&self) -> impl Iterator<Item = &(String, Var)> {
         self.decay.iter().chain(&self.no_decay)

@@ -11,7 +11,7 @@ use candle_nn::VarMap;
 use lean_data::transforms::Transform;
 use lean_data::{dataset_info, mix_seed, open_dataset, Dataset, Loader, LoaderConfig, Pipeline, Sample, Split};
 use lean_models::{create_model, describe, Model, ModelOptions};
-use lean_ops::{cross_entropy, CrossEntropyConfig, Stencil};
+use lean_ops::{cross_entropy, CrossEntropyConfig, LeanInit, Stencil};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +34,9 @@ pub struct ModelSpec {
     pub group_size: Option<usize>,
     /// Dense downsampling.
     pub dense_downsample: Option<bool>,
+    /// Initialisation of new lean weights (`balanced` or `fanout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lean_init: Option<String>,
 }
 
 impl ModelSpec {
@@ -50,6 +53,10 @@ impl ModelSpec {
             stencil,
             group_size: self.group_size,
             dense_downsample: self.dense_downsample,
+            lean_init: match &self.lean_init {
+                Some(s) => Some(s.parse::<LeanInit>()?),
+                None => None,
+            },
             dilate_last: None,
             features_only: false,
         })
@@ -86,6 +93,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Decay every parameter (default: not BatchNorm parameters and biases).
     pub decay_all: bool,
+    /// No weight decay on the lean stencil weights (`*.stencil.weight`).
+    #[serde(default)]
+    pub no_decay_stencil: bool,
     /// `cosine`, `step`, `multistep` or `constant`.
     pub sched: String,
     /// Warmup epochs (linear from `warmup_lr`).
@@ -139,6 +149,7 @@ impl Default for TrainConfig {
             nesterov: true,
             weight_decay: 5e-4,
             decay_all: false,
+            no_decay_stencil: false,
             sched: "cosine".into(),
             warmup_epochs: 1.0,
             warmup_lr: 1e-4,
@@ -592,7 +603,10 @@ pub fn train_with(
     }
     let varmap = VarMap::new();
     let model = spec.build(seeded_var_builder(&varmap, cfg.seed, DType::F32, &device))?;
-    let groups = ParamGroups::from_varmap(&varmap, cfg.decay_all);
+    let mut groups = ParamGroups::from_varmap(&varmap, cfg.decay_all);
+    if cfg.no_decay_stencil {
+        groups = groups.exempt_from_decay(|name| name.ends_with("stencil.weight"));
+    }
     let mut opt: Box<dyn Optimizer> = match cfg.opt.as_str() {
         "sgd" => Box::new(Sgd::with_groups(
             groups.decay.clone(),
