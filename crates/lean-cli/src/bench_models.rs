@@ -28,6 +28,11 @@ pub struct ModelBench {
     pub infer_step_time: f64,
     /// Inference throughput.
     pub infer_samples_per_sec: f64,
+    /// Median inference time per batch with every BatchNorm folded into its convolution (the
+    /// deployment form, as ONNX Runtime runs it), ms.
+    pub infer_folded_step_time: f64,
+    /// The instruction set our kernels ran with (`lean_ops::isa`).
+    pub isa: String,
     /// Median training step (forward, backward, SGD update), ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_step_time: Option<f64>,
@@ -76,7 +81,13 @@ pub fn bench_model(
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    let infer_model = create_model(name, &o, candle_nn::VarBuilder::from_tensors(frozen, DType::F32, &dev))?;
+    let infer_model = create_model(
+        name,
+        &o,
+        candle_nn::VarBuilder::from_tensors(frozen.clone(), DType::F32, &dev),
+    )?;
+    let mut folded_model = create_model(name, &o, candle_nn::VarBuilder::from_tensors(frozen, DType::F32, &dev))?;
+    folded_model.fold_batchnorm()?;
     let cost = infer_model.cost(&[1, c, h, w])?;
     let groups = lean_train::ParamGroups::from_varmap(&vm, false);
     let mut out = vec![];
@@ -85,6 +96,10 @@ pub fn bench_model(
         let y = Tensor::from_vec((0..b as u32).map(|i| i % model.num_classes() as u32).collect(), b, &dev)?;
         let infer = median_ms(reps, || {
             infer_model.forward_t(&x, false)?;
+            Ok(())
+        })?;
+        let infer_folded = median_ms(reps, || {
+            folded_model.forward_t(&x, false)?;
             Ok(())
         })?;
         let train = if with_train {
@@ -111,6 +126,8 @@ pub fn bench_model(
             macs: cost.macs,
             infer_step_time: infer,
             infer_samples_per_sec: b as f64 / infer * 1e3,
+            infer_folded_step_time: infer_folded,
+            isa: lean_ops::isa::active().name().to_string(),
             train_step_time: train,
             train_samples_per_sec: train.map(|t| b as f64 / t * 1e3),
         });
@@ -155,6 +172,7 @@ pub fn print(rows: &[ModelBench], format: Format, csv: bool) -> Result<()> {
                         format!("{:.1} M", r.macs as f64 / 1e6),
                         format!("{:.2}", r.infer_step_time),
                         format!("{:.0}", r.infer_samples_per_sec),
+                        format!("{:.2}", r.infer_folded_step_time),
                         r.train_step_time.map_or("-".into(), |t| format!("{t:.2}")),
                         r.train_samples_per_sec.map_or("-".into(), |t| format!("{t:.0}")),
                     ]
@@ -171,6 +189,7 @@ pub fn print(rows: &[ModelBench], format: Format, csv: bool) -> Result<()> {
                         "MACs",
                         "infer ms",
                         "infer img/s",
+                        "folded ms",
                         "train ms",
                         "train img/s"
                     ],

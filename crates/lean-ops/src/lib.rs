@@ -35,6 +35,7 @@ mod conv;
 pub mod cost;
 mod depthwise;
 mod error;
+pub mod isa;
 mod kernels;
 mod lean_conv;
 mod loss;

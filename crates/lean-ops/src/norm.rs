@@ -3,6 +3,7 @@
 
 use crate::cost::{Cost, CostModel};
 use crate::error::{check_float, dims4, shape_err, Result};
+use crate::isa::isa_dispatch;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
@@ -94,9 +95,21 @@ fn affine_act_planes<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act:
         .enumerate()
         .for_each(|(p, (yp, xp))| {
             let (a, b) = (scale[p % c], shift[p % c]);
-            with_act!(act, |f| yp.iter_mut().zip(xp).for_each(|(yv, xv)| *yv = f(*xv * a + b)));
+            isa_dispatch!(affine_act_plane(yp, xp, a, b, act));
         });
     y
+}
+
+/// y = act(x · a + b) over one plane.
+#[inline(always)]
+fn affine_act_plane<T: Real>(y: &mut [T], x: &[T], a: T, b: T, act: Activation) {
+    with_act!(act, |f| y.iter_mut().zip(x).for_each(|(yv, xv)| *yv = f(*xv * a + b)));
+}
+
+/// y = x · a over one plane.
+#[inline(always)]
+fn scale_plane<T: Real>(y: &mut [T], x: &[T], a: T) {
+    y.iter_mut().zip(x).for_each(|(o, v)| *o = *v * a);
 }
 
 /// Elements per parallel task of the elementwise maps: large enough that rayon's per-task cost
@@ -109,12 +122,15 @@ fn par_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(MAP_CHUNK)
         .zip(a.par_chunks(MAP_CHUNK).zip(b.par_chunks(MAP_CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(*a, *b);
-            }
-        });
+        .for_each(|(o, (a, b))| isa_dispatch!(map2_chunk(o, a, b, &f)));
     out
+}
+
+#[inline(always)]
+fn map2_chunk<T: Real>(out: &mut [T], a: &[T], b: &[T], f: &impl Fn(T, T) -> T) {
+    for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+        *o = f(*a, *b);
+    }
 }
 
 /// gy · act'(y): the gradient before the activation, read off the activation's output.
@@ -135,8 +151,12 @@ fn activate<T: Real>(x: &[T], act: Activation) -> Vec<T> {
 
 /// Σ f(a[i], b[i]) in f64 over eight independent accumulators: a fixed order (deterministic)
 /// that vectorises, where one serial f64 sum waits on every add.
-#[inline]
 fn sum_pairs<T: Real>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
+    isa_dispatch!(sum_pairs_body(a, b, &f))
+}
+
+#[inline(always)]
+fn sum_pairs_body<T: Real>(a: &[T], b: &[T], f: &impl Fn(f64, f64) -> f64) -> f64 {
     const L: usize = 8;
     let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
     let tail: f64 = ac
@@ -197,7 +217,7 @@ impl CustomOp3 for ChannelAffineOp {
                                 .enumerate()
                                 .for_each(|(p, (gxp, gzp))| {
                                     let a = scs[p % c];
-                                    gxp.iter_mut().zip(gzp).for_each(|(o, g)| *o = *g * a);
+                                    isa_dispatch!(scale_plane(gxp, gzp, a));
                                 });
                             let (gs, gb) = channel_sums(c, hw, &gz, Some((xs, &vec![0.0; c])));
                             Ok((
@@ -395,6 +415,17 @@ fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
         .unzip()
 }
 
+/// BatchNorm's input gradient over one plane, in f64:
+/// gx = k·(gz - a - xhat·bsum) with xhat = (x - mu)·is; `c` = [k, mu, is, a, bsum].
+#[inline(always)]
+fn bn_input_grad_plane<T: Real>(gx: &mut [T], gz: &[T], x: &[T], c: [f64; 5]) {
+    let [k, mu, is, a, bsum] = c;
+    for ((o, g), xv) in gx.iter_mut().zip(gz).zip(x) {
+        let xhat = (xv.f() - mu) * is;
+        *o = T::from_f64(k * (g.f() - a - xhat * bsum));
+    }
+}
+
 /// Train-mode BatchNorm over given batch statistics, fused with an activation.
 struct BnTrainOp {
     mean: Vec<f64>,
@@ -452,10 +483,7 @@ impl CustomOp3 for BnTrainOp {
                                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
                                 let (a, bsum) = (sg[ch] / m, sgxhat[ch] / m);
                                 let r = p * hw..(p + 1) * hw;
-                                for ((o, g), xv) in gxp.iter_mut().zip(&gz[r.clone()]).zip(&xs[r]) {
-                                    let xhat = (xv.f() - mu) * is;
-                                    *o = T::from_f64(k * (g.f() - a - xhat * bsum));
-                                }
+                                isa_dispatch!(bn_input_grad_plane(gxp, &gz[r.clone()], &xs[r], [k, mu, is, a, bsum]));
                             });
                             let gw: Vec<T> = sgxhat.iter().map(|v| T::from_f64(*v)).collect();
                             Ok((

@@ -52,6 +52,7 @@ impl StencilGeom {
         self.taps.len()
     }
 
+    #[inline(always)]
     fn windows(&self) -> Vec<TapWindow> {
         self.taps
             .iter()
@@ -74,6 +75,11 @@ impl StencilGeom {
     /// y_grp += stencil(x) for the output channels of group `grp` of one sample.
     /// `x` is the whole sample (Cin planes); `y_grp` holds the group's `opg` output planes.
     pub fn forward_group<T: Real>(&self, grp: usize, x: &[T], q: &[T], y_grp: &mut [T]) {
+        crate::isa::isa_dispatch!(self.forward_group_body(grp, x, q, y_grp))
+    }
+
+    #[inline(always)]
+    fn forward_group_body<T: Real>(&self, grp: usize, x: &[T], q: &[T], y_grp: &mut [T]) {
         if self.stride == 1 {
             return self.forward_group_s1(grp, x, q, y_grp);
         }
@@ -112,6 +118,11 @@ impl StencilGeom {
     /// gx_grp += stencilᵀ(gy) for the input channels of group `grp` of one sample.
     /// `gy` is the whole sample's output gradient; `gx_grp` holds the group's `g` input planes.
     pub fn backward_input_group<T: Real>(&self, grp: usize, gy: &[T], q: &[T], gx_grp: &mut [T]) {
+        crate::isa::isa_dispatch!(self.backward_input_group_body(grp, gy, q, gx_grp))
+    }
+
+    #[inline(always)]
+    fn backward_input_group_body<T: Real>(&self, grp: usize, gy: &[T], q: &[T], gx_grp: &mut [T]) {
         if self.stride == 1 {
             return self.backward_input_group_s1(grp, gy, q, gx_grp);
         }
@@ -148,6 +159,11 @@ impl StencilGeom {
 
     /// gq_o += the weight gradient of output channel `o` from one sample: `g·|S|` values.
     pub fn backward_weight_channel<T: Real>(&self, o: usize, x: &[T], gy: &[T], gq_o: &mut [T]) {
+        crate::isa::isa_dispatch!(self.backward_weight_channel_body(o, x, gy, gq_o))
+    }
+
+    #[inline(always)]
+    fn backward_weight_channel_body<T: Real>(&self, o: usize, x: &[T], gy: &[T], gq_o: &mut [T]) {
         if self.stride == 1 {
             return self.backward_weight_channel_s1(o, x, gy, gq_o);
         }
@@ -193,6 +209,7 @@ impl StencilGeom {
         ((d + dy * d) * wp + d + dx * d) as usize
     }
 
+    #[inline(always)]
     fn forward_group_s1<T: Real>(&self, grp: usize, x: &[T], q: &[T], y_grp: &mut [T]) {
         let (nt, g, d, wp) = (self.nt(), self.g, self.dil, self.w + 2 * self.dil);
         let offs: Vec<usize> = self.taps.iter().map(|&(dy, dx)| self.frame_offset(dy, dx)).collect();
@@ -218,6 +235,7 @@ impl StencilGeom {
         }
     }
 
+    #[inline(always)]
     fn backward_input_group_s1<T: Real>(&self, grp: usize, gy: &[T], q: &[T], gx_grp: &mut [T]) {
         let (nt, g, opg, d, wp) = (self.nt(), self.g, self.opg(), self.dil, self.w + 2 * self.dil);
         // gx[p] = Σ wt · gy[p - tap]: the mirrored offsets into the framed gy.
@@ -250,6 +268,7 @@ impl StencilGeom {
         }
     }
 
+    #[inline(always)]
     fn backward_weight_channel_s1<T: Real>(&self, o: usize, x: &[T], gy: &[T], gq_o: &mut [T]) {
         let (nt, g, d, wp) = (self.nt(), self.g, self.dil, self.w + 2 * self.dil);
         let grp = o / self.opg();
@@ -281,6 +300,7 @@ impl StencilGeom {
 
 /// A plane embedded in a zero frame of `d` pixels: (H + 2d) x (W + 2d), plus `2d` zeros of
 /// slack at the end so that every shifted flat read of an (H x (W + 2d)) window stays inside.
+#[inline(always)]
 fn pad_plane<T: Real>(plane: &[T], h: usize, w: usize, d: usize, out: &mut Vec<T>) {
     let wp = w + 2 * d;
     out.clear();
@@ -291,7 +311,7 @@ fn pad_plane<T: Real>(plane: &[T], h: usize, w: usize, d: usize, out: &mut Vec<T
 }
 
 /// acc[k] += wt · src[k + off] over the whole accumulator: one vectorised pass per tap.
-#[inline]
+#[inline(always)]
 fn flat_axpy<T: Real>(acc: &mut [T], src: &[T], off: usize, wt: T) {
     let n = acc.len();
     for (a, b) in acc.iter_mut().zip(&src[off..off + n]) {
@@ -300,7 +320,7 @@ fn flat_axpy<T: Real>(acc: &mut [T], src: &[T], off: usize, wt: T) {
 }
 
 /// A dot product with several independent accumulators so that it vectorises.
-#[inline]
+#[inline(always)]
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     const L: usize = 16;
     let mut acc = [T::zero(); L];

@@ -1,0 +1,85 @@
+//! Every instruction-set path of our kernels (`lean_ops::isa`) computes the same values: the
+//! lean convolution (forward and all gradients, stride 1 and 2), BatchNorm fused with ReLU6
+//! (train-mode forward and backward), the fused residual add + ReLU. Our loops never fuse a
+//! multiply-add implicitly and keep a fixed summation order, so the paths agree bit for bit.
+//! (The whole oracle suite also runs on each path: `LEAN_OPS_ISA=portable cargo test -p lean-ops`,
+//! as `.ci/run` does.)
+mod common;
+
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarBuilder;
+use common::*;
+use lean_ops::isa::{self, Isa};
+use lean_ops::{add_activation, lean_conv2d, Activation, BatchNorm2d, BatchNormConfig, LeanConv2dConfig, Stencil};
+
+/// Every value the kernels produce for one fixed set of inputs, flattened.
+fn outputs(dt: DType) -> Vec<Vec<f64>> {
+    let mut out = vec![];
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    for (stencil, g, stride) in [(Stencil::Five, 1, 1), (Stencil::Four, 2, 2), (Stencil::Full, 4, 1)] {
+        let cfg = LeanConv2dConfig::new(8, 16)
+            .stencil(stencil)
+            .group_size(g)
+            .stride(stride);
+        let x = var(&rand(&[3, 8, 13, 11], 1, dt));
+        let p = var(&rand(&[16, 8, 1, 1], 2, dt));
+        let q = var(&rand(&[16, g, stencil.len()], 3, dt));
+        let y = lean_conv2d(x.as_tensor(), p.as_tensor(), q.as_tensor(), None, &cfg).unwrap();
+        let r = rand(y.dims(), 4, dt);
+        let grads = (y.clone() * r).unwrap().sum_all().unwrap().backward().unwrap();
+        out.push(flat(&y));
+        for v in [&x, &p, &q] {
+            out.push(flat(grads.get(v.as_tensor()).unwrap()));
+        }
+    }
+    let vm = candle_nn::VarMap::new();
+    let bn = BatchNorm2d::new(
+        16,
+        BatchNormConfig::default(),
+        VarBuilder::from_varmap(&vm, dt, &candle_core::Device::Cpu),
+    )
+    .unwrap();
+    let x = Var::from_tensor(&(rand(&[4, 16, 9, 9], 5, dt) * 4.0).unwrap()).unwrap();
+    let y = bn.forward_act(x.as_tensor(), true, Activation::Relu6).unwrap();
+    let z = add_activation(&y, &rand(y.dims(), 6, dt), Activation::Relu).unwrap();
+    let grads = (z.clone() * rand(z.dims(), 7, dt))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    out.push(flat(&z));
+    out.push(flat(grads.get(x.as_tensor()).unwrap()));
+    out
+}
+
+#[test]
+fn every_isa_path_computes_the_same_values() {
+    for dt in [DType::F32, DType::F64] {
+        isa::set_max_isa(Some(Isa::Portable));
+        assert_eq!(isa::active(), Isa::Portable);
+        let portable = outputs(dt);
+        let mut checked = vec![];
+        for level in Isa::ALL
+            .into_iter()
+            .filter(|&l| l > Isa::Portable && l <= isa::detected())
+        {
+            isa::set_max_isa(Some(level));
+            assert_eq!(isa::active(), level);
+            let got = outputs(dt);
+            for (k, (a, b)) in got.iter().zip(&portable).enumerate() {
+                assert_eq!(a, b, "{level} against portable, output {k} ({dt:?})");
+            }
+            checked.push(level);
+        }
+        isa::set_max_isa(None);
+        eprintln!("{dt:?}: portable and {checked:?} agree (detected {})", isa::detected());
+    }
+}
