@@ -5,7 +5,7 @@ use crate::model::Model;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use lean_ops::{global_avg_pool2d, Activation, DepthwiseConv2d};
+use lean_ops::{add_activation, global_avg_pool2d, Activation, DepthwiseConv2d};
 
 /// Everything that defines a MobileNetV2.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,7 +106,9 @@ impl InvertedResidual {
         for l in &self.layers {
             h = l.forward_t(&h, train)?;
         }
-        Ok(if self.residual { (h + x)? } else { h })
+        // Our fused op, not candle's add: one rayon pass each way (candle's elementwise ops run on
+        // a second thread pool that competes with ours for the cores).
+        Ok(if self.residual { add_activation(&h, x, Activation::None)? } else { h })
     }
 }
 
