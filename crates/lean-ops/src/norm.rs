@@ -149,29 +149,68 @@ fn activate<T: Real>(x: &[T], act: Activation) -> Vec<T> {
     with_act!(act, |f| par_map2(x, x, |v, _| f(v)))
 }
 
-/// Σ f(a[i], b[i]) in f64 over eight independent accumulators: a fixed order (deterministic)
-/// that vectorises, where one serial f64 sum waits on every add.
-fn sum_pairs<T: Real>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
-    isa_dispatch!(sum_pairs_body(a, b, &f))
-}
+/// f64 lanes of the per-channel reductions: eight independent accumulators in a fixed order
+/// (deterministic, and they vectorise where one serial f64 sum waits on every add).
+const LANES: usize = 8;
 
+/// Per channel `ch`, in one pass over its N planes of `hw` values, with k = the channel's first
+/// value as a shift: (Σ (x - k), Σ (x - k)², k) in f64. The shift keeps E[(x-k)²] - E[x-k]²
+/// free of cancellation (k is within the data's range), so one pass serves mean and variance.
 #[inline(always)]
-fn sum_pairs_body<T: Real>(a: &[T], b: &[T], f: &impl Fn(f64, f64) -> f64) -> f64 {
-    const L: usize = 8;
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f64 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| f(x.f(), y.f()))
-        .sum();
-    let mut acc = [0f64; L];
-    for (x, y) in ac.zip(bc) {
-        for i in 0..L {
-            acc[i] += f(x[i].f(), y[i].f());
+fn channel_moments<T: Real>(x: &[T], c: usize, hw: usize, ch: usize) -> (f64, f64, f64) {
+    let n = x.len() / (c * hw).max(1);
+    let k = if n * hw > 0 { x[ch * hw].f() } else { 0.0 };
+    let (mut s, mut q) = ([0f64; LANES], [0f64; LANES]);
+    for ni in 0..n {
+        let plane = &x[(ni * c + ch) * hw..(ni * c + ch + 1) * hw];
+        let chunks = plane.chunks_exact(LANES);
+        for (i, v) in chunks.remainder().iter().enumerate() {
+            let d = v.f() - k;
+            s[i] += d;
+            q[i] += d * d;
+        }
+        for v in chunks {
+            for i in 0..LANES {
+                let d = v[i].f() - k;
+                s[i] += d;
+                q[i] += d * d;
+            }
         }
     }
-    acc.iter().sum::<f64>() + tail
+    (s.iter().sum(), q.iter().sum(), k)
+}
+
+/// Per channel `ch`, in one pass: (Σ gz·(x - centre), Σ gz) over its N planes (the first sum
+/// only when `x` is given).
+#[inline(always)]
+fn channel_grad_sums<T: Real>(gz: &[T], x: Option<(&[T], f64)>, c: usize, hw: usize, ch: usize) -> (f64, f64) {
+    let n = gz.len() / (c * hw).max(1);
+    let (mut sx, mut s) = ([0f64; LANES], [0f64; LANES]);
+    for ni in 0..n {
+        let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
+        let g = &gz[r.clone()];
+        let gc = g.chunks_exact(LANES);
+        for (i, v) in gc.remainder().iter().enumerate() {
+            s[i] += v.f();
+        }
+        for v in gc {
+            for i in 0..LANES {
+                s[i] += v[i].f();
+            }
+        }
+        if let Some((x, m)) = x {
+            let (gc, xc) = (g.chunks_exact(LANES), x[r].chunks_exact(LANES));
+            for (i, (a, b)) in gc.remainder().iter().zip(xc.remainder()).enumerate() {
+                sx[i] += a.f() * (b.f() - m);
+            }
+            for (a, b) in gc.zip(xc) {
+                for i in 0..LANES {
+                    sx[i] += a[i].f() * (b[i].f() - m);
+                }
+            }
+        }
+    }
+    (sx.iter().sum(), s.iter().sum())
 }
 
 impl CustomOp3 for ChannelAffineOp {
@@ -237,21 +276,11 @@ impl CustomOp3 for ChannelAffineOp {
 /// (the first only when `x` is given). Centring before multiplying keeps BatchNorm's weight
 /// gradient free of the cancellation that Σ gz·x - mean·Σ gz suffers in f32.
 fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<(&[T], &[f64])>) -> (Vec<f64>, Vec<f64>) {
-    let n = gz.len() / (c * hw).max(1);
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut sx, mut s) = (0f64, 0f64);
-            for ni in 0..n {
-                let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
-                let g = &gz[r.clone()];
-                s += sum_pairs(g, g, |a, _| a);
-                if let Some((x, centre)) = x {
-                    let m = centre[ch];
-                    sx += sum_pairs(g, &x[r], |a, b| a * (b - m));
-                }
-            }
-            (sx, s)
+            let x = x.map(|(x, centre)| (x, centre[ch]));
+            isa_dispatch!(channel_grad_sums(gz, x, c, hw, ch))
         })
         .unzip()
 }
@@ -399,18 +428,13 @@ pub fn add_activation(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor>
 
 /// Per-channel mean and biased variance of x (N, C, ...), accumulated in f64.
 fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
-    let n = x.len() / (c * hw).max(1);
-    let m = (n * hw) as f64;
+    let m = (x.len() / c.max(1)).max(1) as f64;
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let plane = |ni: usize| &x[(ni * c + ch) * hw..(ni * c + ch + 1) * hw];
-            let mean = (0..n).map(|ni| sum_pairs(plane(ni), plane(ni), |v, _| v)).sum::<f64>() / m;
-            let var = (0..n)
-                .map(|ni| sum_pairs(plane(ni), plane(ni), |v, _| (v - mean) * (v - mean)))
-                .sum::<f64>()
-                / m;
-            (mean, var)
+            let (s, q, k) = isa_dispatch!(channel_moments(x, c, hw, ch));
+            let d = s / m;
+            (k + d, (q / m - d * d).max(0.0))
         })
         .unzip()
 }
