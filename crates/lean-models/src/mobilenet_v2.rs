@@ -108,7 +108,11 @@ impl InvertedResidual {
         }
         // Our fused op, not candle's add: one rayon pass each way (candle's elementwise ops run on
         // a second thread pool that competes with ours for the cores).
-        Ok(if self.residual { add_activation(&h, x, Activation::None)? } else { h })
+        Ok(if self.residual {
+            add_activation(&h, x, Activation::None)?
+        } else {
+            h
+        })
     }
 }
 

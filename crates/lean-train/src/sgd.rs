@@ -2,7 +2,8 @@
 
 use crate::optim::{OptimState, Optimizer as LeanOptimizer};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Storage, Tensor, Var, WithDType};
+use rayon::prelude::*;
 
 /// Hyper-parameters of [`Sgd`] (PyTorch's names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -85,6 +86,11 @@ impl LeanOptimizer for Sgd {
                 continue;
             };
             let p = s.var.as_tensor();
+            if let Some((new_p, buf)) = fused_cpu_step(p, g, s.momentum_buffer.as_ref(), &c, s.decay)? {
+                s.var.set(&new_p)?;
+                s.momentum_buffer = buf;
+                continue;
+            }
             let mut d = if s.decay && c.weight_decay != 0.0 {
                 (g + (p * c.weight_decay)?)?
             } else {
@@ -138,4 +144,99 @@ impl LeanOptimizer for Sgd {
         }
         Ok(())
     }
+}
+
+/// Elements per parallel task of the fused update.
+const STEP_CHUNK: usize = 1 << 15;
+
+/// The whole update of one parameter in one pass over its memory, on the CPU for contiguous
+/// f32/f64 tensors (`None` elsewhere: the composite path runs). The element operations and their
+/// order are those of the composite path (and of candle's scalar ops: `t * s` is `t·s + 0`), so
+/// both give the same bits; the composite path allocates a tensor per operation.
+/// The contiguous data of a CPU tensor.
+fn cpu_slice<'a, T: WithDType>(st: &'a Storage, l: &candle_core::Layout) -> Result<&'a [T]> {
+    match st {
+        Storage::Cpu(cs) => Ok(&cs.as_slice::<T>()?[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        _ => candle_core::bail!("sgd: expected a CPU tensor"),
+    }
+}
+
+fn fused_cpu_step(
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    c: &SgdConfig,
+    decay: bool,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    let simple =
+        |t: &Tensor| t.device().is_cpu() && t.dtype() == p.dtype() && t.is_contiguous() && t.dims() == p.dims();
+    if !simple(p) || !simple(g) || !buf.is_none_or(simple) {
+        return Ok(None);
+    }
+    match p.dtype() {
+        DType::F32 => fused::<f32>(p, g, buf, c, decay).map(Some),
+        DType::F64 => fused::<f64>(p, g, buf, c, decay).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn fused<T: WithDType + std::ops::Add<Output = T> + std::ops::Sub<Output = T> + std::ops::Mul<Output = T>>(
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    c: &SgdConfig,
+    decay: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (ps, gs) = (p.storage_and_layout(), g.storage_and_layout());
+    let bs = buf.map(|b| b.storage_and_layout());
+    let (pv, gv) = (cpu_slice::<T>(&ps.0, ps.1)?, cpu_slice::<T>(&gs.0, gs.1)?);
+    let bv = match &bs {
+        Some((st, l)) => Some(cpu_slice::<T>(st, l)?),
+        None => None,
+    };
+    let k = |v: f64| <T as WithDType>::from_f64(v);
+    let zero = k(0.0);
+    let (wd, m, damp, lr) = (k(c.weight_decay), k(c.momentum), k(1.0 - c.dampening), k(c.lr));
+    let decay = decay && c.weight_decay != 0.0;
+    let momentum = c.momentum != 0.0;
+    let n = pv.len();
+    let mut new_p = vec![zero; n];
+    let mut new_b = vec![zero; if momentum { n } else { 0 }];
+    let update = |i: usize, b_out: Option<&mut T>| -> T {
+        let mut d = if decay { gv[i] + (pv[i] * wd + zero) } else { gv[i] };
+        if let Some(bo) = b_out {
+            let b = match bv {
+                None => d,
+                Some(b) => (b[i] * m + zero) + (d * damp + zero),
+            };
+            *bo = b;
+            d = if c.nesterov { d + (b * m + zero) } else { b };
+        }
+        pv[i] - (d * lr + zero)
+    };
+    if momentum {
+        new_p
+            .par_chunks_mut(STEP_CHUNK)
+            .zip(new_b.par_chunks_mut(STEP_CHUNK))
+            .enumerate()
+            .for_each(|(ci, (pc, bc))| {
+                for (j, (po, bo)) in pc.iter_mut().zip(bc.iter_mut()).enumerate() {
+                    *po = update(ci * STEP_CHUNK + j, Some(bo));
+                }
+            });
+    } else {
+        new_p.par_chunks_mut(STEP_CHUNK).enumerate().for_each(|(ci, pc)| {
+            for (j, po) in pc.iter_mut().enumerate() {
+                *po = update(ci * STEP_CHUNK + j, None);
+            }
+        });
+    }
+    let dev = p.device();
+    let new_p = Tensor::from_vec(new_p, p.shape(), dev)?;
+    let new_b = if momentum {
+        Some(Tensor::from_vec(new_b, p.shape(), dev)?)
+    } else {
+        None
+    };
+    Ok((new_p, new_b))
 }
