@@ -10,17 +10,17 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/ablation}
 mkdir -p "$out"
 cargo build --release -q -p lean-cli
-lean=target/release/lean
+lean=${CARGO_TARGET_DIR:-target}/release/lean
 recipe=(--dataset fashion-mnist --epochs 1 --limit-train 10000 -b 64 --warmup-epochs 0.5 --seed 42)
 
 # name | model and flags
 variants=(
   "balanced|--model lean_resnet18_cifar"
-  "fanout-init|--model lean_resnet18_cifar --lean-init fanout"
+  "fanout-init|--model lean_resnet18_cifar.fanout"
   "no-stencil-decay|--model lean_resnet18_cifar --no-decay-stencil"
-  "four|--model lean_resnet18_cifar --stencil four"
-  "g4|--model lean_resnet18_cifar --group-size 4"
-  "g16|--model lean_resnet18_cifar --group-size 16"
+  "four|--model lean_resnet18_cifar.four"
+  "g4|--model lean_resnet18_cifar.g4"
+  "g16|--model lean_resnet18_cifar.g16"
   "lr-0.1|--model lean_resnet18_cifar --lr 0.1"
   "lr-0.025|--model lean_resnet18_cifar --lr 0.025"
   "mobilenet_v2_075|--model mobilenet_v2_075_cifar"
@@ -28,7 +28,7 @@ variants=(
   "dense-resnet18|--model resnet18_cifar"
 )
 
-table="| variant | flags | params | epoch-1 test top-1 (%) | train loss | train img/s |
+table="| variant | flags | params | MACs | epoch-1 test top-1 (%) | train loss |
 |---|---|---|---|---|---|"
 for v in "${variants[@]}"; do
   name=${v%%|*}
@@ -43,13 +43,14 @@ for v in "${variants[@]}"; do
     "$lean" train "${recipe[@]}" "${lr[@]}" $flags --output "$dir" >"$out/$name.log" 2>&1
   fi
   model=$(sed -n 's/.*--model \([^ ]*\).*/\1/p' <<<"$flags")
-  params=$("$lean" models "$model" 2>/dev/null | awk -v m="$model" '$1==m {print $4 " " $5; exit}')
+  # Parameters and MACs per image at the training input (1x28x28, 10 classes).
+  cost=$("$lean" info "$model" --input-size 1,28,28 2>/dev/null | awk '$1=="total" {printf "%.3f M | %.1f M", $2/1e6, $3/1e6}')
   row=$(python3 - "$dir/summary.csv" <<'PY'
 import csv, sys
 r = list(csv.DictReader(open(sys.argv[1])))[-1]
-print(f"{float(r['eval_top1']):.2f} | {float(r['train_loss']):.3f} | {float(r['train_images_per_sec']):.0f}")
+print(f"{float(r['eval_top1']):.2f} | {float(r['train_loss']):.3f}")
 PY
 )
-  table+=$'\n'"| $name | \`${flags}\` | ${params:-?} | $row |"
+  table+=$'\n'"| $name | \`${flags}\` | ${cost:-? | ?} | $row |"
 done
 echo "$table" | tee "$out/ablation.md"

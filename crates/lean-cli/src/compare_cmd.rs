@@ -265,7 +265,26 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         score_name,
         &points,
     )?;
+    // Latency is the paper's point: the same scores against measured batch-64 latency.
+    let latency: Vec<Point> = rows
+        .iter()
+        .zip(&points)
+        .map(|(r, p)| Point {
+            x: r.lat64,
+            ..p.clone()
+        })
+        .collect();
+    scatter(
+        &out.join("compare-latency.png"),
+        &format!("{score_name} vs latency on {dataset}"),
+        "ms per batch of 64 (eval, this machine)",
+        score_name,
+        &latency,
+    )?;
     println!("{}", table(&header, &body));
-    println!("\n{recipe}\nwrote {}/compare.{{csv,md,png}}", out.display());
+    println!(
+        "\n{recipe}\nwrote {}/compare.{{csv,md,png}} and compare-latency.png",
+        out.display()
+    );
     Ok(())
 }

@@ -79,10 +79,11 @@ pub fn training_curves(path: &Path, epochs: &[f64], train_loss: &[f64], eval_los
 }
 
 /// One labelled point of a scatter plot.
+#[derive(Clone, Debug)]
 pub struct Point {
     /// Label.
     pub label: String,
-    /// x (MACs, millions).
+    /// x (MACs in millions, or latency; drawn on a log scale, so > 0).
     pub x: f64,
     /// y (accuracy, %).
     pub y: f64,
@@ -97,7 +98,9 @@ pub fn scatter(path: &Path, title: &str, xdesc: &str, ydesc: &str, points: &[Poi
     {
         let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        let xmax = points.iter().map(|p| p.x).fold(0.0, f64::max) * 1.25 + 1e-9;
+        // Log-scale x: MACs and latencies of the compared models span over a decade.
+        let xmin = points.iter().map(|p| p.x).fold(f64::INFINITY, f64::min).max(1e-9) / 1.5;
+        let xmax = points.iter().map(|p| p.x).fold(0.0, f64::max).max(xmin) * 2.5;
         let ymin = points.iter().map(|p| p.y).fold(100.0, f64::min);
         let ymax = points.iter().map(|p| p.y).fold(0.0, f64::max);
         let pad = ((ymax - ymin) * 0.2).max(1.0);
@@ -106,7 +109,7 @@ pub fn scatter(path: &Path, title: &str, xdesc: &str, ydesc: &str, points: &[Poi
             .margin(15)
             .x_label_area_size(35)
             .y_label_area_size(50)
-            .build_cartesian_2d(0.0..xmax, (ymin - pad).max(0.0)..(ymax + pad).min(100.0))
+            .build_cartesian_2d((xmin..xmax).log_scale(), (ymin - pad).max(0.0)..(ymax + pad).min(100.0))
             .map_err(err)?;
         c.configure_mesh().x_desc(xdesc).y_desc(ydesc).draw().map_err(err)?;
         let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];

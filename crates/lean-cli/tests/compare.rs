@@ -57,7 +57,9 @@ fn compare_writes_the_table_csv_markdown_and_plot() {
         md.contains("mobilenet_v2_035_cifar has"),
         "the size rule is reported: {md}"
     );
-    let png = image::open(out.join("compare.png")).unwrap();
-    assert_eq!((png.width(), png.height()), (800, 500));
+    for plot in ["compare.png", "compare-latency.png"] {
+        let png = image::open(out.join(plot)).unwrap();
+        assert_eq!((png.width(), png.height()), (800, 500), "{plot}");
+    }
     assert!(out.join("lean_resnet20/training_curves.png").is_file());
 }
