@@ -17,7 +17,6 @@ here with a large torch.mm.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pytorch"))
-from bench_pytorch import MODELS  # noqa: E402
+from bench_pytorch import MODELS, median_ms  # noqa: E402
 
 
 def cpu_description():
@@ -43,17 +42,6 @@ def cpu_description():
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile") if f in flags]
     return model, isa
-
-
-def median_ms(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def gemm_peak_gmacs(threads):
