@@ -71,7 +71,7 @@ fn tar_gz(url: &str, md5: &str) -> Layout {
     })
 }
 
-/// The canonical sources (../shared/DATA_NOTES.md).
+/// The canonical sources of each data set.
 pub fn sources() -> Vec<Source> {
     let s = |name: &str, layout| Source {
         name: name.into(),

@@ -68,7 +68,7 @@ pub(crate) fn trace_stem_max_pool(t: &mut Trace, s: &[usize]) -> Result<Vec<usiz
 pub enum Conv3x3Kind {
     /// A dense 3x3 convolution (torchvision's ResNet).
     Dense,
-    /// A lean convolution (LEAN_SPEC.md section 2).
+    /// A lean convolution (docs/lean-conv.md) in place of every 3x3 of the residual blocks.
     Lean {
         /// The stencil of the grouped branch.
         stencil: Stencil,

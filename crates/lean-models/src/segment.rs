@@ -1,6 +1,6 @@
 //! Semantic segmentation: a registered backbone's stage features and a decoder whose 3x3
 //! convolutions are lean (or dense): an FPN-style top-down path, or a DeepLabV3-style ASPP head
-//! (LEAN_SPEC.md section 5). Logits are upsampled bilinearly to the input size.
+//! (docs/ARCHITECTURE.md). Logits are upsampled bilinearly to the input size.
 
 use crate::layers::{Conv, Conv3x3Kind, ConvBnAct, Trace};
 use crate::model::Model;

@@ -1,5 +1,5 @@
 //! The lean convolution: a pointwise 1x1 convolution plus a grouped sparse-stencil convolution
-//! of the same input (LEAN_SPEC.md section 1), as one fused CPU op with its backward.
+//! of the same input (docs/lean-conv.md), as one fused CPU op with its backward.
 
 use crate::conv::add_channel_bias;
 use crate::cost::{Cost, CostModel};

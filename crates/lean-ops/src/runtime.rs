@@ -4,7 +4,7 @@
 ///
 /// With glibc's defaults every buffer above the dynamic mmap threshold (a few MB) is mapped and
 /// unmapped on each op, and every page is faulted in again each time: backward passes run about
-/// half as fast (CANDLE_NOTES.md). Raising the mmap threshold to 32 MiB and the trim threshold to
+/// half as fast (docs/benchmarks.md, "The allocator"). Raising the mmap threshold to 32 MiB and the trim threshold to
 /// 1 GiB keeps those buffers in the heap for reuse. Call once at program start, before other
 /// threads allocate. Returns whether the settings were applied (false off glibc).
 pub fn tune_allocator() -> bool {

@@ -1,4 +1,4 @@
-//! The sparse 3x3 stencils of the lean convolution (LEAN_SPEC.md section 1).
+//! The sparse 3x3 stencils of the lean convolution and their tap order (docs/lean-conv.md).
 
 use std::fmt;
 use std::str::FromStr;
