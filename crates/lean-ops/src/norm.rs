@@ -190,22 +190,29 @@ fn channel_grad_sums<T: Real>(gz: &[T], x: Option<(&[T], f64)>, c: usize, hw: us
         let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
         let g = &gz[r.clone()];
         let gc = g.chunks_exact(LANES);
-        for (i, v) in gc.remainder().iter().enumerate() {
-            s[i] += v.f();
-        }
-        for v in gc {
-            for i in 0..LANES {
-                s[i] += v[i].f();
+        match x {
+            // Both sums in the same pass over gz.
+            Some((x, m)) => {
+                let xc = x[r].chunks_exact(LANES);
+                for (i, (a, b)) in gc.remainder().iter().zip(xc.remainder()).enumerate() {
+                    s[i] += a.f();
+                    sx[i] += a.f() * (b.f() - m);
+                }
+                for (a, b) in gc.zip(xc) {
+                    for i in 0..LANES {
+                        s[i] += a[i].f();
+                        sx[i] += a[i].f() * (b[i].f() - m);
+                    }
+                }
             }
-        }
-        if let Some((x, m)) = x {
-            let (gc, xc) = (g.chunks_exact(LANES), x[r].chunks_exact(LANES));
-            for (i, (a, b)) in gc.remainder().iter().zip(xc.remainder()).enumerate() {
-                sx[i] += a.f() * (b.f() - m);
-            }
-            for (a, b) in gc.zip(xc) {
-                for i in 0..LANES {
-                    sx[i] += a[i].f() * (b[i].f() - m);
+            None => {
+                for (i, v) in gc.remainder().iter().enumerate() {
+                    s[i] += v.f();
+                }
+                for v in gc {
+                    for i in 0..LANES {
+                        s[i] += v[i].f();
+                    }
                 }
             }
         }
