@@ -237,6 +237,18 @@ fn check_inputs(
     if h == 0 || w == 0 {
         return Err(shape_err(op, format!("input has an empty spatial size {:?}", x.dims())));
     }
+    check_weights(op, cfg, x, p, q)?;
+    Ok((n, h, w))
+}
+
+/// Checks the weights P (if given) and Q, and that x is a float tensor of their dtype.
+pub(crate) fn check_weights(
+    op: &'static str,
+    cfg: &LeanConv2dConfig,
+    x: &Tensor,
+    p: Option<&Tensor>,
+    q: &Tensor,
+) -> Result<()> {
     if let Some(p) = p {
         let want = [cfg.out_channels, cfg.in_channels, 1, 1];
         if p.dims() != want {
@@ -266,7 +278,7 @@ fn check_inputs(
             ));
         }
     }
-    Ok((n, h, w))
+    Ok(())
 }
 
 struct LeanOp(ConvSum, Shape);

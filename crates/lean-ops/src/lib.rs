@@ -31,6 +31,7 @@
 //! used on other devices (CUDA, Metal) and as the tests' second implementation.
 #![deny(missing_docs)]
 
+pub mod channels_last;
 mod conv;
 pub mod cost;
 mod depthwise;

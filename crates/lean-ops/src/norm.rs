@@ -4,6 +4,7 @@
 use crate::cost::{Cost, CostModel};
 use crate::error::{check_float, dims4, shape_err, Result};
 use crate::isa::isa_dispatch;
+use crate::kernels::rows;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, ModuleT, Shape, Tensor, Var, WithDType};
 use candle_nn::{Init, VarBuilder};
@@ -78,12 +79,29 @@ impl Activation {
     }
 }
 
-/// Per-channel affine map and activation: y = act(x · scale[c] + shift[c]).
-struct ChannelAffineOp(Activation);
+/// Per-channel affine map and activation: y = act(x · scale[c] + shift[c]), over NCHW planes
+/// or, with `last`, over channels-last rows.
+struct ChannelAffineOp {
+    act: Activation,
+    last: bool,
+}
 
-fn planes(l: &Layout) -> (usize, usize, usize) {
-    let d = l.dims();
-    (d[0], d[1], d[2..].iter().product())
+/// (channels, values per plane): NCHW planes, or channels-last rows (plane size 1).
+fn channel_dims(d: &[usize], last: bool) -> (usize, usize) {
+    if last {
+        (d[d.len() - 1], 1)
+    } else {
+        (d[1], d[2..].iter().product())
+    }
+}
+
+/// y = act(x · scale[c] + shift[c]) over NCHW planes of `hw` values or channels-last rows.
+fn affine_act<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act: Activation, last: bool) -> Vec<T> {
+    if last {
+        with_act!(act, |f| rows::affine_map(x, scale, shift, f))
+    } else {
+        affine_act_planes(x, scale, shift, hw, act)
+    }
 }
 
 /// y = act(x · scale[c] + shift[c]) over the (N·C) planes of `hw` values.
@@ -233,11 +251,11 @@ impl CustomOp3 for ChannelAffineOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, _, hw) = planes(l1);
-        let act = self.0;
+        let (_, hw) = channel_dims(l1.dims(), self.last);
+        let (act, last) = (self.act, self.last);
         dispatch!(self.name(), s1, |T| {
             let (x, sc, sh) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
-            let y = affine_act_planes(x, sc, sh, hw, act);
+            let y = affine_act(x, sc, sh, hw, act, last);
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
@@ -249,23 +267,28 @@ impl CustomOp3 for ChannelAffineOp {
         y: &Tensor,
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (c, hw) = (x.dim(1)?, x.dims()[2..].iter().product::<usize>());
-        let act = self.0;
+        let (c, hw) = channel_dims(x.dims(), self.last);
+        let (act, last) = (self.act, self.last);
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
                 with_data::<T, _>(sc, |scs| {
                     with_data::<T, _>(y, |ys| {
                         with_data::<T, _>(gy, |gys| {
                             let gz = pre_activation_grad(gys, ys, act);
-                            let mut gx = vec![T::zero(); xs.len()];
-                            gx.par_chunks_mut(hw)
-                                .zip(gz.par_chunks(hw))
-                                .enumerate()
-                                .for_each(|(p, (gxp, gzp))| {
-                                    let a = scs[p % c];
-                                    isa_dispatch!(scale_plane(gxp, gzp, a));
-                                });
-                            let (gs, gb) = channel_sums(c, hw, &gz, Some((xs, &vec![0.0; c])));
+                            let gx = if last {
+                                rows::affine_map(&gz, scs, &vec![T::zero(); c], |v| v)
+                            } else {
+                                let mut gx = vec![T::zero(); xs.len()];
+                                gx.par_chunks_mut(hw)
+                                    .zip(gz.par_chunks(hw))
+                                    .enumerate()
+                                    .for_each(|(p, (gxp, gzp))| {
+                                        let a = scs[p % c];
+                                        isa_dispatch!(scale_plane(gxp, gzp, a));
+                                    });
+                                gx
+                            };
+                            let (gs, gb) = channel_sums(c, hw, &gz, Some((xs, &vec![0.0; c])), last);
                             Ok((
                                 Some(tensor(gx, x.dims())?),
                                 Some(tensor(cast::<T>(&gs), &[c])?),
@@ -282,7 +305,10 @@ impl CustomOp3 for ChannelAffineOp {
 /// Per channel, accumulated in f64: (Σ gz·(x - centre[c]), Σ gz) over all samples and pixels
 /// (the first only when `x` is given). Centring before multiplying keeps BatchNorm's weight
 /// gradient free of the cancellation that Σ gz·x - mean·Σ gz suffers in f32.
-fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<(&[T], &[f64])>) -> (Vec<f64>, Vec<f64>) {
+fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<(&[T], &[f64])>, last: bool) -> (Vec<f64>, Vec<f64>) {
+    if last {
+        return rows::grad_sums(gz, x, c);
+    }
     (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -299,14 +325,25 @@ fn cast<T: Real>(v: &[f64]) -> Vec<T> {
 
 /// y = act(x · scale + shift) with per-channel `scale` and `shift` (C,), x (N, C, ...).
 pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
+    channel_affine_layout(x, scale, shift, act, false)
+}
+
+/// [`channel_affine`] over a channels-last x (..., C) (`last`) or a channels-first one.
+pub(crate) fn channel_affine_layout(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+    last: bool,
+) -> Result<Tensor> {
     const OP: &str = "channel_affine";
     if x.rank() < 2 {
         return Err(shape_err(
             OP,
-            format!("expected an (N, C, ...) input, got {:?}", x.dims()),
+            format!("expected an (N, C, ...) or (..., C) input, got {:?}", x.dims()),
         ));
     }
-    let c = x.dim(1)?;
+    let c = if last { x.dim(x.rank() - 1)? } else { x.dim(1)? };
     for (name, t) in [("scale", scale), ("shift", shift)] {
         if t.dims() != [c] {
             return Err(shape_err(
@@ -317,11 +354,14 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activatio
     }
     check_float(OP, x)?;
     if x.device().is_cpu() {
-        Ok(x.contiguous()?
-            .apply_op3(&scale.contiguous()?, &shift.contiguous()?, ChannelAffineOp(act))?)
+        Ok(x.contiguous()?.apply_op3(
+            &scale.contiguous()?,
+            &shift.contiguous()?,
+            ChannelAffineOp { act, last },
+        )?)
     } else {
         let mut bshape = vec![1; x.rank()];
-        bshape[1] = c;
+        bshape[if last { x.rank() - 1 } else { 1 }] = c;
         let y = x
             .broadcast_mul(&scale.reshape(bshape.clone())?)?
             .broadcast_add(&shift.reshape(bshape)?)?;
@@ -462,6 +502,8 @@ struct BnTrainOp {
     mean: Vec<f64>,
     invstd: Vec<f64>,
     act: Activation,
+    /// Channels-last input (rows x C) instead of NCHW planes.
+    last: bool,
 }
 
 impl CustomOp3 for BnTrainOp {
@@ -477,14 +519,14 @@ impl CustomOp3 for BnTrainOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = planes(l1);
+        let (c, hw) = channel_dims(l1.dims(), self.last);
         dispatch!(self.name(), s1, |T| {
             let (x, w, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
             let scale: Vec<T> = (0..c).map(|ch| w[ch] * T::from_f64(self.invstd[ch])).collect();
             let shift: Vec<T> = (0..c)
                 .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
                 .collect();
-            let y = affine_act_planes(x, &scale, &shift, hw, self.act);
+            let y = affine_act(x, &scale, &shift, hw, self.act, self.last);
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
         })
     }
@@ -496,7 +538,7 @@ impl CustomOp3 for BnTrainOp {
         y: &Tensor,
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (c, hw) = (x.dim(1)?, x.dims()[2..].iter().product::<usize>());
+        let (c, hw) = channel_dims(x.dims(), self.last);
         let m = (x.elem_count() / c) as f64;
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
@@ -505,17 +547,22 @@ impl CustomOp3 for BnTrainOp {
                         with_data::<T, _>(gy, |gys| {
                             let gz = pre_activation_grad(gys, ys, self.act);
                             // Σ gz·xhat = invstd·Σ gz·(x - mean).
-                            let (sgx, sg) = channel_sums(c, hw, &gz, Some((xs, &self.mean)));
+                            let (sgx, sg) = channel_sums(c, hw, &gz, Some((xs, &self.mean)), self.last);
                             let sgxhat: Vec<f64> = (0..c).map(|ch| self.invstd[ch] * sgx[ch]).collect();
-                            let mut gx = vec![T::zero(); xs.len()];
-                            gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
-                                let ch = p % c;
-                                let k = ws[ch].f() * self.invstd[ch];
+                            let coef = |ch: usize| {
                                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                                let (a, bsum) = (sg[ch] / m, sgxhat[ch] / m);
-                                let r = p * hw..(p + 1) * hw;
-                                isa_dispatch!(bn_input_grad_plane(gxp, &gz[r.clone()], &xs[r], [k, mu, is, a, bsum]));
-                            });
+                                [ws[ch].f() * is, mu, is, sg[ch] / m, sgxhat[ch] / m]
+                            };
+                            let gx = if self.last {
+                                rows::bn_input_grad(&gz, xs, &(0..c).map(coef).collect::<Vec<_>>())
+                            } else {
+                                let mut gx = vec![T::zero(); xs.len()];
+                                gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
+                                    let r = p * hw..(p + 1) * hw;
+                                    isa_dispatch!(bn_input_grad_plane(gxp, &gz[r.clone()], &xs[r], coef(p % c)));
+                                });
+                                gx
+                            };
                             let gw: Vec<T> = sgxhat.iter().map(|v| T::from_f64(*v)).collect();
                             Ok((
                                 Some(tensor(gx, x.dims())?),
@@ -647,8 +694,27 @@ impl BatchNorm2d {
     /// BatchNorm followed by `act`, in train (batch statistics, running stats updated) or eval
     /// mode.
     pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        let (_, c, _, _) = dims4("batch_norm", x)?;
+        self.forward_layout(x, c, train, act, false)
+    }
+
+    /// [`forward_act`](Self::forward_act) on a channels-last (N, H, W, C) input
+    /// ([`crate::channels_last`]); the output is channels-last too.
+    pub fn forward_act_nhwc(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        let c = match x.dims() {
+            &[_, _, _, c] => c,
+            d => {
+                return Err(shape_err(
+                    "batch_norm",
+                    format!("expected a rank-4 channels-last (N, H, W, C) input, got shape {d:?}"),
+                ))
+            }
+        };
+        self.forward_layout(x, c, train, act, true)
+    }
+
+    fn forward_layout(&self, x: &Tensor, c: usize, train: bool, act: Activation, last: bool) -> Result<Tensor> {
         const OP: &str = "batch_norm";
-        let (_, c, _, _) = dims4(OP, x)?;
         if c != self.num_features {
             return Err(shape_err(
                 OP,
@@ -661,7 +727,7 @@ impl BatchNorm2d {
         }
         if !train {
             let (scale, shift) = self.eval_scale_shift()?;
-            return channel_affine(x, &scale, &shift, act);
+            return channel_affine_layout(x, &scale, &shift, act, last);
         }
         check_float(OP, x)?;
         let m = x.elem_count() / c;
@@ -675,12 +741,14 @@ impl BatchNorm2d {
             ));
         }
         let (y, mean, var) = if x.device().is_cpu() {
-            let hw = x.elem_count() / (x.dim(0)? * c);
+            let (_, hw) = channel_dims(x.dims(), last);
             let x = x.contiguous()?;
             let stats = || -> candle_core::Result<_> {
-                dispatch_dtype!(OP, x.dtype(), |T| with_data::<T, _>(&x, |xs| Ok(batch_stats(
-                    c, hw, xs
-                ))))
+                dispatch_dtype!(OP, x.dtype(), |T| with_data::<T, _>(&x, |xs| Ok(if last {
+                    rows::moments(xs, c)
+                } else {
+                    batch_stats(c, hw, xs)
+                })))
             };
             let (mean, var) = stats()?;
             let invstd = var.iter().map(|v| 1.0 / (v + self.cfg.eps).sqrt()).collect();
@@ -688,12 +756,24 @@ impl BatchNorm2d {
                 mean: mean.clone(),
                 invstd,
                 act,
+                last,
             };
             let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?;
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {
-            let (y, mean, var) = crate::reference::batch_norm_train(x, &self.weight, &self.bias, self.cfg.eps, act)?;
+            let nchw = if last {
+                crate::channels_last::to_channels_first(x)?
+            } else {
+                x.clone()
+            };
+            let (y, mean, var) =
+                crate::reference::batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act)?;
+            let y = if last {
+                crate::channels_last::to_channels_last(&y)?
+            } else {
+                y
+            };
             (
                 y,
                 mean.detach().to_dtype(DType::F64)?,

@@ -1,0 +1,311 @@
+//! Channels-last (NHWC) operators, for networks that run their inside in NHWC: the layout
+//! conversions at the network's edges, the lean and pointwise convolutions, global average
+//! pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
+//!
+//! A batch in NHWC is a (N·H·W) x C matrix: a 1x1 convolution of the whole batch is one GEMM
+//! with M = N·H·W, and a depthwise stencil tap is a multiply-add over a pixel's contiguous
+//! channels (docs/benchmarks.md says what this buys). Tensors are shaped (N, H, W, C); weights
+//! keep their NCHW (torchvision) shapes, so the same parameters serve both layouts. On the CPU
+//! every op is a fused kernel with its backward; on other devices it runs the NCHW composite
+//! between two permutes.
+
+use crate::error::{check_float, config_err, shape_err, Result};
+use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};
+use crate::lean_conv::{check_weights, LeanConv2dConfig};
+use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+
+/// Checks a rank-4 (N, H, W, C) input and returns its dims.
+fn dims_nhwc(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match x.dims() {
+        &[n, h, w, c] if h > 0 && w > 0 => Ok((n, h, w, c)),
+        d => Err(shape_err(
+            op,
+            format!("expected a rank-4 channels-last (N, H, W, C) input with H, W > 0, got shape {d:?}"),
+        )),
+    }
+}
+
+/// NCHW <-> NHWC as one tiled transpose per sample; the backward is the opposite conversion.
+struct TransposeOp {
+    to_last: bool,
+}
+
+impl TransposeOp {
+    /// (rows, cols) of each sample's source matrix and the output shape.
+    fn plan(&self, d: &[usize]) -> (usize, usize, Shape) {
+        if self.to_last {
+            (d[1], d[2] * d[3], Shape::from((d[0], d[2], d[3], d[1])))
+        } else {
+            (d[1] * d[2], d[3], Shape::from((d[0], d[3], d[1], d[2])))
+        }
+    }
+}
+
+impl CustomOp1 for TransposeOp {
+    fn name(&self) -> &'static str {
+        if self.to_last {
+            "to-channels-last"
+        } else {
+            "to-channels-first"
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cols, shape) = self.plan(l.dims());
+        let n = l.dims()[0];
+        dispatch!(self.name(), s, |T| {
+            let y = transpose_samples(slice::<T>(s, l)?, n, rows, cols);
+            Ok((T::to_cpu_storage_owned(y), shape))
+        })
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = TransposeOp { to_last: !self.to_last };
+        Ok(Some(gy.contiguous()?.apply_op1(back)?))
+    }
+}
+
+/// (N, C, H, W) -> (N, H, W, C).
+pub fn to_channels_last(x: &Tensor) -> Result<Tensor> {
+    if x.rank() != 4 {
+        return Err(shape_err(
+            "to_channels_last",
+            format!("expected an (N, C, H, W) input, got {:?}", x.dims()),
+        ));
+    }
+    if x.device().is_cpu() && check_float("to_channels_last", x).is_ok() {
+        Ok(x.contiguous()?.apply_op1(TransposeOp { to_last: true })?)
+    } else {
+        Ok(x.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+}
+
+/// (N, H, W, C) -> (N, C, H, W).
+pub fn to_channels_first(x: &Tensor) -> Result<Tensor> {
+    if x.rank() != 4 {
+        return Err(shape_err(
+            "to_channels_first",
+            format!("expected an (N, H, W, C) input, got {:?}", x.dims()),
+        ));
+    }
+    if x.device().is_cpu() && check_float("to_channels_first", x).is_ok() {
+        Ok(x.contiguous()?.apply_op1(TransposeOp { to_last: false })?)
+    } else {
+        Ok(x.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+}
+
+struct NhwcLeanOp(NhwcConv, Shape);
+
+impl CustomOp3 for NhwcLeanOp {
+    fn name(&self) -> &'static str {
+        "lean-conv2d-nhwc"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, |T| {
+            let (x, p, q) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
+            let y = self.0.forward(x, Some(p), Some(q), None);
+            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        q: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(p, |ps| {
+                    with_data::<T, _>(q, |qs| {
+                        with_data::<T, _>(gy, |gys| {
+                            let g = self.0.backward(xs, Some(ps), Some(qs), gys);
+                            let gp = g.pointwise.map(|v| tensor(v, p.dims())).transpose()?;
+                            let gq = g.stencil.map(|v| tensor(v, q.dims())).transpose()?;
+                            Ok((Some(tensor(g.x, x.dims())?), gp, gq))
+                        })
+                    })
+                })
+            })
+        })
+    }
+}
+
+struct NhwcPointwiseOp(NhwcConv, Shape);
+
+impl CustomOp2 for NhwcPointwiseOp {
+    fn name(&self) -> &'static str {
+        "pointwise-conv2d-nhwc"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, |T| {
+            let y = self
+                .0
+                .forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None, None);
+            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(w, |ws| {
+                    with_data::<T, _>(gy, |gys| {
+                        let g = self.0.backward(xs, Some(ws), None, gys);
+                        let gw = g.pointwise.map(|v| tensor(v, w.dims())).transpose()?;
+                        Ok((Some(tensor(g.x, x.dims())?), gw))
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// Adds a per-channel bias (C,) to a channels-last tensor.
+fn add_last_dim_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        None => Ok(y),
+        Some(b) => {
+            let c = y.dim(3)?;
+            if b.dims() != [c] {
+                return Err(shape_err(op, format!("bias must have shape [{c}], got {:?}", b.dims())));
+            }
+            Ok(y.broadcast_add(b)?)
+        }
+    }
+}
+
+/// The lean convolution of a channels-last input (N, H, W, Cin) -> (N, Ho, Wo, Cout), with the
+/// weights of [`crate::lean_conv2d`] (pointwise (Cout, Cin, 1, 1), stencil (Cout, g, |S|)).
+pub fn lean_conv2d_nhwc(
+    x: &Tensor,
+    pointwise: &Tensor,
+    stencil: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &LeanConv2dConfig,
+) -> Result<Tensor> {
+    const OP: &str = "lean_conv2d_nhwc";
+    cfg.validate()?;
+    let (n, h, w, c) = dims_nhwc(OP, x)?;
+    if c != cfg.in_channels {
+        return Err(shape_err(
+            OP,
+            format!(
+                "input has {c} channels (last dim), the layer expects {} (input shape {:?})",
+                cfg.in_channels,
+                x.dims()
+            ),
+        ));
+    }
+    check_weights(OP, cfg, x, Some(pointwise), stencil)?;
+    let y = if x.device().is_cpu() {
+        let (ho, wo) = cfg.output_hw(h, w);
+        let geom = NhwcConv {
+            n,
+            h,
+            w,
+            cin: c,
+            cout: cfg.out_channels,
+            stride: cfg.stride,
+            ho,
+            wo,
+            pointwise: true,
+            stencil: Some(NhwcStencil {
+                g: cfg.group_size,
+                dil: cfg.dilation,
+                taps: cfg.stencil.taps(),
+            }),
+        };
+        let op = NhwcLeanOp(geom, Shape::from((n, ho, wo, cfg.out_channels)));
+        x.contiguous()?
+            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
+    } else {
+        let y = crate::lean_conv2d(&to_channels_first(x)?, pointwise, stencil, None, cfg)?;
+        to_channels_last(&y)?
+    };
+    add_last_dim_bias(OP, y, bias)
+}
+
+/// A 1x1 convolution of a channels-last input (N, H, W, Cin) -> (N, Ho, Wo, Cout) with weight
+/// (Cout, Cin, 1, 1), stride `stride`, no padding.
+pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize) -> Result<Tensor> {
+    const OP: &str = "pointwise_conv2d_nhwc";
+    let (n, h, w, c) = dims_nhwc(OP, x)?;
+    let (cout, cin) = match weight.dims() {
+        &[o, i, 1, 1] => (o, i),
+        d => {
+            return Err(shape_err(
+                OP,
+                format!("weight must have shape (Cout, Cin, 1, 1), got {d:?}"),
+            ))
+        }
+    };
+    if c != cin {
+        return Err(shape_err(
+            OP,
+            format!("input has {c} channels (last dim), the weight expects {cin}"),
+        ));
+    }
+    if stride == 0 {
+        return Err(config_err(OP, "stride must be >= 1, got 0"));
+    }
+    check_float(OP, x)?;
+    if weight.dtype() != x.dtype() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "weight dtype {:?} differs from input dtype {:?}",
+                weight.dtype(),
+                x.dtype()
+            ),
+        ));
+    }
+    let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+    let y = if x.device().is_cpu() {
+        let geom = NhwcConv {
+            n,
+            h,
+            w,
+            cin,
+            cout,
+            stride,
+            ho,
+            wo,
+            pointwise: true,
+            stencil: None,
+        };
+        x.contiguous()?.apply_op2(
+            &weight.contiguous()?,
+            NhwcPointwiseOp(geom, Shape::from((n, ho, wo, cout))),
+        )?
+    } else {
+        to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)?
+    };
+    add_last_dim_bias(OP, y, bias)
+}
+
+/// Global average pooling of a channels-last input: (N, H, W, C) -> (N, C).
+pub fn global_avg_pool_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = dims_nhwc("global_avg_pool_nhwc", x)?;
+    Ok(x.reshape((n, h * w, c))?.mean(1)?)
+}

@@ -1,0 +1,403 @@
+//! The lean convolution in channels-last (NHWC) layout: forward, input and weight gradients.
+//!
+//! A batch in NHWC is a matrix of N·H·W pixel rows by C channels, so the pointwise branch over the
+//! whole batch is one GEMM with M = N·Ho·Wo (no skinny per-sample GEMMs in the late stages), and
+//! a stencil tap is an elementwise multiply-add over a pixel's contiguous channels (no framed
+//! copies of planes). Work on the stencil is split by output (or, for the input gradient, input)
+//! pixel rows, which write disjoint slices; weight gradients are summed per fixed chunk of rows and
+//! then in chunk order, so results do not depend on the thread count.
+
+use super::gemm_conv::{gemm_rm, valid_range};
+use crate::real::Real;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// The stencil branch of an NHWC lean convolution.
+#[derive(Clone, Debug)]
+pub(crate) struct NhwcStencil {
+    /// Input channels per group.
+    pub g: usize,
+    pub dil: usize,
+    pub taps: &'static [(isize, isize)],
+}
+
+/// The geometry of an NHWC convolution: a pointwise 1x1 branch and/or a grouped stencil branch
+/// of the same input, with one stride.
+#[derive(Clone, Debug)]
+pub(crate) struct NhwcConv {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub stride: usize,
+    pub ho: usize,
+    pub wo: usize,
+    pub pointwise: bool,
+    pub stencil: Option<NhwcStencil>,
+}
+
+/// Gradients of one backward pass.
+pub(crate) struct NhwcGrads<T> {
+    pub x: Vec<T>,
+    pub pointwise: Option<Vec<T>>,
+    pub stencil: Option<Vec<T>>,
+}
+
+/// Output pixel rows per chunk of a weight-gradient reduction (fixed: the summation order must
+/// not depend on the number of threads).
+const WGRAD_ROWS: usize = 4;
+/// Pixels per chunk of the pointwise weight gradient's split reduction.
+const PGRAD_PIXELS: usize = 4096;
+
+impl NhwcConv {
+    fn rows_in(&self) -> usize {
+        self.n * self.h * self.w
+    }
+    fn rows_out(&self) -> usize {
+        self.n * self.ho * self.wo
+    }
+    fn par() -> Parallelism {
+        Parallelism::Rayon(rayon::current_num_threads())
+    }
+
+    /// The input pixels the strided pointwise branch reads, as a (rows_out x Cin) matrix; `None`
+    /// at stride 1 (the input itself).
+    fn subsampled<T: Real>(&self, x: &[T]) -> Option<Vec<T>> {
+        if self.stride == 1 {
+            return None;
+        }
+        let (cin, s) = (self.cin, self.stride);
+        let mut xs = vec![T::zero(); self.rows_out() * cin];
+        xs.par_chunks_mut(self.wo * cin).enumerate().for_each(|(r, row)| {
+            let (ni, yo) = (r / self.ho, r % self.ho);
+            for (xo, px) in row.chunks_exact_mut(cin).enumerate() {
+                let src = ((ni * self.h + yo * s) * self.w + xo * s) * cin;
+                px.copy_from_slice(&x[src..src + cin]);
+            }
+        });
+        Some(xs)
+    }
+
+    /// (Cout, g, |S|) -> (|S|, g, Cout): each tap's weights contiguous over output channels.
+    fn taps_major<T: Real>(&self, st: &NhwcStencil, q: &[T]) -> Vec<T> {
+        let (g, nt, cout) = (st.g, st.taps.len(), self.cout);
+        let mut qt = vec![T::zero(); q.len()];
+        for co in 0..cout {
+            for j in 0..g {
+                for t in 0..nt {
+                    qt[(t * g + j) * cout + co] = q[(co * g + j) * nt + t];
+                }
+            }
+        }
+        qt
+    }
+
+    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q) + bias.
+    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, bias: Option<&[T]>) -> Vec<T> {
+        let (rows, cout) = (self.rows_out(), self.cout);
+        let mut y = vec![T::zero(); rows * cout];
+        if let Some(b) = bias {
+            y.par_chunks_mut(cout * 64)
+                .for_each(|c| c.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(b)));
+        }
+        if let (true, Some(p)) = (self.pointwise, p) {
+            let xs = self.subsampled(x);
+            let a = xs.as_deref().unwrap_or(x);
+            // y (rows x Cout) [+]= xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
+            gemm_rm(
+                rows,
+                cout,
+                self.cin,
+                &mut y,
+                bias.is_some(),
+                a,
+                (self.cin, 1),
+                p,
+                (1, self.cin),
+                Self::par(),
+            );
+        }
+        if let (Some(st), Some(q)) = (&self.stencil, q) {
+            let qt = self.taps_major(st, q);
+            y.par_chunks_mut(self.wo * cout)
+                .enumerate()
+                .for_each(|(r, yrow)| crate::isa::isa_dispatch!(self.stencil_row(st, r, x, &qt, yrow)));
+        }
+        y
+    }
+
+    /// yrow (Wo x Cout) += the stencil branch over output row `r` = (sample, yo).
+    #[inline(always)]
+    fn stencil_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
+        let (cin, cout, s, g) = (self.cin, self.cout, self.stride, st.g);
+        let opg = cout / (cin / g);
+        let (ni, yo) = (r / self.ho, r % self.ho);
+        for (t, &(dy, dx)) in st.taps.iter().enumerate() {
+            let yi = (yo * s) as isize + dy * st.dil as isize;
+            if yi < 0 || yi >= self.h as isize {
+                continue;
+            }
+            let ox = dx * st.dil as isize;
+            let (xlo, xhi) = valid_range(ox, s, self.w, self.wo);
+            let base = (ni * self.h + yi as usize) * self.w;
+            for xo in xlo..xhi {
+                let xi = ((xo * s) as isize + ox) as usize;
+                let xp = &x[(base + xi) * cin..(base + xi + 1) * cin];
+                let yp = &mut yrow[xo * cout..(xo + 1) * cout];
+                if g == 1 && opg == 1 {
+                    let qv = &qt[t * cout..(t + 1) * cout];
+                    for ((a, w), b) in yp.iter_mut().zip(qv).zip(xp) {
+                        *a += *w * *b;
+                    }
+                } else {
+                    for j in 0..g {
+                        let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
+                        for (co, (a, w)) in yp.iter_mut().zip(qv).enumerate() {
+                            *a += *w * xp[(co / opg) * g + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The gradients of x (rows_in x Cin), of P (Cout, Cin) and of Q (Cout, g, |S|).
+    pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> NhwcGrads<T> {
+        let xs = self.subsampled(x);
+        let pointwise = p
+            .filter(|_| self.pointwise)
+            .map(|_| self.pointwise_weight_grad(xs.as_deref().unwrap_or(x), gy));
+        let stencil = self
+            .stencil
+            .as_ref()
+            .zip(q)
+            .map(|(st, _)| self.stencil_weight_grad(st, x, gy));
+        NhwcGrads {
+            x: self.input_grad(p, q, gy),
+            pointwise,
+            stencil,
+        }
+    }
+
+    fn input_grad<T: Real>(&self, p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> Vec<T> {
+        let cin = self.cin;
+        let mut gx = vec![T::zero(); self.rows_in() * cin];
+        if let (true, Some(p)) = (self.pointwise, p) {
+            // gxs (rows_out x Cin) = gy (rows_out x Cout) · P (Cout x Cin).
+            if self.stride == 1 {
+                gemm_rm(
+                    self.rows_out(),
+                    cin,
+                    self.cout,
+                    &mut gx,
+                    false,
+                    gy,
+                    (self.cout, 1),
+                    p,
+                    (cin, 1),
+                    Self::par(),
+                );
+            } else {
+                let mut gxs = vec![T::zero(); self.rows_out() * cin];
+                gemm_rm(
+                    self.rows_out(),
+                    cin,
+                    self.cout,
+                    &mut gxs,
+                    false,
+                    gy,
+                    (self.cout, 1),
+                    p,
+                    (cin, 1),
+                    Self::par(),
+                );
+                let s = self.stride;
+                gx.par_chunks_mut(self.w * cin).enumerate().for_each(|(r, row)| {
+                    let (ni, yi) = (r / self.h, r % self.h);
+                    if yi % s != 0 || yi / s >= self.ho {
+                        return;
+                    }
+                    let src_row = (ni * self.ho + yi / s) * self.wo;
+                    for xo in 0..self.wo {
+                        let src = (src_row + xo) * cin;
+                        row[xo * s * cin..(xo * s + 1) * cin].copy_from_slice(&gxs[src..src + cin]);
+                    }
+                });
+            }
+        }
+        if let (Some(st), Some(q)) = (&self.stencil, q) {
+            let qt = self.taps_major(st, q);
+            gx.par_chunks_mut(self.w * cin)
+                .enumerate()
+                .for_each(|(r, row)| crate::isa::isa_dispatch!(self.stencil_input_grad_row(st, r, gy, &qt, row)));
+        }
+        gx
+    }
+
+    /// gxrow (W x Cin) += the stencil branch's transpose into input row `r` = (sample, yi).
+    #[inline(always)]
+    fn stencil_input_grad_row<T: Real>(&self, st: &NhwcStencil, r: usize, gy: &[T], qt: &[T], gxrow: &mut [T]) {
+        let (cin, cout, s, g) = (self.cin, self.cout, self.stride as isize, st.g);
+        let opg = cout / (cin / g);
+        let (ni, yi) = (r / self.h, (r % self.h) as isize);
+        for (t, &(dy, dx)) in st.taps.iter().enumerate() {
+            // Output row yo with yo·s + dy·d = yi.
+            let num = yi - dy * st.dil as isize;
+            if num < 0 || num % s != 0 || num / s >= self.ho as isize {
+                continue;
+            }
+            let base = (ni * self.ho + (num / s) as usize) * self.wo;
+            let ox = dx * st.dil as isize;
+            let (xlo, xhi) = valid_range(ox, self.stride, self.w, self.wo);
+            for xo in xlo..xhi {
+                let xi = ((xo as isize) * s + ox) as usize;
+                let gp = &gy[(base + xo) * cout..(base + xo + 1) * cout];
+                let gxp = &mut gxrow[xi * cin..(xi + 1) * cin];
+                if g == 1 && opg == 1 {
+                    let qv = &qt[t * cout..(t + 1) * cout];
+                    for ((a, w), b) in gxp.iter_mut().zip(qv).zip(gp) {
+                        *a += *w * *b;
+                    }
+                } else {
+                    for j in 0..g {
+                        let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
+                        for (co, (w, b)) in qv.iter().zip(gp).enumerate() {
+                            gxp[(co / opg) * g + j] += *w * *b;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// gP (Cout x Cin) = gyᵀ · xs, the reduction over pixels split into fixed chunks.
+    fn pointwise_weight_grad<T: Real>(&self, xs: &[T], gy: &[T]) -> Vec<T> {
+        let (rows, cin, cout) = (self.rows_out(), self.cin, self.cout);
+        let chunks = rows.div_ceil(PGRAD_PIXELS).max(1);
+        let part = |c: usize, par: Parallelism| {
+            let (r0, r1) = (c * PGRAD_PIXELS, ((c + 1) * PGRAD_PIXELS).min(rows));
+            let mut acc = vec![T::zero(); cout * cin];
+            gemm_rm(
+                cout,
+                cin,
+                r1 - r0,
+                &mut acc,
+                false,
+                &gy[r0 * cout..r1 * cout],
+                (1, cout),
+                &xs[r0 * cin..r1 * cin],
+                (cin, 1),
+                par,
+            );
+            acc
+        };
+        if chunks == 1 {
+            return part(0, Self::par());
+        }
+        let partials: Vec<Vec<T>> = (0..chunks)
+            .into_par_iter()
+            .map(|c| part(c, Parallelism::None))
+            .collect();
+        sum_in_order(partials)
+    }
+
+    /// gQ (Cout, g, |S|), summed per fixed chunk of output rows and then in chunk order.
+    fn stencil_weight_grad<T: Real>(&self, st: &NhwcStencil, x: &[T], gy: &[T]) -> Vec<T> {
+        let (g, nt, cout) = (st.g, st.taps.len(), self.cout);
+        let out_rows = self.n * self.ho;
+        let partials: Vec<Vec<T>> = (0..out_rows.div_ceil(WGRAD_ROWS))
+            .into_par_iter()
+            .map(|c| {
+                let mut acc = vec![T::zero(); nt * g * cout];
+                for r in c * WGRAD_ROWS..((c + 1) * WGRAD_ROWS).min(out_rows) {
+                    crate::isa::isa_dispatch!(self.stencil_weight_grad_row(st, r, x, gy, &mut acc));
+                }
+                acc
+            })
+            .collect();
+        let qt = sum_in_order(partials);
+        // (|S|, g, Cout) -> (Cout, g, |S|).
+        let mut gq = vec![T::zero(); qt.len()];
+        for co in 0..cout {
+            for j in 0..g {
+                for t in 0..nt {
+                    gq[(co * g + j) * nt + t] = qt[(t * g + j) * cout + co];
+                }
+            }
+        }
+        gq
+    }
+
+    /// acc (|S|, g, Cout) += the stencil weight gradient of output row `r` = (sample, yo).
+    #[inline(always)]
+    fn stencil_weight_grad_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], gy: &[T], acc: &mut [T]) {
+        let (cin, cout, s, g) = (self.cin, self.cout, self.stride, st.g);
+        let opg = cout / (cin / g);
+        let (ni, yo) = (r / self.ho, r % self.ho);
+        for (t, &(dy, dx)) in st.taps.iter().enumerate() {
+            let yi = (yo * s) as isize + dy * st.dil as isize;
+            if yi < 0 || yi >= self.h as isize {
+                continue;
+            }
+            let ox = dx * st.dil as isize;
+            let (xlo, xhi) = valid_range(ox, s, self.w, self.wo);
+            let base = (ni * self.h + yi as usize) * self.w;
+            for xo in xlo..xhi {
+                let xi = ((xo * s) as isize + ox) as usize;
+                let xp = &x[(base + xi) * cin..(base + xi + 1) * cin];
+                let gp = &gy[(r * self.wo + xo) * cout..(r * self.wo + xo + 1) * cout];
+                if g == 1 && opg == 1 {
+                    let av = &mut acc[t * cout..(t + 1) * cout];
+                    for ((a, u), v) in av.iter_mut().zip(gp).zip(xp) {
+                        *a += *u * *v;
+                    }
+                } else {
+                    for j in 0..g {
+                        let av = &mut acc[(t * g + j) * cout..(t * g + j + 1) * cout];
+                        for (co, (a, u)) in av.iter_mut().zip(gp).enumerate() {
+                            *a += *u * xp[(co / opg) * g + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The elementwise sum of equally long partial results, in their order.
+fn sum_in_order<T: Real>(partials: Vec<Vec<T>>) -> Vec<T> {
+    let mut it = partials.into_iter();
+    let mut acc = it.next().unwrap_or_default();
+    for p in it {
+        acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
+    }
+    acc
+}
+
+/// NCHW (n, c, hw) -> NHWC (n, hw, c), or back with `(c, hw)` swapped: a transpose of each
+/// sample's (rows x cols) matrix, in cache-sized tiles.
+pub(crate) fn transpose_samples<T: Real>(x: &[T], n: usize, rows: usize, cols: usize) -> Vec<T> {
+    const TILE: usize = 32;
+    let len = rows * cols;
+    let mut y = vec![T::zero(); n * len];
+    if len == 0 {
+        return y;
+    }
+    // One task per sample (samples write disjoint outputs).
+    y.par_chunks_mut(len).zip(x.par_chunks(len)).for_each(|(yn, xn)| {
+        for c0 in (0..cols).step_by(TILE) {
+            let c1 = (c0 + TILE).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                let r1 = (r0 + TILE).min(rows);
+                for c in c0..c1 {
+                    let dst = &mut yn[c * rows + r0..c * rows + r1];
+                    for (d, r) in dst.iter_mut().zip(r0..r1) {
+                        *d = xn[r * cols + c];
+                    }
+                }
+            }
+        }
+    });
+    y
+}

@@ -1,0 +1,236 @@
+//! The channels-last (NHWC) operators against their NCHW counterparts, forward and every
+//! gradient, on every stencil, group size, channel multiplier, stride and dilation.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::*;
+use lean_ops::channels_last::{
+    global_avg_pool_nhwc, lean_conv2d_nhwc, pointwise_conv2d_nhwc, to_channels_first, to_channels_last,
+};
+use lean_ops::{
+    conv2d, global_avg_pool2d, lean_conv2d, Activation, BatchNorm2d, BatchNormConfig, LeanConv2dConfig, Stencil,
+};
+
+fn nhwc(t: &Tensor) -> Tensor {
+    to_channels_last(t).unwrap()
+}
+fn nchw(t: &Tensor) -> Tensor {
+    to_channels_first(t).unwrap()
+}
+
+#[test]
+fn layout_conversions_are_transposes_and_inverse_with_their_gradients() {
+    let x = rand(&[3, 5, 4, 7], 1, DType::F64);
+    let y = nhwc(&x);
+    assert_eq!(y.dims(), &[3, 4, 7, 5]);
+    assert_close(&y, &x.permute((0, 2, 3, 1)).unwrap(), 0.0, "to_channels_last");
+    assert_close(&nchw(&y), &x, 0.0, "round trip");
+    let v = var(&x);
+    let r = rand(&[3, 4, 7, 5], 2, DType::F64);
+    let g = grads_of(std::slice::from_ref(&v), &nhwc(v.as_tensor()), &r);
+    assert_close(&g[0], &nchw(&r), 0.0, "gradient of to_channels_last");
+    // Sizes that are not multiples of the transpose tile.
+    let x = rand(&[2, 37, 5, 9], 3, DType::F32);
+    assert_close(&nchw(&nhwc(&x)), &x, 0.0, "round trip 37 channels");
+}
+
+/// (Cin, Cout, group sizes): depthwise, channel multiplier, grouped, channel-reducing, full.
+const CHANNELS: [(usize, usize, &[usize]); 4] = [(4, 8, &[1, 2, 4]), (6, 3, &[2, 6]), (8, 8, &[1, 4]), (3, 6, &[1, 3])];
+
+#[test]
+fn lean_conv_nhwc_matches_the_nchw_op_forward_and_every_gradient() {
+    let mut cases = 0;
+    for dt in [DType::F64, DType::F32] {
+        for stencil in Stencil::ALL {
+            for (cin, cout, gs) in CHANNELS {
+                for &g in gs {
+                    for (stride, dil) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+                        let (n, h, w) = if cases % 2 == 0 { (2, 7, 9) } else { (3, 8, 5) };
+                        let cfg = LeanConv2dConfig::new(cin, cout)
+                            .stencil(stencil)
+                            .group_size(g)
+                            .stride(stride)
+                            .dilation(dil);
+                        let s = cases as u64 * 10;
+                        let x = rand(&[n, cin, h, w], s, dt);
+                        let p = rand(&[cout, cin, 1, 1], s + 1, dt);
+                        let q = rand(&[cout, g, stencil.len()], s + 2, dt);
+                        let b = rand(&[cout], s + 3, dt);
+                        let vars: Vec<_> = [&x, &p, &q, &b].iter().map(|t| var(t)).collect();
+                        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                        let what = format!("{cfg:?} n={n} {h}x{w} {dt:?}");
+                        let reference = lean_conv2d(&ts[0], &ts[1], &ts[2], Some(&ts[3]), &cfg).unwrap();
+                        let fast = nchw(&lean_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], &ts[2], Some(&ts[3]), &cfg).unwrap());
+                        assert_close(&fast, &reference, tol(dt), &format!("forward {what}"));
+                        let r = rand(reference.dims(), 77, dt);
+                        let gf = grads_of(&vars, &fast, &r);
+                        let gr = grads_of(&vars, &reference, &r);
+                        for (k, name) in ["input", "pointwise", "stencil", "bias"].iter().enumerate() {
+                            assert_close(&gf[k], &gr[k], tol(dt) * 5.0, &format!("{name} gradient {what}"));
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(cases >= 300, "{cases} cases");
+}
+
+#[test]
+fn lean_conv_nhwc_is_exact_for_a_single_sample_and_large_batches_alike() {
+    // One sample (the batch-1 path) and a batch whose pixel count spans several gradient chunks.
+    for (n, c, hw) in [(1, 16, 6), (9, 8, 24)] {
+        let cfg = LeanConv2dConfig::new(c, c);
+        let x = rand(&[n, c, hw, hw], 5, DType::F64);
+        let p = rand(&[c, c, 1, 1], 6, DType::F64);
+        let q = rand(&[c, 1, 5], 7, DType::F64);
+        let vars: Vec<_> = [&x, &p, &q].iter().map(|t| var(t)).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let reference = lean_conv2d(&ts[0], &ts[1], &ts[2], None, &cfg).unwrap();
+        let fast = nchw(&lean_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], &ts[2], None, &cfg).unwrap());
+        assert_close(&fast, &reference, 1e-12, "forward");
+        let r = rand(reference.dims(), 8, DType::F64);
+        let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+        for k in 0..3 {
+            assert_close(&gf[k], &gr[k], 1e-11, &format!("gradient {k} n={n}"));
+        }
+    }
+}
+
+#[test]
+fn pointwise_conv_nhwc_matches_the_nchw_dense_conv() {
+    for (stride, bias) in [(1, false), (2, true), (3, false)] {
+        let x = rand(&[2, 6, 9, 7], 11, DType::F64);
+        let wt = rand(&[10, 6, 1, 1], 12, DType::F64);
+        let b = rand(&[10], 13, DType::F64);
+        let vars: Vec<_> = [&x, &wt, &b].iter().map(|t| var(t)).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        // Our NCHW dense conv (candle's conv2d backward mis-sizes the input gradient at stride 3).
+        let reference = conv2d(&ts[0], &ts[1], bias.then_some(&ts[2]), stride, 0, 1).unwrap();
+        let fast = nchw(&pointwise_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], bias.then_some(&ts[2]), stride).unwrap());
+        assert_close(&fast, &reference, 1e-12, &format!("forward stride {stride}"));
+        let r = rand(reference.dims(), 14, DType::F64);
+        let (gf, gr) = (grads_of(&vars[..2], &fast, &r), grads_of(&vars[..2], &reference, &r));
+        for k in 0..2 {
+            assert_close(&gf[k], &gr[k], 1e-11, &format!("gradient {k} stride {stride}"));
+        }
+    }
+}
+
+fn batch_norm(c: usize, dt: DType) -> (BatchNorm2d, VarMap) {
+    let vm = VarMap::new();
+    let bn = BatchNorm2d::new(
+        c,
+        BatchNormConfig::default(),
+        VarBuilder::from_varmap(&vm, dt, &Device::Cpu),
+    )
+    .unwrap();
+    // Non-trivial affine parameters.
+    for (name, t) in vm.data().lock().unwrap().iter() {
+        if name == "weight" || name == "bias" {
+            t.set(&rand(&[c], name.len() as u64, dt)).unwrap();
+        }
+    }
+    (bn, vm)
+}
+
+#[test]
+fn batch_norm_nhwc_matches_nchw_in_train_and_eval_mode_with_gradients_and_running_stats() {
+    for dt in [DType::F64, DType::F32] {
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            // 700 rows: several reduction chunks and a partial one.
+            let x = (rand(&[7, 12, 10, 10], 21, dt) * 4.0)
+                .unwrap()
+                .affine(1.0, 0.5)
+                .unwrap();
+            let (a, _va) = batch_norm(12, dt);
+            let (b, _vb) = batch_norm(12, dt);
+            let xv = var(&x);
+            let ya = a.forward_act(xv.as_tensor(), true, act).unwrap();
+            let yb = nchw(&b.forward_act_nhwc(&nhwc(xv.as_tensor()), true, act).unwrap());
+            let what = format!("{dt:?} {act:?}");
+            assert_close(&yb, &ya, tol(dt), &format!("train forward {what}"));
+            assert_close(
+                b.running_mean(),
+                a.running_mean(),
+                tol(dt),
+                &format!("running mean {what}"),
+            );
+            assert_close(
+                b.running_var(),
+                a.running_var(),
+                tol(dt),
+                &format!("running var {what}"),
+            );
+            let r = rand(x.dims(), 22, dt);
+            let loss_a = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let loss_b = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |gs: &candle_core::backprop::GradStore, t: &Tensor| gs.get(t).unwrap().clone();
+            assert_close(
+                &g(&loss_b, xv.as_tensor()),
+                &g(&loss_a, xv.as_tensor()),
+                tol(dt) * 5.0,
+                &format!("input gradient {what}"),
+            );
+            assert_close(
+                &g(&loss_b, b.weight()),
+                &g(&loss_a, a.weight()),
+                tol(dt) * 5.0,
+                &format!("weight gradient {what}"),
+            );
+            assert_close(
+                &g(&loss_b, b.bias()),
+                &g(&loss_a, a.bias()),
+                tol(dt) * 5.0,
+                &format!("bias gradient {what}"),
+            );
+            let ea = a.forward_act(&x, false, act).unwrap();
+            let eb = nchw(&b.forward_act_nhwc(&nhwc(&x), false, act).unwrap());
+            assert_close(&eb, &ea, tol(dt), &format!("eval forward {what}"));
+        }
+    }
+}
+
+#[test]
+fn global_average_pool_nhwc_matches_nchw() {
+    let x = rand(&[3, 8, 5, 6], 31, DType::F64);
+    assert_close(
+        &global_avg_pool_nhwc(&nhwc(&x)).unwrap(),
+        &global_avg_pool2d(&x).unwrap(),
+        1e-14,
+        "pool",
+    );
+}
+
+#[test]
+fn channels_last_ops_reject_inputs_that_do_not_fit_naming_what_is_wrong() {
+    let cfg = LeanConv2dConfig::new(4, 4);
+    let p = rand(&[4, 4, 1, 1], 1, DType::F32);
+    let q = rand(&[4, 1, 5], 2, DType::F32);
+    let wrong_channels = rand(&[1, 6, 6, 3], 3, DType::F32);
+    let e = lean_conv2d_nhwc(&wrong_channels, &p, &q, None, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 channels") && e.contains("expects 4"), "{e}");
+    let e = lean_conv2d_nhwc(&rand(&[6, 6, 4], 3, DType::F32), &p, &q, None, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(N, H, W, C)") && e.contains("[6, 6, 4]"), "{e}");
+    let e = pointwise_conv2d_nhwc(
+        &rand(&[1, 3, 3, 4], 4, DType::F32),
+        &rand(&[5, 3, 1, 1], 5, DType::F32),
+        None,
+        1,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("4 channels") && e.contains("expects 3"), "{e}");
+    let (bn, _vm) = batch_norm(4, DType::F32);
+    let e = bn
+        .forward_act_nhwc(&rand(&[2, 3, 3, 5], 6, DType::F32), true, Activation::Relu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("5 channels") && e.contains("expects 4"), "{e}");
+}
