@@ -5,6 +5,7 @@ use crate::output::{table, Format};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
+use lean_ops::channels_last::{lean_conv2d_nhwc, to_channels_last};
 use lean_ops::{conv2d, lean_conv2d, LeanConv2dConfig, Stencil};
 use serde::Serialize;
 use std::time::Instant;
@@ -38,7 +39,8 @@ pub struct BenchArgs {
     /// Input shapes N,C,H,W, separated by `;` (default: the two shapes of docs/benchmarks.md).
     #[arg(long)]
     shapes: Option<String>,
-    /// Only these ops (comma-separated): dense3x3, dense3x3_lean_ops, grouped+1x1, lean.
+    /// Only these ops (comma-separated): dense3x3, dense3x3_lean_ops, grouped+1x1, lean,
+    /// lean_nhwc (the same lean convolution on a channels-last input).
     #[arg(long, value_delimiter = ',')]
     ops: Vec<String>,
 }
@@ -112,7 +114,7 @@ fn parse_shapes(s: &str) -> Result<Vec<[usize; 4]>> {
 }
 
 /// The ops `lean bench ops` measures.
-pub const OPS: [&str; 4] = ["dense3x3", "dense3x3_lean_ops", "grouped+1x1", "lean"];
+pub const OPS: [&str; 5] = ["dense3x3", "dense3x3_lean_ops", "grouped+1x1", "lean", "lean_nhwc"];
 
 /// One op to measure: its name, stencil, group size, parameters (input first) and forward.
 type Candidate = (&'static str, Option<Stencil>, Option<usize>, Vec<Tensor>, Forward);
@@ -158,8 +160,15 @@ pub fn measure_ops(shapes: &[[usize; 4]], reps: usize, ops: &[String]) -> Result
                     "lean",
                     Some(Stencil::Five),
                     Some(1),
-                    vec![x.clone(), pw, q],
+                    vec![x.clone(), pw.clone(), q.clone()],
                     Box::new(move |p| Ok(lean_conv2d(&p[0], &p[1], &p[2], None, &cfg)?)),
+                ),
+                (
+                    "lean_nhwc",
+                    Some(Stencil::Five),
+                    Some(1),
+                    vec![to_channels_last(&x)?, pw, q],
+                    Box::new(move |p| Ok(lean_conv2d_nhwc(&p[0], &p[1], &p[2], None, &cfg)?)),
                 ),
             ];
             for (op, stencil, group_size, params, f) in candidates {

@@ -6,8 +6,8 @@ use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use lean_ops::{
-    activation, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost, CostModel,
-    DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
+    activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost,
+    CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
 };
 
 /// One row of a model's per-layer table.
@@ -197,6 +197,43 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// Whether [`Conv::forward_nhwc`] runs this convolution: lean ones and unpadded 1x1 ones.
+    pub fn supports_nhwc(&self) -> bool {
+        match self {
+            Conv::Lean(_) => true,
+            Conv::Dense(c) => {
+                let k = c.config();
+                k.kernel_size == 1 && k.padding == 0 && k.dilation == 1
+            }
+            Conv::Depthwise(_) => false,
+        }
+    }
+
+    /// The convolution of a channels-last (N, H, W, C) input, output channels-last.
+    pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv::Lean(c) => Ok(channels_last::lean_conv2d_nhwc(
+                x,
+                c.pointwise_weight(),
+                c.stencil_weight(),
+                c.bias(),
+                c.config(),
+            )?),
+            Conv::Dense(c) if self.supports_nhwc() => Ok(channels_last::pointwise_conv2d_nhwc(
+                x,
+                c.weight(),
+                c.bias(),
+                c.config().stride,
+            )?),
+            other => Err(crate::Error::Config {
+                model: "channels-last".into(),
+                msg: format!("a {} convolution has no channels-last path", other.kind()),
+            }),
+        }
+    }
+}
+
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -261,6 +298,21 @@ impl ConvBnAct {
             Some(bn) => bn.forward_act(&y, train, self.act)?,
             None => activation(&y, self.act)?,
         })
+    }
+
+    /// [`ConvBnAct::forward_t`] on a channels-last (N, H, W, C) input; see
+    /// [`Conv::supports_nhwc`].
+    pub fn forward_t_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.conv.forward_nhwc(x)?;
+        Ok(match &self.bn {
+            Some(bn) => bn.forward_act_nhwc(&y, train, self.act)?,
+            None => activation(&y, self.act)?,
+        })
+    }
+
+    /// Whether [`ConvBnAct::forward_t_nhwc`] runs this layer.
+    pub fn supports_nhwc(&self) -> bool {
+        self.conv.supports_nhwc()
     }
 
     /// Folds the BatchNorm's eval-mode map into the convolution (inference only afterwards).

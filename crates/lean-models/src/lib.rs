@@ -25,6 +25,7 @@
 
 mod error;
 pub mod layers;
+pub mod layout;
 mod mobilenet_v2;
 mod model;
 mod registry;

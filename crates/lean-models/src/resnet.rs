@@ -8,6 +8,7 @@ use crate::model::Model;
 use crate::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use lean_ops::channels_last::{global_avg_pool_nhwc, to_channels_first, to_channels_last};
 use lean_ops::{add_activation, global_avg_pool2d, Activation};
 
 /// Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) residual blocks.
@@ -195,6 +196,23 @@ impl Block {
         Ok(add_activation(&h, &shortcut, Activation::Relu)?)
     }
 
+    /// The forward pass on a channels-last input (see [`ResNet::channels_last`]).
+    fn forward_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for c in &self.convs {
+            h = c.forward_t_nhwc(&h, train)?;
+        }
+        let shortcut = match &self.downsample {
+            Some(d) => d.forward_t_nhwc(x, train)?,
+            None => x.clone(),
+        };
+        Ok(add_activation(&h, &shortcut, Activation::Relu)?)
+    }
+
+    fn supports_nhwc(&self) -> bool {
+        self.convs.iter().chain(&self.downsample).all(|c| c.supports_nhwc())
+    }
+
     fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
         let mut s = input.to_vec();
         for c in &self.convs {
@@ -222,6 +240,7 @@ pub struct ResNet {
     stages: Vec<Vec<Block>>,
     fc: Option<Classifier>,
     cfg: ResNetConfig,
+    channels_last: bool,
 }
 
 impl ResNet {
@@ -270,12 +289,43 @@ impl ResNet {
         } else {
             Some(Classifier::new(inplanes, cfg.num_classes, vb.pp("fc"))?)
         };
-        Ok(ResNet {
+        let mut net = ResNet {
             stem,
             stages,
             fc,
             cfg: cfg.clone(),
-        })
+            channels_last: false,
+        };
+        net.channels_last =
+            vb.device().is_cpu() && net.supports_channels_last() && crate::layout::channels_last_default();
+        Ok(net)
+    }
+
+    /// Whether the blocks run channels-last (NHWC) inside: the stem runs NCHW, its output is
+    /// converted once, and the pooled features (or, for [`Model::forward_features`], each
+    /// stage's output) come back as the NCHW API expects. On by default on the CPU wherever
+    /// every convolution in the blocks has an NHWC kernel (lean ResNets); `LEAN_LAYOUT=nchw`
+    /// turns it off.
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
+    }
+
+    /// Whether every block can run channels-last.
+    pub fn supports_channels_last(&self) -> bool {
+        self.stages.iter().flatten().all(|b| b.supports_nhwc())
+    }
+
+    /// Turns the channels-last inside on or off (same parameters, same results up to
+    /// floating-point summation order); an error where a block has no NHWC kernel.
+    pub fn set_channels_last(&mut self, on: bool) -> Result<()> {
+        if on && !self.supports_channels_last() {
+            return Err(crate::Error::Config {
+                model: "resnet".into(),
+                msg: "channels-last needs lean or 1x1 convolutions in every block (this one has dense 3x3 ones)".into(),
+            });
+        }
+        self.channels_last = on;
+        Ok(())
     }
 
     /// The configuration.
@@ -306,19 +356,38 @@ impl ResNet {
 
 impl Model for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let head = crate::model::head(&self.fc)?;
+        if self.channels_last {
+            let mut h = to_channels_last(&self.stem_forward(x, train)?)?;
+            for b in self.stages.iter().flatten() {
+                h = b.forward_nhwc(&h, train)?;
+            }
+            return head.forward(&global_avg_pool_nhwc(&h)?);
+        }
         let feats = self.forward_features(x, train)?;
         let last = feats.last().expect("a ResNet has stages");
-        crate::model::head(&self.fc)?.forward(&global_avg_pool2d(last)?)
+        head.forward(&global_avg_pool2d(last)?)
     }
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let mut h = self.stem_forward(x, train)?;
+        if self.channels_last {
+            h = to_channels_last(&h)?;
+        }
         let mut out = vec![];
         for stage in &self.stages {
             for b in stage {
-                h = b.forward_t(&h, train)?;
+                h = if self.channels_last {
+                    b.forward_nhwc(&h, train)?
+                } else {
+                    b.forward_t(&h, train)?
+                };
             }
-            out.push(h.clone());
+            out.push(if self.channels_last {
+                to_channels_first(&h)?
+            } else {
+                h.clone()
+            });
         }
         Ok(out)
     }

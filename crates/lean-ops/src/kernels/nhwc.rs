@@ -44,6 +44,11 @@ pub(crate) struct NhwcGrads<T> {
     pub stencil: Option<Vec<T>>,
 }
 
+/// Channels per register block of the depthwise stencil (two AVX2 or one AVX-512 f32 vector).
+const LANES: usize = 16;
+/// The most taps a stencil has (the full 3x3).
+const MAX_TAPS: usize = 9;
+
 /// Output pixel rows per chunk of a weight-gradient reduction (fixed: the summation order must
 /// not depend on the number of threads).
 const WGRAD_ROWS: usize = 4;
@@ -132,7 +137,11 @@ impl NhwcConv {
     fn stencil_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
         let (cin, cout, s, g) = (self.cin, self.cout, self.stride, st.g);
         let opg = cout / (cin / g);
+        if g == 1 && opg == 1 && st.taps.len() <= MAX_TAPS {
+            return self.depthwise_row(st, r, x, qt, yrow);
+        }
         let (ni, yo) = (r / self.ho, r % self.ho);
+        let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
         for (t, &(dy, dx)) in st.taps.iter().enumerate() {
             let yi = (yo * s) as isize + dy * st.dil as isize;
             if yi < 0 || yi >= self.h as isize {
@@ -145,9 +154,11 @@ impl NhwcConv {
                 let xi = ((xo * s) as isize + ox) as usize;
                 let xp = &x[(base + xi) * cin..(base + xi + 1) * cin];
                 let yp = &mut yrow[xo * cout..(xo + 1) * cout];
-                if g == 1 && opg == 1 {
+                if g == 1 {
+                    // Depthwise (with a channel multiplier: each input channel repeated opg times).
+                    let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
                     let qv = &qt[t * cout..(t + 1) * cout];
-                    for ((a, w), b) in yp.iter_mut().zip(qv).zip(xp) {
+                    for ((a, w), b) in yp.iter_mut().zip(qv).zip(xv) {
                         *a += *w * *b;
                     }
                 } else {
@@ -158,6 +169,65 @@ impl NhwcConv {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The depthwise case of [`Self::stencil_row`], register-blocked: for each block of `LANES`
+    /// channels the taps' weights stay in registers and each output pixel is read, gets all its
+    /// taps and is written once (instead of one read-modify-write pass per tap).
+    #[inline(always)]
+    fn depthwise_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
+        let (c, s, d) = (self.cout, self.stride, st.dil as isize);
+        let (ni, yo) = (r / self.ho, r % self.ho);
+        // The taps whose input row exists: (tap index, first pixel of that input row, dx·d).
+        let mut taps = [(0usize, 0usize, 0isize); MAX_TAPS];
+        let mut nt = 0;
+        for (t, &(dy, dx)) in st.taps.iter().enumerate() {
+            let yi = (yo * s) as isize + dy * d;
+            if yi >= 0 && yi < self.h as isize {
+                taps[nt] = (t, (ni * self.h + yi as usize) * self.w, dx * d);
+                nt += 1;
+            }
+        }
+        let taps = &taps[..nt];
+        let w = self.w as isize;
+        let mut cb = 0;
+        while cb + LANES <= c {
+            let mut q = [[T::zero(); LANES]; MAX_TAPS];
+            for (qk, &(t, _, _)) in q.iter_mut().zip(taps) {
+                qk.copy_from_slice(&qt[t * c + cb..t * c + cb + LANES]);
+            }
+            for xo in 0..self.wo {
+                let yp = &mut yrow[xo * c + cb..xo * c + cb + LANES];
+                let mut acc = [T::zero(); LANES];
+                acc.copy_from_slice(yp);
+                for (qk, &(_, base, ox)) in q.iter().zip(taps) {
+                    let xi = (xo * s) as isize + ox;
+                    if xi < 0 || xi >= w {
+                        continue;
+                    }
+                    let at = (base + xi as usize) * c + cb;
+                    let xp = &x[at..at + LANES];
+                    for l in 0..LANES {
+                        acc[l] += qk[l] * xp[l];
+                    }
+                }
+                yp.copy_from_slice(&acc);
+            }
+            cb += LANES;
+        }
+        // The channels left over after the last full block.
+        for ch in cb..c {
+            for xo in 0..self.wo {
+                let mut acc = yrow[xo * c + ch];
+                for &(t, base, ox) in taps {
+                    let xi = (xo * s) as isize + ox;
+                    if xi >= 0 && xi < w {
+                        acc += qt[t * c + ch] * x[(base + xi as usize) * c + ch];
+                    }
+                }
+                yrow[xo * c + ch] = acc;
             }
         }
     }
@@ -259,6 +329,12 @@ impl NhwcConv {
                     for ((a, w), b) in gxp.iter_mut().zip(qv).zip(gp) {
                         *a += *w * *b;
                     }
+                } else if g == 1 {
+                    // Channel multiplier: input channel ci receives outputs ci·opg .. ci·opg + opg.
+                    let qv = &qt[t * cout..(t + 1) * cout];
+                    for ((a, w), b) in gxp.iter_mut().zip(qv.chunks_exact(opg)).zip(gp.chunks_exact(opg)) {
+                        *a += w.iter().zip(b).fold(T::zero(), |acc, (u, v)| acc + *u * *v);
+                    }
                 } else {
                     for j in 0..g {
                         let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
@@ -335,6 +411,7 @@ impl NhwcConv {
         let (cin, cout, s, g) = (self.cin, self.cout, self.stride, st.g);
         let opg = cout / (cin / g);
         let (ni, yo) = (r / self.ho, r % self.ho);
+        let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
         for (t, &(dy, dx)) in st.taps.iter().enumerate() {
             let yi = (yo * s) as isize + dy * st.dil as isize;
             if yi < 0 || yi >= self.h as isize {
@@ -347,9 +424,10 @@ impl NhwcConv {
                 let xi = ((xo * s) as isize + ox) as usize;
                 let xp = &x[(base + xi) * cin..(base + xi + 1) * cin];
                 let gp = &gy[(r * self.wo + xo) * cout..(r * self.wo + xo + 1) * cout];
-                if g == 1 && opg == 1 {
+                if g == 1 {
+                    let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
                     let av = &mut acc[t * cout..(t + 1) * cout];
-                    for ((a, u), v) in av.iter_mut().zip(gp).zip(xp) {
+                    for ((a, u), v) in av.iter_mut().zip(gp).zip(xv) {
                         *a += *u * *v;
                     }
                 } else {
@@ -363,6 +441,15 @@ impl NhwcConv {
             }
         }
     }
+}
+
+/// Each value of `xp` repeated `opg` times, in `buf` (a channel multiplier's view of a pixel).
+#[inline(always)]
+fn expand<'a, T: Real>(xp: &[T], opg: usize, buf: &'a mut [T]) -> &'a [T] {
+    for (chunk, v) in buf.chunks_exact_mut(opg).zip(xp) {
+        chunk.fill(*v);
+    }
+    buf
 }
 
 /// The elementwise sum of equally long partial results, in their order.
