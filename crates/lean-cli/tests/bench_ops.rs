@@ -14,8 +14,8 @@ fn bench_ops_json_has_one_object_per_case() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
     let cases = v.as_array().expect("an array");
-    // 4 ops x 2 strides for the one shape.
-    assert_eq!(cases.len(), 8);
+    // 5 ops x 2 strides for the one shape.
+    assert_eq!(cases.len(), 10);
     for c in cases {
         for key in ["op", "stencil", "group_size", "stride", "shape", "fwd_ms", "fwd_bwd_ms"] {
             assert!(c.get(key).is_some(), "missing {key} in {c}");
@@ -24,7 +24,7 @@ fn bench_ops_json_has_one_object_per_case() {
         assert!(c["fwd_ms"].as_f64().unwrap() > 0.0 && c["fwd_bwd_ms"].as_f64().unwrap() > 0.0);
     }
     let ops: Vec<&str> = cases.iter().map(|c| c["op"].as_str().unwrap()).collect();
-    for op in ["lean", "dense3x3", "grouped+1x1"] {
+    for op in ["lean", "lean_nhwc", "dense3x3", "grouped+1x1"] {
         assert!(ops.contains(&op), "{op} missing from {ops:?}");
     }
     let lean = cases.iter().find(|c| c["op"] == "lean").unwrap();

@@ -47,8 +47,11 @@ fn published_models_reproduce_their_stated_accuracy() {
         let got = v[key]
             .as_f64()
             .unwrap_or_else(|| panic!("{}: eval JSON has no `{key}`", dir.display()));
+        // Within 0.01 points: the stated value was measured by an NCHW network, and the lean
+        // ResNets now run channels-last inside, whose sums round differently (a handful of
+        // pixels near a class boundary may flip; the model card states two decimals).
         assert!(
-            (got - stated).abs() < 1e-9,
+            (got - stated).abs() < 0.01,
             "{}: {key} {got} but config.json states {stated}",
             dir.display()
         );
