@@ -198,15 +198,15 @@ impl Conv {
 }
 
 impl Conv {
-    /// Whether [`Conv::forward_nhwc`] runs this convolution: lean ones and unpadded 1x1 ones.
+    /// Whether [`Conv::forward_nhwc`] runs this convolution: lean, depthwise and unpadded 1x1
+    /// ones.
     pub fn supports_nhwc(&self) -> bool {
         match self {
-            Conv::Lean(_) => true,
+            Conv::Lean(_) | Conv::Depthwise(_) => true,
             Conv::Dense(c) => {
                 let k = c.config();
                 k.kernel_size == 1 && k.padding == 0 && k.dilation == 1
             }
-            Conv::Depthwise(_) => false,
         }
     }
 
@@ -225,6 +225,13 @@ impl Conv {
                 c.weight(),
                 c.bias(),
                 c.config().stride,
+            )?),
+            Conv::Depthwise(c) => Ok(channels_last::depthwise_conv2d_nhwc(
+                x,
+                c.weight(),
+                c.bias(),
+                c.stride(),
+                c.dilation(),
             )?),
             other => Err(crate::Error::Config {
                 model: "channels-last".into(),

@@ -5,6 +5,7 @@ use crate::model::Model;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use lean_ops::channels_last::{global_avg_pool_nhwc, to_channels_first, to_channels_last};
 use lean_ops::{add_activation, global_avg_pool2d, Activation, DepthwiseConv2d};
 
 /// Everything that defines a MobileNetV2.
@@ -101,10 +102,15 @@ impl InvertedResidual {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The block on an NCHW input, or on a channels-last one with `nhwc`.
+    fn forward_layout(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for l in &self.layers {
-            h = l.forward_t(&h, train)?;
+            h = if nhwc {
+                l.forward_t_nhwc(&h, train)?
+            } else {
+                l.forward_t(&h, train)?
+            };
         }
         // Our fused op, not candle's add: one rayon pass each way (candle's elementwise ops run on
         // a second thread pool that competes with ours for the cores).
@@ -126,6 +132,7 @@ pub struct MobileNetV2 {
     stage_channels: Vec<usize>,
     head: Option<(ConvBnAct, Classifier)>,
     cfg: MobileNetV2Config,
+    channels_last: bool,
 }
 
 impl MobileNetV2 {
@@ -194,7 +201,27 @@ impl MobileNetV2 {
             stage_channels,
             head,
             cfg: cfg.clone(),
+            channels_last: vb.device().is_cpu() && crate::layout::channels_last_default(),
         })
+    }
+
+    /// Whether the blocks and the head run channels-last (NHWC) inside: the stem runs NCHW, its
+    /// output is converted once, and the pooled features (or, for [`Model::forward_features`],
+    /// each stage's output) come back as the NCHW API expects. On by default on the CPU;
+    /// `LEAN_LAYOUT=nchw` turns it off.
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
+    }
+
+    /// Turns the channels-last inside on or off (same parameters, same results up to
+    /// floating-point summation order).
+    pub fn set_channels_last(&mut self, on: bool) {
+        self.channels_last = on;
+    }
+
+    /// The blocks after the stem, in the network's inner layout.
+    fn block_forward(&self, b: &InvertedResidual, h: &Tensor, train: bool) -> Result<Tensor> {
+        b.forward_layout(h, train, self.channels_last)
     }
 
     /// The configuration.
@@ -211,12 +238,19 @@ impl MobileNetV2 {
 
 impl Model for MobileNetV2 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem.forward_t(x, train)?;
-        for b in &self.blocks {
-            h = b.forward_t(&h, train)?;
-        }
         let (conv, classifier) = crate::model::head(&self.head)?;
-        h = global_avg_pool2d(&conv.forward_t(&h, train)?)?;
+        let mut h = self.stem.forward_t(x, train)?;
+        if self.channels_last {
+            h = to_channels_last(&h)?;
+        }
+        for b in &self.blocks {
+            h = self.block_forward(b, &h, train)?;
+        }
+        h = if self.channels_last {
+            global_avg_pool_nhwc(&conv.forward_t_nhwc(&h, train)?)?
+        } else {
+            global_avg_pool2d(&conv.forward_t(&h, train)?)?
+        };
         if train && self.cfg.dropout > 0.0 {
             h = lean_ops::random::dropout(&h, self.cfg.dropout)?;
         }
@@ -225,11 +259,18 @@ impl Model for MobileNetV2 {
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let mut h = self.stem.forward_t(x, train)?;
+        if self.channels_last {
+            h = to_channels_last(&h)?;
+        }
         let mut out = vec![];
         for (i, b) in self.blocks.iter().enumerate() {
-            h = b.forward_t(&h, train)?;
+            h = self.block_forward(b, &h, train)?;
             if self.stage_ends.contains(&i) {
-                out.push(h.clone());
+                out.push(if self.channels_last {
+                    to_channels_first(&h)?
+                } else {
+                    h.clone()
+                });
             }
         }
         Ok(out)

@@ -1,6 +1,6 @@
 //! Channels-last (NHWC) operators, for networks that run their inside in NHWC: the layout
-//! conversions at the network's edges, the lean and pointwise convolutions, global average
-//! pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
+//! conversions at the network's edges, the lean, stencil-only, depthwise 3x3 and pointwise
+//! convolutions, global average pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
 //!
 //! A batch in NHWC is a (N·H·W) x C matrix: a 1x1 convolution of the whole batch is one GEMM
 //! with M = N·H·W, and a depthwise stencil tap is a multiply-add over a pixel's contiguous
@@ -181,6 +181,47 @@ impl CustomOp2 for NhwcPointwiseOp {
     }
 }
 
+struct NhwcStencilOp(NhwcConv, Shape);
+
+impl CustomOp2 for NhwcStencilOp {
+    fn name(&self) -> &'static str {
+        "grouped-stencil-conv2d-nhwc"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch!(self.name(), s1, |T| {
+            let y = self
+                .0
+                .forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?), None);
+            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(q, |qs| {
+                    with_data::<T, _>(gy, |gys| {
+                        let g = self.0.backward(xs, None, Some(qs), gys);
+                        let gq = g.stencil.map(|v| tensor(v, q.dims())).transpose()?;
+                        Ok((Some(tensor(g.x, x.dims())?), gq))
+                    })
+                })
+            })
+        })
+    }
+}
+
 /// Adds a per-channel bias (C,) to a channels-last tensor.
 fn add_last_dim_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
@@ -195,6 +236,94 @@ fn add_last_dim_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Resu
     }
 }
 
+/// The geometry of `cfg` on an (n, h, w, Cin) input, with or without the pointwise branch.
+fn geometry(cfg: &LeanConv2dConfig, n: usize, h: usize, w: usize, pointwise: bool) -> NhwcConv {
+    let (ho, wo) = cfg.output_hw(h, w);
+    NhwcConv {
+        n,
+        h,
+        w,
+        cin: cfg.in_channels,
+        cout: cfg.out_channels,
+        stride: cfg.stride,
+        ho,
+        wo,
+        pointwise,
+        stencil: Some(NhwcStencil {
+            g: cfg.group_size,
+            dil: cfg.dilation,
+            taps: cfg.stencil.taps(),
+        }),
+    }
+}
+
+/// Checks a channels-last input against `cfg` and the weights; returns (N, H, W).
+fn check_lean_input(
+    op: &'static str,
+    cfg: &LeanConv2dConfig,
+    x: &Tensor,
+    p: Option<&Tensor>,
+    q: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    cfg.validate()?;
+    let (n, h, w, c) = dims_nhwc(op, x)?;
+    if c != cfg.in_channels {
+        return Err(shape_err(
+            op,
+            format!(
+                "input has {c} channels (last dim), the layer expects {} (input shape {:?})",
+                cfg.in_channels,
+                x.dims()
+            ),
+        ));
+    }
+    check_weights(op, cfg, x, p, q)?;
+    Ok((n, h, w))
+}
+
+/// The grouped stencil branch alone on a channels-last input (see
+/// [`crate::grouped_stencil_conv2d`]): (N, H, W, Cin) -> (N, Ho, Wo, Cout).
+pub fn grouped_stencil_conv2d_nhwc(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+    const OP: &str = "grouped_stencil_conv2d_nhwc";
+    let (n, h, w) = check_lean_input(OP, cfg, x, None, stencil)?;
+    if x.device().is_cpu() {
+        let geom = geometry(cfg, n, h, w, false);
+        let shape = Shape::from((n, geom.ho, geom.wo, cfg.out_channels));
+        Ok(x.contiguous()?
+            .apply_op2(&stencil.contiguous()?, NhwcStencilOp(geom, shape))?)
+    } else {
+        to_channels_last(&crate::grouped_stencil_conv2d(&to_channels_first(x)?, stencil, cfg)?)
+    }
+}
+
+/// A depthwise 3x3 convolution of a channels-last input (see [`crate::depthwise_conv2d`]):
+/// weight (C·m, 1, 3, 3), padding = dilation.
+pub fn depthwise_conv2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    const OP: &str = "depthwise_conv2d_nhwc";
+    let (_, _, _, c) = dims_nhwc(OP, x)?;
+    let cout = match weight.dims() {
+        &[o, 1, 3, 3] if o % c == 0 => o,
+        d => {
+            return Err(shape_err(
+                OP,
+                format!("weight must be (C·m, 1, 3, 3) for {c} input channels, got {d:?}"),
+            ))
+        }
+    };
+    let cfg = LeanConv2dConfig::new(c, cout)
+        .stencil(crate::Stencil::Full)
+        .stride(stride)
+        .dilation(dilation);
+    let y = grouped_stencil_conv2d_nhwc(x, &weight.reshape((cout, 1, 9))?, &cfg)?;
+    add_last_dim_bias(OP, y, bias)
+}
+
 /// The lean convolution of a channels-last input (N, H, W, Cin) -> (N, Ho, Wo, Cout), with the
 /// weights of [`crate::lean_conv2d`] (pointwise (Cout, Cin, 1, 1), stencil (Cout, g, |S|)).
 pub fn lean_conv2d_nhwc(
@@ -205,38 +334,10 @@ pub fn lean_conv2d_nhwc(
     cfg: &LeanConv2dConfig,
 ) -> Result<Tensor> {
     const OP: &str = "lean_conv2d_nhwc";
-    cfg.validate()?;
-    let (n, h, w, c) = dims_nhwc(OP, x)?;
-    if c != cfg.in_channels {
-        return Err(shape_err(
-            OP,
-            format!(
-                "input has {c} channels (last dim), the layer expects {} (input shape {:?})",
-                cfg.in_channels,
-                x.dims()
-            ),
-        ));
-    }
-    check_weights(OP, cfg, x, Some(pointwise), stencil)?;
+    let (n, h, w) = check_lean_input(OP, cfg, x, Some(pointwise), stencil)?;
     let y = if x.device().is_cpu() {
-        let (ho, wo) = cfg.output_hw(h, w);
-        let geom = NhwcConv {
-            n,
-            h,
-            w,
-            cin: c,
-            cout: cfg.out_channels,
-            stride: cfg.stride,
-            ho,
-            wo,
-            pointwise: true,
-            stencil: Some(NhwcStencil {
-                g: cfg.group_size,
-                dil: cfg.dilation,
-                taps: cfg.stencil.taps(),
-            }),
-        };
-        let op = NhwcLeanOp(geom, Shape::from((n, ho, wo, cfg.out_channels)));
+        let geom = geometry(cfg, n, h, w, true);
+        let op = NhwcLeanOp(geom.clone(), Shape::from((n, geom.ho, geom.wo, cfg.out_channels)));
         x.contiguous()?
             .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
     } else {

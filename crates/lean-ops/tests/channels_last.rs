@@ -6,10 +6,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use lean_ops::channels_last::{
-    global_avg_pool_nhwc, lean_conv2d_nhwc, pointwise_conv2d_nhwc, to_channels_first, to_channels_last,
+    depthwise_conv2d_nhwc, global_avg_pool_nhwc, grouped_stencil_conv2d_nhwc, lean_conv2d_nhwc, pointwise_conv2d_nhwc,
+    to_channels_first, to_channels_last,
 };
 use lean_ops::{
-    conv2d, global_avg_pool2d, lean_conv2d, Activation, BatchNorm2d, BatchNormConfig, LeanConv2dConfig, Stencil,
+    conv2d, depthwise_conv2d, global_avg_pool2d, grouped_stencil_conv2d, lean_conv2d, Activation, BatchNorm2d,
+    BatchNormConfig, LeanConv2dConfig, Stencil,
 };
 
 fn nhwc(t: &Tensor) -> Tensor {
@@ -123,6 +125,46 @@ fn pointwise_conv_nhwc_matches_the_nchw_dense_conv() {
         for k in 0..2 {
             assert_close(&gf[k], &gr[k], 1e-11, &format!("gradient {k} stride {stride}"));
         }
+    }
+}
+
+#[test]
+fn depthwise_and_stencil_only_nhwc_match_their_nchw_ops() {
+    let mut k = 0;
+    for (c, m) in [(20, 1), (6, 2), (17, 1)] {
+        for (stride, dil) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+            k += 1;
+            let x = rand(&[2, c, 9, 8], k * 5, DType::F64);
+            let wt = rand(&[c * m, 1, 3, 3], k * 5 + 1, DType::F64);
+            let b = rand(&[c * m], k * 5 + 2, DType::F64);
+            let vars: Vec<_> = [&x, &wt, &b].iter().map(|t| var(t)).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let what = format!("c={c} m={m} stride={stride} dil={dil}");
+            let reference = depthwise_conv2d(&ts[0], &ts[1], Some(&ts[2]), stride, dil).unwrap();
+            let fast = nchw(&depthwise_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], Some(&ts[2]), stride, dil).unwrap());
+            assert_close(&fast, &reference, 1e-12, &format!("depthwise forward {what}"));
+            let r = rand(reference.dims(), 9, DType::F64);
+            let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+            for i in 0..3 {
+                assert_close(&gf[i], &gr[i], 1e-11, &format!("depthwise gradient {i} {what}"));
+            }
+        }
+    }
+    let cfg = LeanConv2dConfig::new(8, 8)
+        .stencil(Stencil::Four)
+        .group_size(2)
+        .stride(2);
+    let x = rand(&[3, 8, 7, 7], 41, DType::F64);
+    let q = rand(&[8, 2, 4], 42, DType::F64);
+    let vars: Vec<_> = [&x, &q].iter().map(|t| var(t)).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let reference = grouped_stencil_conv2d(&ts[0], &ts[1], &cfg).unwrap();
+    let fast = nchw(&grouped_stencil_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], &cfg).unwrap());
+    assert_close(&fast, &reference, 1e-12, "stencil-only forward");
+    let r = rand(reference.dims(), 43, DType::F64);
+    let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+    for i in 0..2 {
+        assert_close(&gf[i], &gr[i], 1e-11, &format!("stencil-only gradient {i}"));
     }
 }
 
