@@ -212,24 +212,39 @@ impl Conv {
 
     /// The convolution of a channels-last (N, H, W, C) input, output channels-last.
     pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_nhwc_bias(x, true)
+    }
+
+    /// The bias, if the convolution has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Conv::Dense(c) => c.bias(),
+            Conv::Lean(c) => c.bias(),
+            Conv::Depthwise(c) => c.bias(),
+        }
+    }
+
+    /// [`Conv::forward_nhwc`], leaving out the bias when `with_bias` is false.
+    fn forward_nhwc_bias(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
+        let bias = if with_bias { self.bias() } else { None };
         match self {
             Conv::Lean(c) => Ok(channels_last::lean_conv2d_nhwc(
                 x,
                 c.pointwise_weight(),
                 c.stencil_weight(),
-                c.bias(),
+                bias,
                 c.config(),
             )?),
             Conv::Dense(c) if self.supports_nhwc() => Ok(channels_last::pointwise_conv2d_nhwc(
                 x,
                 c.weight(),
-                c.bias(),
+                bias,
                 c.config().stride,
             )?),
             Conv::Depthwise(c) => Ok(channels_last::depthwise_conv2d_nhwc(
                 x,
                 c.weight(),
-                c.bias(),
+                bias,
                 c.stride(),
                 c.dilation(),
             )?),
@@ -310,10 +325,15 @@ impl ConvBnAct {
     /// [`ConvBnAct::forward_t`] on a channels-last (N, H, W, C) input; see
     /// [`Conv::supports_nhwc`].
     pub fn forward_t_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward_nhwc(x)?;
-        Ok(match &self.bn {
-            Some(bn) => bn.forward_act_nhwc(&y, train, self.act)?,
-            None => activation(&y, self.act)?,
+        Ok(match (&self.bn, self.conv.bias()) {
+            (Some(bn), _) => bn.forward_act_nhwc(&self.conv.forward_nhwc(x)?, train, self.act)?,
+            // Folded: the bias and the activation in one pass.
+            (None, Some(b)) => {
+                let y = self.conv.forward_nhwc_bias(x, false)?;
+                let ones = Tensor::ones(b.dims1()?, y.dtype(), y.device())?;
+                channels_last::channel_affine_nhwc(&y, &ones, b, self.act)?
+            }
+            (None, None) => activation(&self.conv.forward_nhwc(x)?, self.act)?,
         })
     }
 

@@ -5,6 +5,7 @@ use crate::model::Model;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use lean_ops::channels_last::{concat_shuffle_nhwc, global_avg_pool_nhwc, to_channels_first, to_channels_last};
 use lean_ops::{channel_shuffle, global_avg_pool2d, Activation, DepthwiseConv2d};
 
 /// Everything that defines a ShuffleNetV2.
@@ -94,6 +95,21 @@ impl ShuffleBlock {
         Ok(channel_shuffle(&out, 2)?)
     }
 
+    /// The block on a channels-last input: the split, both branches, and the concatenation
+    /// with its channel shuffle in one pass (`concat_shuffle_nhwc`).
+    fn forward_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let run =
+            |layers: &[ConvBnAct], x: &Tensor| layers.iter().try_fold(x.clone(), |h, l| l.forward_t_nhwc(&h, train));
+        let (a, b) = if self.branch1.is_empty() {
+            let c = x.dim(3)?;
+            let x2 = x.narrow(3, c / 2, c - c / 2)?.contiguous()?;
+            (x.narrow(3, 0, c / 2)?, run(&self.branch2, &x2)?)
+        } else {
+            (run(&self.branch1, x)?, run(&self.branch2, x)?)
+        };
+        Ok(concat_shuffle_nhwc(&a, &b)?)
+    }
+
     fn trace(&self, t: &mut Trace, input: &[usize]) -> Result<Vec<usize>> {
         let mut s2 = input.to_vec();
         if self.branch1.is_empty() {
@@ -123,6 +139,7 @@ pub struct ShuffleNetV2 {
     conv5: ConvBnAct,
     fc: Classifier,
     cfg: ShuffleNetV2Config,
+    channels_last: bool,
 }
 
 impl ShuffleNetV2 {
@@ -168,7 +185,49 @@ impl ShuffleNetV2 {
             conv5,
             fc,
             cfg: cfg.clone(),
+            channels_last: vb.device().is_cpu() && crate::layout::channels_last_default(),
         })
+    }
+
+    /// Whether the stages and conv5 run channels-last (NHWC) inside: the stem runs NCHW, its
+    /// output is converted once, and the pooled features (or, for [`Model::forward_features`],
+    /// each stage's output) come back as the NCHW API expects. On by default on the CPU;
+    /// `LEAN_LAYOUT=nchw` turns it off.
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
+    }
+
+    /// Turns the channels-last inside on or off (same parameters, same results up to
+    /// floating-point summation order).
+    pub fn set_channels_last(&mut self, on: bool) {
+        self.channels_last = on;
+    }
+
+    /// The stem's output and the stages' outputs, the latter in the inner layout; with
+    /// `nchw_out`, converted back to NCHW.
+    fn run_stages(&self, x: &Tensor, train: bool, nchw_out: bool) -> Result<Vec<Tensor>> {
+        let stem = self.stem(x, train)?;
+        let mut h = if self.channels_last {
+            to_channels_last(&stem)?
+        } else {
+            stem.clone()
+        };
+        let mut out = vec![stem];
+        for stage in &self.stages {
+            for b in stage {
+                h = if self.channels_last {
+                    b.forward_nhwc(&h, train)?
+                } else {
+                    b.forward_t(&h, train)?
+                };
+            }
+            out.push(if self.channels_last && nchw_out {
+                to_channels_first(&h)?
+            } else {
+                h.clone()
+            });
+        }
+        Ok(out)
     }
 
     /// The configuration.
@@ -184,22 +243,19 @@ impl ShuffleNetV2 {
 
 impl Model for ShuffleNetV2 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let feats = self.forward_features(x, train)?;
-        let h = self.conv5.forward_t(feats.last().expect("stages"), train)?;
-        self.fc.forward(&global_avg_pool2d(&h)?)
+        let feats = self.run_stages(x, train, false)?;
+        let last = feats.last().expect("stages");
+        let pooled = if self.channels_last {
+            global_avg_pool_nhwc(&self.conv5.forward_t_nhwc(last, train)?)?
+        } else {
+            global_avg_pool2d(&self.conv5.forward_t(last, train)?)?
+        };
+        self.fc.forward(&pooled)
     }
 
     /// conv1 (after the max-pool, stride 4) and the three stages (8, 16, 32).
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut h = self.stem(x, train)?;
-        let mut out = vec![h.clone()];
-        for stage in &self.stages {
-            for b in stage {
-                h = b.forward_t(&h, train)?;
-            }
-            out.push(h.clone());
-        }
-        Ok(out)
+        self.run_stages(x, train, true)
     }
 
     fn feature_channels(&self) -> Vec<usize> {

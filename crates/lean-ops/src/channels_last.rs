@@ -1,6 +1,6 @@
 //! Channels-last (NHWC) operators, for networks that run their inside in NHWC: the layout
 //! conversions at the network's edges, the lean, stencil-only, depthwise 3x3 and pointwise
-//! convolutions, global average pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
+//! convolutions, ShuffleNetV2's concatenation + channel shuffle, global average pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
 //!
 //! A batch in NHWC is a (N·H·W) x C matrix: a 1x1 convolution of the whole batch is one GEMM
 //! with M = N·H·W, and a depthwise stencil tap is a multiply-add over a pixel's contiguous
@@ -12,8 +12,10 @@
 use crate::error::{check_float, config_err, shape_err, Result};
 use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};
 use crate::lean_conv::{check_weights, LeanConv2dConfig};
+use crate::norm::Activation;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Checks a rank-4 (N, H, W, C) input and returns its dims.
 fn dims_nhwc(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
@@ -222,7 +224,8 @@ impl CustomOp2 for NhwcStencilOp {
     }
 }
 
-/// Adds a per-channel bias (C,) to a channels-last tensor.
+/// Adds a per-channel bias (C,) to a channels-last tensor (one pass of our kernel; candle's
+/// broadcast add is several times slower here).
 fn add_last_dim_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         None => Ok(y),
@@ -231,9 +234,15 @@ fn add_last_dim_bias(op: &'static str, y: Tensor, bias: Option<&Tensor>) -> Resu
             if b.dims() != [c] {
                 return Err(shape_err(op, format!("bias must have shape [{c}], got {:?}", b.dims())));
             }
-            Ok(y.broadcast_add(b)?)
+            channel_affine_nhwc(&y, &Tensor::ones(c, y.dtype(), y.device())?, b, Activation::None)
         }
     }
+}
+
+/// y = act(x · scale[c] + shift[c]) over a channels-last x (..., C): a folded BatchNorm, or a
+/// bias and the activation after it, in one pass with its backward.
+pub fn channel_affine_nhwc(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
+    crate::norm::channel_affine_layout(x, scale, shift, act, true)
 }
 
 /// The geometry of `cfg` on an (n, h, w, Cin) input, with or without the pointwise branch.
@@ -403,6 +412,93 @@ pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)?
     };
     add_last_dim_bias(OP, y, bias)
+}
+
+/// Interleaves the channels of two equally shaped channels-last tensors: out[.., 2j] = a[.., j],
+/// out[.., 2j + 1] = b[.., j]; the backward splits the gradient the same way.
+struct InterleaveOp;
+
+impl CustomOp2 for InterleaveOp {
+    fn name(&self) -> &'static str {
+        "concat-shuffle-nhwc"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.dims();
+        let c = d[d.len() - 1];
+        let shape = Shape::from((d[0], d[1], d[2], 2 * c));
+        dispatch!(self.name(), s1, |T| {
+            let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+            let mut y = vec![0 as T; 2 * a.len()];
+            y.par_chunks_mut(2 * c * ROWS)
+                .zip(a.par_chunks(c * ROWS).zip(b.par_chunks(c * ROWS)))
+                .for_each(|(y, (a, b))| {
+                    for (o, (u, v)) in y.chunks_exact_mut(2).zip(a.iter().zip(b)) {
+                        o[0] = *u;
+                        o[1] = *v;
+                    }
+                });
+            Ok((T::to_cpu_storage_owned(y), shape))
+        })
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = a.dim(3)?;
+        dispatch_dtype!(self.name(), a.dtype(), |T| {
+            with_data::<T, _>(gy, |g| {
+                let (mut ga, mut gb) = (vec![0 as T; g.len() / 2], vec![0 as T; g.len() / 2]);
+                ga.par_chunks_mut(c * ROWS)
+                    .zip(gb.par_chunks_mut(c * ROWS).zip(g.par_chunks(2 * c * ROWS)))
+                    .for_each(|(ga, (gb, g))| {
+                        for ((u, v), o) in ga.iter_mut().zip(gb.iter_mut()).zip(g.chunks_exact(2)) {
+                            *u = o[0];
+                            *v = o[1];
+                        }
+                    });
+                Ok((Some(tensor(ga, a.dims())?), Some(tensor(gb, a.dims())?)))
+            })
+        })
+    }
+}
+
+/// Pixel rows per task of the elementwise layout ops.
+const ROWS: usize = 256;
+
+/// ShuffleNetV2's concatenation of two branches followed by a channel shuffle of 2 groups,
+/// on channels-last tensors, in one pass: `channel_shuffle(cat([a, b], C), 2)` for (N, H, W, C)
+/// inputs of equal shape.
+pub fn concat_shuffle_nhwc(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "concat_shuffle_nhwc";
+    dims_nhwc(OP, a)?;
+    if a.dims() != b.dims() {
+        return Err(shape_err(
+            OP,
+            format!("the two halves differ in shape: {:?} and {:?}", a.dims(), b.dims()),
+        ));
+    }
+    check_float(OP, a)?;
+    if a.dtype() != b.dtype() {
+        return Err(shape_err(
+            OP,
+            format!("the two halves differ in dtype: {:?} and {:?}", a.dtype(), b.dtype()),
+        ));
+    }
+    if a.device().is_cpu() {
+        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, InterleaveOp)?)
+    } else {
+        let (n, h, w, c) = a.dims4()?;
+        Ok(Tensor::stack(&[a, b], 4)?.reshape((n, h, w, 2 * c))?)
+    }
 }
 
 /// Global average pooling of a channels-last input: (N, H, W, C) -> (N, C).

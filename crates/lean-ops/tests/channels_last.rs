@@ -6,12 +6,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use lean_ops::channels_last::{
-    depthwise_conv2d_nhwc, global_avg_pool_nhwc, grouped_stencil_conv2d_nhwc, lean_conv2d_nhwc, pointwise_conv2d_nhwc,
-    to_channels_first, to_channels_last,
+    concat_shuffle_nhwc, depthwise_conv2d_nhwc, global_avg_pool_nhwc, grouped_stencil_conv2d_nhwc, lean_conv2d_nhwc,
+    pointwise_conv2d_nhwc, to_channels_first, to_channels_last,
 };
 use lean_ops::{
-    conv2d, depthwise_conv2d, global_avg_pool2d, grouped_stencil_conv2d, lean_conv2d, Activation, BatchNorm2d,
-    BatchNormConfig, LeanConv2dConfig, Stencil,
+    channel_shuffle, conv2d, depthwise_conv2d, global_avg_pool2d, grouped_stencil_conv2d, lean_conv2d, Activation,
+    BatchNorm2d, BatchNormConfig, LeanConv2dConfig, Stencil,
 };
 
 fn nhwc(t: &Tensor) -> Tensor {
@@ -240,6 +240,25 @@ fn batch_norm_nhwc_matches_nchw_in_train_and_eval_mode_with_gradients_and_runnin
             assert_close(&eb, &ea, tol(dt), &format!("eval forward {what}"));
         }
     }
+}
+
+#[test]
+fn concat_shuffle_nhwc_matches_cat_then_channel_shuffle_with_gradients() {
+    let (a, b) = (rand(&[2, 5, 3, 6], 51, DType::F64), rand(&[2, 5, 3, 6], 52, DType::F64));
+    let vars: Vec<_> = [&a, &b].iter().map(|t| var(t)).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let reference = channel_shuffle(&Tensor::cat(&[&ts[0], &ts[1]], 1).unwrap(), 2).unwrap();
+    let fast = nchw(&concat_shuffle_nhwc(&nhwc(&ts[0]), &nhwc(&ts[1])).unwrap());
+    assert_close(&fast, &reference, 0.0, "forward");
+    let r = rand(reference.dims(), 53, DType::F64);
+    let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+    for i in 0..2 {
+        assert_close(&gf[i], &gr[i], 0.0, &format!("gradient {i}"));
+    }
+    let e = concat_shuffle_nhwc(&nhwc(&a), &rand(&[2, 3, 5, 4], 1, DType::F64))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("differ in shape"), "{e}");
 }
 
 #[test]

@@ -173,9 +173,10 @@ impl NhwcConv {
         }
     }
 
-    /// The depthwise case of [`Self::stencil_row`], register-blocked: for each block of `LANES`
-    /// channels the taps' weights stay in registers and each output pixel is read, gets all its
-    /// taps and is written once (instead of one read-modify-write pass per tap).
+    /// The depthwise case of [`Self::stencil_row`], register-blocked: each block of `LANES`
+    /// channels of an output pixel is read once, gets all its taps and is written once (instead
+    /// of one read-modify-write pass per tap); pixels outer, channels inner, so every read runs
+    /// along contiguous channels.
     #[inline(always)]
     fn depthwise_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
         let (c, s, d) = (self.cout, self.stride, st.dil as isize);
@@ -192,42 +193,40 @@ impl NhwcConv {
         }
         let taps = &taps[..nt];
         let w = self.w as isize;
-        let mut cb = 0;
-        while cb + LANES <= c {
-            let mut q = [[T::zero(); LANES]; MAX_TAPS];
-            for (qk, &(t, _, _)) in q.iter_mut().zip(taps) {
-                qk.copy_from_slice(&qt[t * c + cb..t * c + cb + LANES]);
+        let full = c / LANES * LANES;
+        for xo in 0..self.wo {
+            // The input pixel of each tap (None where it falls outside the row).
+            let mut at = [None; MAX_TAPS];
+            for (a, &(_, base, ox)) in at.iter_mut().zip(taps) {
+                let xi = (xo * s) as isize + ox;
+                if xi >= 0 && xi < w {
+                    *a = Some((base + xi as usize) * c);
+                }
             }
-            for xo in 0..self.wo {
-                let yp = &mut yrow[xo * c + cb..xo * c + cb + LANES];
+            let yp = &mut yrow[xo * c..(xo + 1) * c];
+            for cb in (0..full).step_by(LANES) {
                 let mut acc = [T::zero(); LANES];
-                acc.copy_from_slice(yp);
-                for (qk, &(_, base, ox)) in q.iter().zip(taps) {
-                    let xi = (xo * s) as isize + ox;
-                    if xi < 0 || xi >= w {
-                        continue;
-                    }
-                    let at = (base + xi as usize) * c + cb;
-                    let xp = &x[at..at + LANES];
-                    for l in 0..LANES {
-                        acc[l] += qk[l] * xp[l];
+                acc.copy_from_slice(&yp[cb..cb + LANES]);
+                for (&(t, _, _), a) in taps.iter().zip(&at) {
+                    if let Some(a) = *a {
+                        let xp = &x[a + cb..a + cb + LANES];
+                        let qk = &qt[t * c + cb..t * c + cb + LANES];
+                        for l in 0..LANES {
+                            acc[l] += qk[l] * xp[l];
+                        }
                     }
                 }
-                yp.copy_from_slice(&acc);
+                yp[cb..cb + LANES].copy_from_slice(&acc);
             }
-            cb += LANES;
-        }
-        // The channels left over after the last full block.
-        for ch in cb..c {
-            for xo in 0..self.wo {
-                let mut acc = yrow[xo * c + ch];
-                for &(t, base, ox) in taps {
-                    let xi = (xo * s) as isize + ox;
-                    if xi >= 0 && xi < w {
-                        acc += qt[t * c + ch] * x[(base + xi as usize) * c + ch];
+            // The channels left over after the last full block.
+            for ch in full..c {
+                let mut acc = yp[ch];
+                for (&(t, _, _), a) in taps.iter().zip(&at) {
+                    if let Some(a) = *a {
+                        acc += qt[t * c + ch] * x[a + ch];
                     }
                 }
-                yrow[xo * c + ch] = acc;
+                yp[ch] = acc;
             }
         }
     }
