@@ -8,6 +8,9 @@
 //! keep their NCHW (torchvision) shapes, so the same parameters serve both layouts. On the CPU
 //! every op is a fused kernel with its backward; on other devices it runs the NCHW composite
 //! between two permutes.
+//!
+//! (Longer than our usual file: each op here is a thin candle `CustomOp` over the kernels in
+//! `kernels/nhwc.rs` and `kernels/rows.rs`, kept together so the layout's contract is one page.)
 
 use crate::error::{check_float, config_err, shape_err, Result};
 use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};

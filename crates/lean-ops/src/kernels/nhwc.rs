@@ -6,6 +6,9 @@
 //! copies of planes). Work on the stencil is split by output (or, for the input gradient, input)
 //! pixel rows, which write disjoint slices; weight gradients are summed per fixed chunk of rows and
 //! then in chunk order, so results do not depend on the thread count.
+//!
+//! (Longer than our usual file: forward, input gradient and weight gradient of the same loop
+//! nest belong side by side, so a change to one is seen against the others.)
 
 use super::gemm_conv::{gemm_rm, valid_range};
 use crate::real::Real;
