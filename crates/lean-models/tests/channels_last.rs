@@ -42,7 +42,13 @@ type Step = (Tensor, Vec<Option<Tensor>>, Vec<Tensor>);
 /// Trains one step in each layout from the same state, then compares eval mode, features and
 /// the folded network. `set` switches the layout.
 fn check_layouts<M: Model>(net: &mut M, vm: &VarMap, x: &Tensor, set: fn(&mut M, bool), what: &str) {
-    let vars: Vec<(String, Var)> = vm.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: Vec<(String, Var)> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let before: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
     let step = |net: &M| -> Step {
         let y = net.forward_t(x, true).unwrap();
@@ -69,12 +75,21 @@ fn check_layouts<M: Model>(net: &mut M, vm: &VarMap, x: &Tensor, set: fn(&mut M,
             (None, None) => {}
             _ => panic!("{what}: {name} has a gradient in one layout only"),
         }
-        assert!(max_rel(&s[i], &s_ref[i]) < 1e-10, "{what}: state of {name} after the step");
+        assert!(
+            max_rel(&s[i], &s_ref[i]) < 1e-10,
+            "{what}: state of {name} after the step"
+        );
     }
     assert!(with_grad > 20, "{what}: {with_grad} parameters with gradients");
-    let (e, f) = (net.forward_t(x, false).unwrap(), net.forward_features(x, false).unwrap());
+    let (e, f) = (
+        net.forward_t(x, false).unwrap(),
+        net.forward_features(x, false).unwrap(),
+    );
     set(net, false);
-    let (e_ref, f_ref) = (net.forward_t(x, false).unwrap(), net.forward_features(x, false).unwrap());
+    let (e_ref, f_ref) = (
+        net.forward_t(x, false).unwrap(),
+        net.forward_features(x, false).unwrap(),
+    );
     assert!(max_rel(&e, &e_ref) < 1e-10, "{what}: eval logits");
     assert_eq!(f.len(), f_ref.len(), "{what}: number of features");
     for (a, b) in f.iter().zip(&f_ref) {
@@ -92,7 +107,11 @@ fn check_layouts<M: Model>(net: &mut M, vm: &VarMap, x: &Tensor, set: fn(&mut M,
 #[test]
 fn channels_last_lean_resnets_match_nchw() {
     let x = Tensor::randn(0f64, 1., (3, 3, 13, 11), &Device::Cpu).unwrap();
-    for (layers, g, bottleneck) in [(vec![2, 1, 1, 1], 1, false), (vec![1, 1, 1, 1], 4, false), (vec![1, 1, 1, 1], 1, true)] {
+    for (layers, g, bottleneck) in [
+        (vec![2, 1, 1, 1], 1, false),
+        (vec![1, 1, 1, 1], 4, false),
+        (vec![1, 1, 1, 1], 1, true),
+    ] {
         let what = format!("lean resnet {layers:?} g={g} bottleneck={bottleneck}");
         let vm = VarMap::new();
         let mut net = lean_resnet(layers, g, bottleneck, &vm);
