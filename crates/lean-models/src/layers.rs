@@ -337,6 +337,16 @@ impl ConvBnAct {
         })
     }
 
+    /// [`ConvBnAct::forward_t_nhwc`] with `nhwc`, else [`ConvBnAct::forward_t`]: for blocks that
+    /// run in either layout.
+    pub fn forward_in(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
+        if nhwc {
+            self.forward_t_nhwc(x, train)
+        } else {
+            self.forward_t(x, train)
+        }
+    }
+
     /// Whether [`ConvBnAct::forward_t_nhwc`] runs this layer.
     pub fn supports_nhwc(&self) -> bool {
         self.conv.supports_nhwc()

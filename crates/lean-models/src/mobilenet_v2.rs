@@ -106,11 +106,7 @@ impl InvertedResidual {
     fn forward_layout(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for l in &self.layers {
-            h = if nhwc {
-                l.forward_t_nhwc(&h, train)?
-            } else {
-                l.forward_t(&h, train)?
-            };
+            h = l.forward_in(&h, train, nhwc)?;
         }
         // Our fused op, not candle's add: one rayon pass each way (candle's elementwise ops run on
         // a second thread pool that competes with ours for the cores).

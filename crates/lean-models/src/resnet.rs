@@ -176,34 +176,25 @@ impl Block {
         Ok(Block { convs, downsample })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_probed(x, train, None)
-    }
-
-    /// The forward pass; with `probe`, each lean convolution's branch statistics are recorded.
-    fn forward_probed(&self, x: &Tensor, train: bool, mut probe: Option<&mut Vec<LeanBranchStats>>) -> Result<Tensor> {
+    /// The forward pass on an NCHW input, or on a channels-last one with `nhwc` (see
+    /// [`ResNet::channels_last`]); with `probe` (NCHW only), each lean convolution's branch
+    /// statistics are recorded.
+    fn forward_probed(
+        &self,
+        x: &Tensor,
+        train: bool,
+        nhwc: bool,
+        mut probe: Option<&mut Vec<LeanBranchStats>>,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for c in &self.convs {
             if let Some(stats) = probe.as_deref_mut() {
                 stats.extend(c.lean_branch_stats(&h)?);
             }
-            h = c.forward_t(&h, train)?;
+            h = c.forward_in(&h, train, nhwc)?;
         }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward_t(x, train)?,
-            None => x.clone(),
-        };
-        Ok(add_activation(&h, &shortcut, Activation::Relu)?)
-    }
-
-    /// The forward pass on a channels-last input (see [`ResNet::channels_last`]).
-    fn forward_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.clone();
-        for c in &self.convs {
-            h = c.forward_t_nhwc(&h, train)?;
-        }
-        let shortcut = match &self.downsample {
-            Some(d) => d.forward_t_nhwc(x, train)?,
+            Some(d) => d.forward_in(x, train, nhwc)?,
             None => x.clone(),
         };
         Ok(add_activation(&h, &shortcut, Activation::Relu)?)
@@ -340,9 +331,30 @@ impl ResNet {
         let mut stats = vec![];
         let mut h = self.stem_forward(x, true)?;
         for b in self.stages.iter().flatten() {
-            h = b.forward_probed(&h, true, Some(&mut stats))?;
+            h = b.forward_probed(&h, true, false, Some(&mut stats))?;
         }
         Ok(stats)
+    }
+
+    /// Each stage's output, in the inner layout; with `nchw_out`, converted back to NCHW.
+    fn run_stages(&self, x: &Tensor, train: bool, nchw_out: bool) -> Result<Vec<Tensor>> {
+        let nhwc = self.channels_last;
+        let mut h = self.stem_forward(x, train)?;
+        if nhwc {
+            h = to_channels_last(&h)?;
+        }
+        let mut out = vec![];
+        for stage in &self.stages {
+            for b in stage {
+                h = b.forward_probed(&h, train, nhwc, None)?;
+            }
+            out.push(if nhwc && nchw_out {
+                to_channels_first(&h)?
+            } else {
+                h.clone()
+            });
+        }
+        Ok(out)
     }
 
     fn stem_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -357,39 +369,17 @@ impl ResNet {
 impl Model for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let head = crate::model::head(&self.fc)?;
-        if self.channels_last {
-            let mut h = to_channels_last(&self.stem_forward(x, train)?)?;
-            for b in self.stages.iter().flatten() {
-                h = b.forward_nhwc(&h, train)?;
-            }
-            return head.forward(&global_avg_pool_nhwc(&h)?);
-        }
-        let feats = self.forward_features(x, train)?;
+        let feats = self.run_stages(x, train, false)?;
         let last = feats.last().expect("a ResNet has stages");
-        head.forward(&global_avg_pool2d(last)?)
+        head.forward(&if self.channels_last {
+            global_avg_pool_nhwc(last)?
+        } else {
+            global_avg_pool2d(last)?
+        })
     }
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut h = self.stem_forward(x, train)?;
-        if self.channels_last {
-            h = to_channels_last(&h)?;
-        }
-        let mut out = vec![];
-        for stage in &self.stages {
-            for b in stage {
-                h = if self.channels_last {
-                    b.forward_nhwc(&h, train)?
-                } else {
-                    b.forward_t(&h, train)?
-                };
-            }
-            out.push(if self.channels_last {
-                to_channels_first(&h)?
-            } else {
-                h.clone()
-            });
-        }
-        Ok(out)
+        self.run_stages(x, train, true)
     }
 
     fn feature_channels(&self) -> Vec<usize> {

@@ -77,18 +77,21 @@ impl ShuffleBlock {
         Ok(ShuffleBlock { branch1, branch2 })
     }
 
-    fn run(layers: &[ConvBnAct], x: &Tensor, train: bool) -> Result<Tensor> {
-        layers.iter().try_fold(x.clone(), |h, l| l.forward_t(&h, train))
+    fn run(layers: &[ConvBnAct], x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
+        layers.iter().try_fold(x.clone(), |h, l| l.forward_in(&h, train, nhwc))
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let out = if self.branch1.is_empty() {
             let c = x.dim(1)?;
             let (x1, x2) = (x.narrow(1, 0, c / 2)?, x.narrow(1, c / 2, c - c / 2)?);
-            Tensor::cat(&[x1, Self::run(&self.branch2, &x2, train)?], 1)?
+            Tensor::cat(&[x1, Self::run(&self.branch2, &x2, train, false)?], 1)?
         } else {
             Tensor::cat(
-                &[Self::run(&self.branch1, x, train)?, Self::run(&self.branch2, x, train)?],
+                &[
+                    Self::run(&self.branch1, x, train, false)?,
+                    Self::run(&self.branch2, x, train, false)?,
+                ],
                 1,
             )?
         };
@@ -98,8 +101,7 @@ impl ShuffleBlock {
     /// The block on a channels-last input: the split, both branches, and the concatenation
     /// with its channel shuffle in one pass (`concat_shuffle_nhwc`).
     fn forward_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let run =
-            |layers: &[ConvBnAct], x: &Tensor| layers.iter().try_fold(x.clone(), |h, l| l.forward_t_nhwc(&h, train));
+        let run = |layers: &[ConvBnAct], x: &Tensor| Self::run(layers, x, train, true);
         let (a, b) = if self.branch1.is_empty() {
             let c = x.dim(3)?;
             let x2 = x.narrow(3, c / 2, c - c / 2)?.contiguous()?;

@@ -12,8 +12,9 @@
 //! (Longer than our usual file: each op here is a thin candle `CustomOp` over the kernels in
 //! `kernels/nhwc.rs` and `kernels/rows.rs`, kept together so the layout's contract is one page.)
 
-use crate::error::{check_float, config_err, shape_err, Result};
+use crate::error::{check_float, check_same_float, config_err, shape_err, Result};
 use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};
+use crate::kernels::rows::ROWS;
 use crate::lean_conv::{check_weights, LeanConv2dConfig};
 use crate::norm::Activation;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
@@ -116,7 +117,7 @@ impl CustomOp3 for NhwcLeanOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
             let (x, p, q) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
-            let y = self.0.forward(x, Some(p), Some(q), None);
+            let y = self.0.forward(x, Some(p), Some(q));
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
@@ -145,11 +146,28 @@ impl CustomOp3 for NhwcLeanOp {
     }
 }
 
-struct NhwcPointwiseOp(NhwcConv, Shape);
+/// A one-branch NHWC convolution on (x, weight): the pointwise branch (weight (Cout, Cin, 1, 1))
+/// when the geometry has it, else the stencil branch (weight (Cout, g, |S|)).
+struct NhwcOneBranchOp(NhwcConv, Shape);
 
-impl CustomOp2 for NhwcPointwiseOp {
+impl NhwcOneBranchOp {
+    /// (P, Q) for the kernel: `w` in the slot of the geometry's branch.
+    fn weights<'a, T>(&self, w: &'a [T]) -> (Option<&'a [T]>, Option<&'a [T]>) {
+        if self.0.pointwise {
+            (Some(w), None)
+        } else {
+            (None, Some(w))
+        }
+    }
+}
+
+impl CustomOp2 for NhwcOneBranchOp {
     fn name(&self) -> &'static str {
-        "pointwise-conv2d-nhwc"
+        if self.0.pointwise {
+            "pointwise-conv2d-nhwc"
+        } else {
+            "grouped-stencil-conv2d-nhwc"
+        }
     }
     fn cpu_fwd(
         &self,
@@ -159,9 +177,8 @@ impl CustomOp2 for NhwcPointwiseOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch!(self.name(), s1, |T| {
-            let y = self
-                .0
-                .forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None, None);
+            let (p, q) = self.weights(slice::<T>(s2, l2)?);
+            let y = self.0.forward(slice::<T>(s1, l1)?, p, q);
             Ok((T::to_cpu_storage_owned(y), self.1.clone()))
         })
     }
@@ -176,50 +193,10 @@ impl CustomOp2 for NhwcPointwiseOp {
             with_data::<T, _>(x, |xs| {
                 with_data::<T, _>(w, |ws| {
                     with_data::<T, _>(gy, |gys| {
-                        let g = self.0.backward(xs, Some(ws), None, gys);
-                        let gw = g.pointwise.map(|v| tensor(v, w.dims())).transpose()?;
+                        let (p, q) = self.weights(ws);
+                        let g = self.0.backward(xs, p, q, gys);
+                        let gw = g.pointwise.or(g.stencil).map(|v| tensor(v, w.dims())).transpose()?;
                         Ok((Some(tensor(g.x, x.dims())?), gw))
-                    })
-                })
-            })
-        })
-    }
-}
-
-struct NhwcStencilOp(NhwcConv, Shape);
-
-impl CustomOp2 for NhwcStencilOp {
-    fn name(&self) -> &'static str {
-        "grouped-stencil-conv2d-nhwc"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, |T| {
-            let y = self
-                .0
-                .forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?), None);
-            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
-        })
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        q: &Tensor,
-        _y: &Tensor,
-        gy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        dispatch_dtype!(self.name(), x.dtype(), |T| {
-            with_data::<T, _>(x, |xs| {
-                with_data::<T, _>(q, |qs| {
-                    with_data::<T, _>(gy, |gys| {
-                        let g = self.0.backward(xs, None, Some(qs), gys);
-                        let gq = g.stencil.map(|v| tensor(v, q.dims())).transpose()?;
-                        Ok((Some(tensor(g.x, x.dims())?), gq))
                     })
                 })
             })
@@ -302,7 +279,7 @@ pub fn grouped_stencil_conv2d_nhwc(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2
         let geom = geometry(cfg, n, h, w, false);
         let shape = Shape::from((n, geom.ho, geom.wo, cfg.out_channels));
         Ok(x.contiguous()?
-            .apply_op2(&stencil.contiguous()?, NhwcStencilOp(geom, shape))?)
+            .apply_op2(&stencil.contiguous()?, NhwcOneBranchOp(geom, shape))?)
     } else {
         to_channels_last(&crate::grouped_stencil_conv2d(&to_channels_first(x)?, stencil, cfg)?)
     }
@@ -319,20 +296,8 @@ pub fn depthwise_conv2d_nhwc(
 ) -> Result<Tensor> {
     const OP: &str = "depthwise_conv2d_nhwc";
     let (_, _, _, c) = dims_nhwc(OP, x)?;
-    let cout = match weight.dims() {
-        &[o, 1, 3, 3] if o % c == 0 => o,
-        d => {
-            return Err(shape_err(
-                OP,
-                format!("weight must be (C·m, 1, 3, 3) for {c} input channels, got {d:?}"),
-            ))
-        }
-    };
-    let cfg = LeanConv2dConfig::new(c, cout)
-        .stencil(crate::Stencil::Full)
-        .stride(stride)
-        .dilation(dilation);
-    let y = grouped_stencil_conv2d_nhwc(x, &weight.reshape((cout, 1, 9))?, &cfg)?;
+    let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
+    let y = grouped_stencil_conv2d_nhwc(x, &q, &cfg)?;
     add_last_dim_bias(OP, y, bias)
 }
 
@@ -409,7 +374,7 @@ pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         };
         x.contiguous()?.apply_op2(
             &weight.contiguous()?,
-            NhwcPointwiseOp(geom, Shape::from((n, ho, wo, cout))),
+            NhwcOneBranchOp(geom, Shape::from((n, ho, wo, cout))),
         )?
     } else {
         to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)?
@@ -474,28 +439,13 @@ impl CustomOp2 for InterleaveOp {
     }
 }
 
-/// Pixel rows per task of the elementwise layout ops.
-const ROWS: usize = 256;
-
 /// ShuffleNetV2's concatenation of two branches followed by a channel shuffle of 2 groups,
 /// on channels-last tensors, in one pass: `channel_shuffle(cat([a, b], C), 2)` for (N, H, W, C)
 /// inputs of equal shape.
 pub fn concat_shuffle_nhwc(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     const OP: &str = "concat_shuffle_nhwc";
     dims_nhwc(OP, a)?;
-    if a.dims() != b.dims() {
-        return Err(shape_err(
-            OP,
-            format!("the two halves differ in shape: {:?} and {:?}", a.dims(), b.dims()),
-        ));
-    }
-    check_float(OP, a)?;
-    if a.dtype() != b.dtype() {
-        return Err(shape_err(
-            OP,
-            format!("the two halves differ in dtype: {:?} and {:?}", a.dtype(), b.dtype()),
-        ));
-    }
+    check_same_float(OP, a, b)?;
     if a.device().is_cpu() {
         Ok(a.contiguous()?.apply_op2(&b.contiguous()?, InterleaveOp)?)
     } else {

@@ -21,23 +21,34 @@ pub fn depthwise_conv2d(
 ) -> Result<Tensor> {
     const OP: &str = "depthwise_conv2d";
     let (_, c, _, _) = dims4(OP, x)?;
-    let (cout, one, kh, kw) = dims4(OP, weight)
-        .map_err(|_| shape_err(OP, format!("weight must be (C·m, 1, 3, 3), got {:?}", weight.dims())))?;
-    if one != 1 || kh != 3 || kw != 3 || cout % c != 0 {
-        return Err(shape_err(
-            OP,
-            format!(
-                "weight must be (C·m, 1, 3, 3) for {c} input channels, got {:?}",
-                weight.dims()
-            ),
-        ));
-    }
+    let (cfg, q) = as_stencil(OP, c, weight, stride, dilation)?;
+    let y = grouped_stencil_conv2d(x, &q, &cfg)?;
+    add_channel_bias(OP, y, bias)
+}
+
+/// A depthwise 3x3 of `c` input channels as the `full` stencil with group size 1: its
+/// configuration and the weight (C·m, 1, 3, 3) seen as the stencil weight (C·m, 1, 9).
+pub(crate) fn as_stencil(
+    op: &'static str,
+    c: usize,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+) -> Result<(LeanConv2dConfig, Tensor)> {
+    let cout = match weight.dims() {
+        &[o, 1, 3, 3] if c > 0 && o % c == 0 => o,
+        d => {
+            return Err(shape_err(
+                op,
+                format!("weight must be (C·m, 1, 3, 3) for {c} input channels, got {d:?}"),
+            ))
+        }
+    };
     let cfg = LeanConv2dConfig::new(c, cout)
         .stencil(Stencil::Full)
         .stride(stride)
         .dilation(dilation);
-    let y = grouped_stencil_conv2d(x, &weight.reshape((cout, 1, 9))?, &cfg)?;
-    add_channel_bias(OP, y, bias)
+    Ok((cfg, weight.reshape((cout, 1, 9))?))
 }
 
 /// A depthwise 3x3 convolution layer with torchvision's names (`weight` (C·m, 1, 3, 3), `bias`).

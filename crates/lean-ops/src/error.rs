@@ -70,3 +70,21 @@ pub(crate) fn check_float(op: &'static str, t: &candle_core::Tensor) -> Result<(
         dtype => Err(Error::DType { op, dtype }),
     }
 }
+
+/// Checks that two operands of an elementwise op have the same shape and the same float dtype.
+pub(crate) fn check_same_float(op: &'static str, a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(shape_err(
+            op,
+            format!("operands differ in shape: {:?} and {:?}", a.dims(), b.dims()),
+        ));
+    }
+    check_float(op, a)?;
+    if a.dtype() != b.dtype() {
+        return Err(shape_err(
+            op,
+            format!("operands differ in dtype: {:?} and {:?}", a.dtype(), b.dtype()),
+        ));
+    }
+    Ok(())
+}

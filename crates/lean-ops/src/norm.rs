@@ -2,7 +2,7 @@
 //! behind eval-mode BatchNorm and standalone activations.
 
 use crate::cost::{Cost, CostModel};
-use crate::error::{check_float, dims4, shape_err, Result};
+use crate::error::{check_float, check_same_float, dims4, shape_err, Result};
 use crate::isa::isa_dispatch;
 use crate::kernels::rows;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
@@ -453,19 +453,7 @@ impl CustomOp2 for AddActOp {
 /// backward (instead of an add, an activation and their gradients' bookkeeping).
 pub fn add_activation(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     const OP: &str = "add_activation";
-    if a.dims() != b.dims() {
-        return Err(shape_err(
-            OP,
-            format!("operands differ in shape: {:?} and {:?}", a.dims(), b.dims()),
-        ));
-    }
-    check_float(OP, a)?;
-    if a.dtype() != b.dtype() {
-        return Err(shape_err(
-            OP,
-            format!("operands differ in dtype: {:?} and {:?}", a.dtype(), b.dtype()),
-        ));
-    }
+    check_same_float(OP, a, b)?;
     if a.device().is_cpu() {
         Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddActOp(act))?)
     } else {

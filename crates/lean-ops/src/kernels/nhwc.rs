@@ -101,24 +101,20 @@ impl NhwcConv {
         qt
     }
 
-    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q) + bias.
-    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, bias: Option<&[T]>) -> Vec<T> {
+    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q).
+    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
         let (rows, cout) = (self.rows_out(), self.cout);
         let mut y = vec![T::zero(); rows * cout];
-        if let Some(b) = bias {
-            y.par_chunks_mut(cout * 64)
-                .for_each(|c| c.chunks_exact_mut(cout).for_each(|r| r.copy_from_slice(b)));
-        }
         if let (true, Some(p)) = (self.pointwise, p) {
             let xs = self.subsampled(x);
             let a = xs.as_deref().unwrap_or(x);
-            // y (rows x Cout) [+]= xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
+            // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
             gemm_rm(
                 rows,
                 cout,
                 self.cin,
                 &mut y,
-                bias.is_some(),
+                false,
                 a,
                 (self.cin, 1),
                 p,
@@ -138,13 +134,40 @@ impl NhwcConv {
     /// yrow (Wo x Cout) += the stencil branch over output row `r` = (sample, yo).
     #[inline(always)]
     fn stencil_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
-        let (cin, cout, s, g) = (self.cin, self.cout, self.stride, st.g);
+        let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
         if g == 1 && opg == 1 && st.taps.len() <= MAX_TAPS {
             return self.depthwise_row(st, r, x, qt, yrow);
         }
-        let (ni, yo) = (r / self.ho, r % self.ho);
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
+        self.for_each_tap_pixel(st, r, |t, xo, px| {
+            let xp = &x[px * cin..(px + 1) * cin];
+            let yp = &mut yrow[xo * cout..(xo + 1) * cout];
+            if g == 1 {
+                // Depthwise (with a channel multiplier: each input channel repeated opg times).
+                let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
+                let qv = &qt[t * cout..(t + 1) * cout];
+                for ((a, w), b) in yp.iter_mut().zip(qv).zip(xv) {
+                    *a += *w * *b;
+                }
+            } else {
+                for j in 0..g {
+                    let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
+                    for (co, (a, w)) in yp.iter_mut().zip(qv).enumerate() {
+                        *a += *w * xp[(co / opg) * g + j];
+                    }
+                }
+            }
+        });
+    }
+
+    /// Calls `f(tap, xo, input pixel)` for every tap of output row `r` = (sample, yo) and every
+    /// output column `xo` whose tap input lies inside the image (the pixel as a row index of the
+    /// (N·H·W) x C input).
+    #[inline(always)]
+    fn for_each_tap_pixel(&self, st: &NhwcStencil, r: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let s = self.stride;
+        let (ni, yo) = (r / self.ho, r % self.ho);
         for (t, &(dy, dx)) in st.taps.iter().enumerate() {
             let yi = (yo * s) as isize + dy * st.dil as isize;
             if yi < 0 || yi >= self.h as isize {
@@ -154,24 +177,7 @@ impl NhwcConv {
             let (xlo, xhi) = valid_range(ox, s, self.w, self.wo);
             let base = (ni * self.h + yi as usize) * self.w;
             for xo in xlo..xhi {
-                let xi = ((xo * s) as isize + ox) as usize;
-                let xp = &x[(base + xi) * cin..(base + xi + 1) * cin];
-                let yp = &mut yrow[xo * cout..(xo + 1) * cout];
-                if g == 1 {
-                    // Depthwise (with a channel multiplier: each input channel repeated opg times).
-                    let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
-                    let qv = &qt[t * cout..(t + 1) * cout];
-                    for ((a, w), b) in yp.iter_mut().zip(qv).zip(xv) {
-                        *a += *w * *b;
-                    }
-                } else {
-                    for j in 0..g {
-                        let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
-                        for (co, (a, w)) in yp.iter_mut().zip(qv).enumerate() {
-                            *a += *w * xp[(co / opg) * g + j];
-                        }
-                    }
-                }
+                f(t, xo, base + ((xo * s) as isize + ox) as usize);
             }
         }
     }
@@ -236,10 +242,10 @@ impl NhwcConv {
 
     /// The gradients of x (rows_in x Cin), of P (Cout, Cin) and of Q (Cout, g, |S|).
     pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> NhwcGrads<T> {
-        let xs = self.subsampled(x);
-        let pointwise = p
-            .filter(|_| self.pointwise)
-            .map(|_| self.pointwise_weight_grad(xs.as_deref().unwrap_or(x), gy));
+        let pointwise = p.filter(|_| self.pointwise).map(|_| {
+            let xs = self.subsampled(x);
+            self.pointwise_weight_grad(xs.as_deref().unwrap_or(x), gy)
+        });
         let stencil = self
             .stencil
             .as_ref()
@@ -410,38 +416,27 @@ impl NhwcConv {
     /// acc (|S|, g, Cout) += the stencil weight gradient of output row `r` = (sample, yo).
     #[inline(always)]
     fn stencil_weight_grad_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], gy: &[T], acc: &mut [T]) {
-        let (cin, cout, s, g) = (self.cin, self.cout, self.stride, st.g);
+        let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
-        let (ni, yo) = (r / self.ho, r % self.ho);
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
-        for (t, &(dy, dx)) in st.taps.iter().enumerate() {
-            let yi = (yo * s) as isize + dy * st.dil as isize;
-            if yi < 0 || yi >= self.h as isize {
-                continue;
-            }
-            let ox = dx * st.dil as isize;
-            let (xlo, xhi) = valid_range(ox, s, self.w, self.wo);
-            let base = (ni * self.h + yi as usize) * self.w;
-            for xo in xlo..xhi {
-                let xi = ((xo * s) as isize + ox) as usize;
-                let xp = &x[(base + xi) * cin..(base + xi + 1) * cin];
-                let gp = &gy[(r * self.wo + xo) * cout..(r * self.wo + xo + 1) * cout];
-                if g == 1 {
-                    let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
-                    let av = &mut acc[t * cout..(t + 1) * cout];
-                    for ((a, u), v) in av.iter_mut().zip(gp).zip(xv) {
-                        *a += *u * *v;
-                    }
-                } else {
-                    for j in 0..g {
-                        let av = &mut acc[(t * g + j) * cout..(t * g + j + 1) * cout];
-                        for (co, (a, u)) in av.iter_mut().zip(gp).enumerate() {
-                            *a += *u * xp[(co / opg) * g + j];
-                        }
+        self.for_each_tap_pixel(st, r, |t, xo, px| {
+            let xp = &x[px * cin..(px + 1) * cin];
+            let gp = &gy[(r * self.wo + xo) * cout..(r * self.wo + xo + 1) * cout];
+            if g == 1 {
+                let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
+                let av = &mut acc[t * cout..(t + 1) * cout];
+                for ((a, u), v) in av.iter_mut().zip(gp).zip(xv) {
+                    *a += *u * *v;
+                }
+            } else {
+                for j in 0..g {
+                    let av = &mut acc[(t * g + j) * cout..(t * g + j + 1) * cout];
+                    for (co, (a, u)) in av.iter_mut().zip(gp).enumerate() {
+                        *a += *u * xp[(co / opg) * g + j];
                     }
                 }
             }
-        }
+        });
     }
 }
 

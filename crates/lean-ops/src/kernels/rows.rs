@@ -7,8 +7,8 @@ use crate::isa::isa_dispatch;
 use crate::real::Real;
 use rayon::prelude::*;
 
-/// Rows per task and per partial sum.
-const ROWS: usize = 256;
+/// Rows per task and per partial sum (also the task size of the channels-last layout ops).
+pub(crate) const ROWS: usize = 256;
 
 /// Per channel, the mean and the biased variance in f64. Sums are shifted by the first row's
 /// values (within the data's range), so one pass gives the variance without cancellation.
