@@ -1,12 +1,11 @@
 //! The download path end to end against a local HTTP server on 127.0.0.1 serving generated
 //! archives: a good one, a corrupt one, one cut off midway (then resumed), and the offline
 //! `--from` import.
+use lean_test_support::http::Response;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use xtask::{fetch, Layout, RemoteFile, Source};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -22,64 +21,27 @@ struct Served {
     range_requests: usize,
 }
 
-/// A bounded local server: at most 40 connections, gone after 60 s.
+/// A bounded local server (at most 40 connections): ranges `bytes=N-` are honoured and counted.
 fn serve(state: Arc<Mutex<Served>>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut served = 0;
-        while served < 40 && Instant::now() < deadline {
-            let Ok((mut s, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            served += 1;
-            s.set_nonblocking(false).unwrap();
-            let mut reader = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let mut range: Option<usize> = None;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    range = v.trim().trim_end_matches('-').parse().ok();
-                }
+    lean_test_support::http::serve(40, move |req| {
+        let mut st = state.lock().unwrap();
+        let Some((body, mode)) = st.files.get(&req.path).cloned() else {
+            return Response::not_found();
+        };
+        let (status, part) = match req.range {
+            Some((from, _)) if from < body.len() => {
+                st.range_requests += 1;
+                ("206 Partial Content", body[from..].to_vec())
             }
-            let mut st = state.lock().unwrap();
-            let Some((body, mode)) = st.files.get(&path).cloned() else {
-                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                continue;
-            };
-            let mode = mode.unwrap_or(Mode::Good);
-            let (status, part) = match range {
-                Some(from) if from < body.len() => {
-                    st.range_requests += 1;
-                    ("206 Partial Content", &body[from..])
-                }
-                _ => ("200 OK", &body[..]),
-            };
-            drop(st);
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                part.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let n = if mode == Mode::CutOff {
-                part.len() / 2
-            } else {
-                part.len()
-            };
-            let _ = s.write_all(&part[..n]);
-            let _ = s.flush();
+            _ => ("200 OK", body),
+        };
+        Response {
+            status: status.into(),
+            truncate_to: (mode == Some(Mode::CutOff)).then_some(part.len() / 2),
+            body: part,
+            headers: vec![],
         }
-    });
-    format!("http://{addr}")
+    })
 }
 
 fn md5_hex(b: &[u8]) -> String {

@@ -1,12 +1,12 @@
 //! `lean bench MODEL...`: inference and training-step latency and throughput per model and batch
 //! size, with timm benchmark.py's keys.
 
-use crate::model_args::{parse_input_size, ModelArgs};
+use crate::model_args::parse_input_size;
 use crate::output::{table, Format};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use lean_models::{create_model, describe};
+use lean_models::{create_model, describe, ModelOptions};
 use lean_ops::{cross_entropy, CrossEntropyConfig};
 use serde::Serialize;
 use std::time::Instant;
@@ -56,14 +56,14 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// Benchmarks `name` at each batch size.
 pub fn bench_model(
     name: &str,
-    opts: &ModelArgs,
+    opts: &ModelOptions,
     input: Option<[usize; 3]>,
     batch_sizes: &[usize],
     with_train: bool,
     reps: usize,
 ) -> Result<Vec<ModelBench>> {
     let info = describe(name)?;
-    let mut o = opts.options()?;
+    let mut o = opts.clone();
     let [c, h, w] = input.unwrap_or([
         o.in_channels.unwrap_or(info.input_size[0]),
         info.input_size[1],

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     #[arg(long)]
     train: bool,
     #[command(flatten)]
-    model_opts: crate::model_args::ModelArgs,
+    model_opts: lean_models::ModelOptions,
     /// Input shapes N,C,H,W, separated by `;` (default: the two shapes of docs/benchmarks.md).
     #[arg(long)]
     shapes: Option<String>,

@@ -3,13 +3,12 @@
 //! accuracy-vs-MACs plot.
 
 use crate::bench_models::bench_model;
-use crate::model_args::ModelArgs;
 use crate::output::table;
 use crate::plot::{scatter, Point};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lean_models::describe;
-use lean_train::{train_with, write_atomic, ModelSpec, TrainConfig};
+use lean_models::{describe, ModelOptions, ModelSpec};
+use lean_train::{train_with, write_atomic, TrainConfig};
 use std::path::PathBuf;
 
 /// The default line-up: dense parent, two lean settings, MobileNetV2 0.75 and ShuffleNetV2 1.0
@@ -127,10 +126,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     let mut rows = vec![];
     for m in &models {
         let cfg = TrainConfig {
-            model: ModelSpec {
-                name: m.clone(),
-                ..Default::default()
-            },
+            model: ModelSpec::new(m.clone()),
             dataset: dataset.clone(),
             data_dir: a.data_dir.clone(),
             epochs: a.epochs,
@@ -145,11 +141,11 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             ..Default::default()
         };
         eprintln!("== {m}");
-        let s = train_with(&cfg, None, &mut crate::train_cmd::draw_curves)?;
+        let s = train_with(&cfg, None, &mut crate::progress::RunDisplay::default())?;
         let last = s.history.last().context("no epoch ran")?;
         let ds = lean_train::open_limited(&dataset, &a.data_dir, lean_data::Split::Test, Some(1))?;
         let shape = ds.image_shape().unwrap_or(describe(m)?.input_size);
-        let opts = ModelArgs {
+        let opts = ModelOptions {
             num_classes: Some(ds.classes().len()),
             in_channels: Some(shape[0]),
             ..Default::default()

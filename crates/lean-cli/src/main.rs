@@ -14,6 +14,7 @@ mod model_args;
 mod models_cmd;
 mod output;
 mod plot;
+mod progress;
 mod train_cmd;
 
 use anyhow::Result;
@@ -55,9 +56,12 @@ enum Command {
 fn main() {
     let tuned = std::env::var_os("LEAN_DEFAULT_MALLOC").is_none() && lean_ops::runtime::tune_allocator();
     let cli = Cli::parse();
+    // Colour only on a terminal: logs redirected to a file carry no escape sequences.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(ansi)
         .init();
     let result: Result<()> = match cli.command {
         Command::Bench(args) => bench_ops::run(&args, tuned),

@@ -1,14 +1,15 @@
 //! `lean models`, `lean info`, `lean predict`.
 
-use crate::model_args::{parse_input_size, ModelArgs};
+use crate::model_args::parse_input_size;
 use crate::output::{table, Format};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::Args;
-use lean_models::{create_model, describe, list_models, Model};
+use lean_data::transforms::{FImage, Pipeline, Transform};
+use lean_models::{create_model, describe, list_models, pretrained, Model, ModelOptions};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Arguments of `lean models`.
 #[derive(Args, Debug)]
@@ -30,9 +31,9 @@ struct ModelRow {
     macs: u64,
 }
 
-fn build(name: &str, args: &ModelArgs) -> Result<Box<dyn Model>> {
+fn build(name: &str, opts: &ModelOptions) -> Result<Box<dyn Model>> {
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-    Ok(create_model(name, &args.options()?, vb)?)
+    Ok(create_model(name, opts, vb)?)
 }
 
 /// Entry point of `lean models`.
@@ -46,7 +47,7 @@ pub fn models(args: &ModelsArgs) -> Result<()> {
     }
     let mut rows = vec![];
     for info in infos {
-        let model = build(&info.name, &ModelArgs::default())?;
+        let model = build(&info.name, &ModelOptions::default())?;
         let [c, h, w] = info.input_size;
         let cost = model.cost(&[1, c, h, w])?;
         rows.push(ModelRow {
@@ -89,7 +90,7 @@ pub struct InfoArgs {
     #[arg(long)]
     input_size: Option<String>,
     #[command(flatten)]
-    opts: ModelArgs,
+    opts: ModelOptions,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -170,9 +171,9 @@ pub fn info(args: &InfoArgs) -> Result<()> {
 /// Arguments of `lean predict`.
 #[derive(Args, Debug)]
 pub struct PredictArgs {
-    /// Model name.
+    /// Model name (with a weights file; an exported folder names its own model).
     #[arg(long)]
-    model: String,
+    model: Option<String>,
     /// Weights (safetensors, torchvision names) or a folder made by `lean export` (its
     /// config.json then gives the model, normalisation and class names).
     #[arg(long)]
@@ -187,51 +188,76 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 5)]
     topk: usize,
     #[command(flatten)]
-    opts: ModelArgs,
-    /// Image files (PNG, JPEG), resized to the model's input size and normalised.
+    opts: ModelOptions,
+    /// Image files (PNG, JPEG), preprocessed as `lean eval` does: normalised, and resized +
+    /// centre-cropped (crop 0.875) when not already at the model's input size.
     images: Vec<PathBuf>,
 }
 
-fn load_image(path: &PathBuf, [c, h, w]: [usize; 3], mean: [f32; 3], std: [f32; 3]) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    let img = img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle);
-    let data: Vec<f32> = if c == 1 {
-        let g = img.to_luma8();
-        g.pixels().map(|p| (p.0[0] as f32 / 255.0 - mean[0]) / std[0]).collect()
-    } else if c == 3 {
-        let rgb = img.to_rgb8();
-        let mut v = vec![0f32; 3 * h * w];
-        for (i, p) in rgb.pixels().enumerate() {
-            for k in 0..3 {
-                v[k * h * w + i] = (p.0[k] as f32 / 255.0 - mean[k]) / std[k];
-            }
-        }
-        v
-    } else {
+/// Reads an image as `lean eval` would feed it: resized and centre-cropped to `size` (unless
+/// already that size; `None`: kept as it is), normalised.
+fn load_image(path: &Path, c: usize, size: Option<(usize, usize)>, mean: &[f32], std: &[f32]) -> Result<Tensor> {
+    if c != 1 && c != 3 {
         bail!("images need a 1- or 3-channel model, this one takes {c} channels");
+    }
+    let image = lean_data::decode_image(path, c)?;
+    let mut steps = vec![];
+    if let Some((h, w)) = size.filter(|&s| s != (image.h, image.w)) {
+        steps.push(Transform::ResizeCenterCrop {
+            size: (h, w),
+            crop_pct: 0.875,
+        });
+    }
+    steps.push(Transform::Normalize {
+        mean: mean.to_vec(),
+        std: std.to_vec(),
+    });
+    let sample = lean_data::Sample {
+        image,
+        target: lean_data::Target::Class(0),
     };
+    // The eval transforms draw no random numbers; the generator is only the interface's.
+    let item = Pipeline(steps).apply(
+        &sample,
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0),
+    );
+    let FImage { c, h, w, data } = item.image;
     Ok(Tensor::from_vec(data, (1, c, h, w), &Device::Cpu)?)
 }
 
 /// Entry point of `lean predict`.
 pub fn predict(args: &PredictArgs) -> Result<()> {
-    let info = describe(&args.model)?;
-    let mut info = info;
-    let mut labels: Vec<String> = vec![];
-    let model = if args.weights.is_dir() {
+    let (model, input_size, mean, std, labels) = if args.weights.is_dir() {
         // An exported folder: its config gives the model, normalisation and class names.
-        let (cfg, m) = crate::export_cmd::load_exported(&args.weights, &Device::Cpu)?;
-        info = describe(&cfg.model.name)?;
-        (info.input_size, info.mean, info.std) = (cfg.input_size, pad3(&cfg.mean), pad3(&cfg.std));
-        labels = cfg.label_names;
-        m
+        let (m, cfg) = pretrained::load_dir(&args.weights, &Device::Cpu)
+            .with_context(|| format!("cannot load {}", args.weights.display()))?;
+        if let Some(name) = args.model.as_ref().filter(|n| **n != cfg.model.name) {
+            bail!(
+                "--model {name} contradicts {}, which holds a {}",
+                args.weights.display(),
+                cfg.model.name
+            );
+        }
+        (m, cfg.input_size, cfg.mean, cfg.std, cfg.label_names)
     } else {
+        let name = args.model.as_deref().context("--weights FILE needs --model")?;
+        let info = describe(name)?;
         if !args.weights.is_file() {
             bail!("weights file {} does not exist", args.weights.display());
         }
-        let vb = crate::export_cmd::load_weights(&args.weights, &Device::Cpu)?;
-        create_model(&args.model, &args.opts.options()?, vb)
-            .with_context(|| format!("weights {} do not fit model {}", args.weights.display(), args.model))?
+        let vb = pretrained::load_weights(&args.weights, &Device::Cpu)?;
+        let m = create_model(name, &args.opts, vb)
+            .with_context(|| format!("weights {} do not fit model {name}", args.weights.display()))?;
+        let mut size = info.input_size;
+        size[0] = args.opts.in_channels.unwrap_or(size[0]);
+        let ch = size[0];
+        (
+            m,
+            size,
+            info.mean[..ch.min(3)].to_vec(),
+            info.std[..ch.min(3)].to_vec(),
+            vec![],
+        )
     };
     if let Some(t) = &args.tensor {
         let tensors =
@@ -239,15 +265,24 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
         let input = tensors
             .get("input")
             .with_context(|| format!("{} has no tensor named `input`", t.display()))?;
-        let logits = model.forward_t(&input.to_dtype(DType::F32)?, false)?;
+        let input = input.to_dtype(DType::F32)?;
+        if input.rank() != 4 {
+            bail!(
+                "{}: tensor `input` must be (N, C, H, W), got shape {:?}",
+                t.display(),
+                input.dims()
+            );
+        }
+        let finite = input.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite());
+        if !finite {
+            bail!("{}: tensor `input` holds NaN or infinite values", t.display());
+        }
+        let logits = model.forward_t(&input, false)?;
         match &args.output {
             Some(out) => {
-                let tmp = out.with_extension("safetensors.partial");
-                candle_core::safetensors::save(
-                    &std::collections::HashMap::from([("output".to_string(), logits)]),
-                    &tmp,
-                )?;
-                std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+                let tensors = std::collections::HashMap::from([("output".to_string(), logits)]);
+                lean_models::fs::write_atomic_with(out, |tmp| candle_core::safetensors::save(&tensors, tmp))
+                    .map_err(|(p, msg)| anyhow::anyhow!("cannot write {}: {msg}", p.display()))?;
                 println!("wrote logits to {}", out.display());
             }
             None => print_topk(&logits, args.topk, &[t.display().to_string()], &labels)?,
@@ -257,26 +292,21 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
     if args.images.is_empty() {
         bail!("give --tensor FILE or one or more image files");
     }
-    let mut size = info.input_size;
-    if !args.weights.is_dir() {
-        size[0] = args.opts.in_channels.unwrap_or(size[0]);
+    let [c, h, w] = input_size;
+    if mean.len() != c || std.len() != c {
+        bail!("the normalisation has {} channels, the model takes {c}", mean.len());
     }
     if model.is_segmentation() {
-        return predict_masks(model.as_ref(), &args.images, size[0], &info);
+        return predict_masks(model.as_ref(), &args.images, c, &mean, &std);
     }
     let batch: Vec<Tensor> = args
         .images
         .iter()
-        .map(|p| load_image(p, size, info.mean, info.std))
+        .map(|p| load_image(p, c, Some((h, w)), &mean, &std))
         .collect::<Result<_>>()?;
     let logits = model.forward_t(&Tensor::cat(&batch, 0)?, false)?;
     let names: Vec<String> = args.images.iter().map(|p| p.display().to_string()).collect();
     print_topk(&logits, args.topk, &names, &labels)
-}
-
-/// A per-channel constant for 1 or 3 channels.
-fn pad3(v: &[f32]) -> [f32; 3] {
-    [v[0], v[1 % v.len()], v[2 % v.len()]]
 }
 
 /// A distinct colour per class (class 0, the background, black).
@@ -290,11 +320,11 @@ fn class_colour(c: u32) -> [u8; 3] {
 
 /// Segmentation: for each image writes `<stem>.mask.png` (colourised classes) and
 /// `<stem>.overlay.png` (the mask blended over the image) beside it.
-fn predict_masks(model: &dyn Model, images: &[PathBuf], channels: usize, info: &lean_models::ModelInfo) -> Result<()> {
+fn predict_masks(model: &dyn Model, images: &[PathBuf], channels: usize, mean: &[f32], std: &[f32]) -> Result<()> {
     for path in images {
         let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
         let (w, h) = (img.width() as usize, img.height() as usize);
-        let x = load_image(path, [channels, h, w], info.mean, info.std)?;
+        let x = load_image(path, channels, None, mean, std)?;
         let pred = model.forward_t(&x, false)?.argmax(1)?.flatten_all()?.to_vec1::<u32>()?;
         let mut mask = image::RgbImage::new(w as u32, h as u32);
         let mut overlay = img.to_rgb8();

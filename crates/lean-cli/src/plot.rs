@@ -19,12 +19,38 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plot: {e:?}")
 }
 
-/// Training curves of a run: losses and top-1 against the epoch, written to `path`.
-pub fn training_curves(path: &Path, epochs: &[f64], train_loss: &[f64], eval_loss: &[f64], top1: &[f64]) -> Result<()> {
+/// The series of [`training_curves`]: per epoch, the losses and the evaluation score.
+pub struct Curves<'a> {
+    /// Epochs (x).
+    pub epochs: &'a [f64],
+    /// Mean training loss.
+    pub train_loss: &'a [f64],
+    /// Evaluation loss.
+    pub eval_loss: &'a [f64],
+    /// Evaluation score, percent.
+    pub score: &'a [f64],
+    /// Its name (`top-1`, `mIoU`).
+    pub score_name: &'a str,
+}
+
+/// Draws to a temporary PNG beside `path`, renamed over it once complete.
+fn draw_atomic(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    lean_models::fs::write_atomic_with(path, |tmp| draw(tmp).map_err(|e| format!("{e:#}")))
+        .map_err(|(p, msg)| anyhow!("cannot write {}: {msg}", p.display()))
+}
+
+/// Training curves of a run: losses and the evaluation score against the epoch.
+pub fn training_curves(path: &Path, curves: &Curves) -> Result<()> {
     register_font();
-    let tmp = path.with_extension("partial.png");
-    {
-        let root = BitMapBackend::new(&tmp, (900, 400)).into_drawing_area();
+    let Curves {
+        epochs,
+        train_loss,
+        eval_loss,
+        score: top1,
+        score_name,
+    } = *curves;
+    draw_atomic(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (900, 400)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (left, right) = root.split_horizontally(450);
         let xmax = epochs.last().copied().unwrap_or(1.0).max(1.0);
@@ -51,9 +77,9 @@ pub fn training_curves(path: &Path, epochs: &[f64], train_loss: &[f64], eval_los
             .border_style(BLACK)
             .draw()
             .map_err(err)?;
-        let lo = top1.iter().copied().fold(100.0, f64::min).min(90.0).floor();
+        let lo = top1.iter().copied().fold(100.0, f64::min).min(90.0).max(0.0).floor();
         let mut c = ChartBuilder::on(&right)
-            .caption("eval top-1 (%)", ("sans-serif", 20))
+            .caption(format!("eval {score_name} (%)"), ("sans-serif", 20))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(45)
@@ -73,9 +99,8 @@ pub fn training_curves(path: &Path, epochs: &[f64], train_loss: &[f64], eval_los
         )
         .map_err(err)?;
         root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// One labelled point of a scatter plot.
@@ -94,9 +119,8 @@ pub struct Point {
 /// A labelled scatter plot (accuracy against MACs), written to `path`.
 pub fn scatter(path: &Path, title: &str, xdesc: &str, ydesc: &str, points: &[Point]) -> Result<()> {
     register_font();
-    let tmp = path.with_extension("partial.png");
-    {
-        let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
+    draw_atomic(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         // Log-scale x: MACs and latencies of the compared models span over a decade.
         let xmin = points.iter().map(|p| p.x).fold(f64::INFINITY, f64::min).max(1e-9) / 1.5;
@@ -123,7 +147,6 @@ pub fn scatter(path: &Path, title: &str, xdesc: &str, ydesc: &str, points: &[Poi
             c.draw_series(std::iter::once(marker)).map_err(err)?;
         }
         root.present().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+        Ok(())
+    })
 }

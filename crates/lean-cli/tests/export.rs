@@ -1,11 +1,9 @@
 //! `lean export` and loading the exported folder back: from disk, and from a Hugging Face Hub
 //! endpoint on 127.0.0.1 (HF_ENDPOINT) through the hf-hub cache, online and offline.
+use lean_test_support::http::Response;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -32,61 +30,33 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// A minimal hub: `GET /<repo>/resolve/main/<file>` with range support and the headers hf-hub
-/// reads (etag, x-repo-commit, content-range). At most 20 connections, gone after 60 s.
+/// reads (etag, x-repo-commit, content-range).
 fn serve_hub(files: HashMap<String, Vec<u8>>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut served = 0;
-        while served < 20 && Instant::now() < deadline {
-            let Ok((mut s, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            served += 1;
-            s.set_nonblocking(false).unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap();
-            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut range: Option<(usize, Option<usize>)> = None;
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    let (a, b) = v.trim().split_once('-').unwrap();
-                    range = Some((a.parse().unwrap(), b.parse().ok()));
-                }
-            }
-            let Some(body) = files.get(&path) else {
-                let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                continue;
-            };
-            let etag = format!("\"{:x}\"", body.len() * 7919 + path.len());
-            let commit = "0123456789abcdef0123456789abcdef01234567";
-            let (status, lo, hi) = match range {
-                Some((a, b)) => (
-                    "206 Partial Content",
-                    a,
-                    b.unwrap_or(body.len() - 1).min(body.len() - 1),
-                ),
-                None => ("200 OK", 0, body.len() - 1),
-            };
-            let part = &body[lo..=hi];
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes {lo}-{hi}/{}\r\nETag: {etag}\r\nX-Repo-Commit: {commit}\r\nConnection: close\r\n\r\n",
-                part.len(),
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(part);
+    lean_test_support::http::serve(20, move |req| {
+        let Some(body) = files.get(&req.path) else {
+            return Response::not_found();
+        };
+        let etag = format!("\"{:x}\"", body.len() * 7919 + req.path.len());
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let (status, lo, hi) = match req.range {
+            Some((a, b)) => (
+                "206 Partial Content",
+                a,
+                b.unwrap_or(body.len() - 1).min(body.len() - 1),
+            ),
+            None => ("200 OK", 0, body.len() - 1),
+        };
+        Response {
+            status: status.into(),
+            headers: vec![
+                ("Content-Range".into(), format!("bytes {lo}-{hi}/{}", body.len())),
+                ("ETag".into(), etag),
+                ("X-Repo-Commit".into(), commit.into()),
+            ],
+            body: body[lo..=hi].to_vec(),
+            truncate_to: None,
         }
-    });
-    format!("http://{addr}")
+    })
 }
 
 #[test]

@@ -74,11 +74,9 @@ fn info_gives_per_layer_rows_and_totals() {
 
 #[test]
 fn predict_reproduces_the_pytorch_logits_from_a_tensor_file() {
-    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden");
-    if !golden.is_dir() {
-        eprintln!("skipping: {} not found", golden.display());
+    let Some(golden) = lean_test_support::golden_dir() else {
         return;
-    }
+    };
     let out_path = tmp("predict").join("logits.safetensors");
     let out = lean(&[
         "predict",
@@ -192,4 +190,43 @@ fn predict_classifies_images_and_rejects_bad_input() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.png"));
     let _ = Tensor::zeros(1, DType::F32, &Device::Cpu);
+}
+
+#[test]
+fn predict_takes_the_model_from_an_exported_folder_and_refuses_non_finite_tensors() {
+    let d = tmp("exported");
+    let m = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/lean_resnet18_cifar");
+    let img = image::GrayImage::from_fn(40, 30, |x, y| image::Luma([((x * 5 + y * 11) % 256) as u8]));
+    let png = d.join("b.png");
+    img.save(&png).unwrap();
+    // No --model: the folder's config.json names it, with its class names and normalisation.
+    let out = lean(&["predict", "--weights", m, "--topk", "3", png.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let labels = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ];
+    assert_eq!(labels.iter().filter(|l| text.contains(*l)).count(), 3, "{text}");
+    let out = lean(&["predict", "--model", "resnet20", "--weights", m, png.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("contradicts"));
+    // A tensor file with a NaN in its input.
+    let t = d.join("nan.safetensors");
+    let mut v = vec![0f32; 28 * 28];
+    v[5] = f32::NAN;
+    let input = Tensor::from_vec(v, (1, 1, 28, 28), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("input".to_string(), input)]), &t).unwrap();
+    let out = lean(&["predict", "--weights", m, "--tensor", t.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nan.safetensors") && err.contains("NaN"), "{err}");
 }

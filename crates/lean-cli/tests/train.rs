@@ -149,3 +149,102 @@ fn bad_training_input_fails_clearly() {
     fail(&["train", "--resume", junk.to_str().unwrap()], "not a safetensors file");
     fail(&["eval", "--weights", "x.safetensors"], "--weights FILE needs --model");
 }
+
+#[test]
+fn a_checkpoint_evaluates_from_any_directory_and_logs_are_plain_text() {
+    let run = tmp("anywhere");
+    let out = lean()
+        .args([
+            "train",
+            "--model",
+            "lean_resnet20",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "128",
+            "--limit-val",
+            "64",
+            "-b",
+            "64",
+            "--output",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // stderr is a pipe here, not a terminal: no colour escape sequences in the log.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("epoch done"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a redirected log: {log:?}");
+    let elsewhere = tmp("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lean"));
+    c.current_dir(&elsewhere).args([
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--limit-val",
+        "64",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&run_ok(&mut c)).unwrap();
+    let csv = std::fs::read_to_string(run.join("summary.csv")).unwrap();
+    let last: Vec<&str> = csv.lines().last().unwrap().split(',').collect();
+    assert!(
+        (v["top1"].as_f64().unwrap() - last[3].parse::<f64>().unwrap()).abs() < 1e-3,
+        "{v} vs {last:?}"
+    );
+    // Resuming it as another model is refused, naming both.
+    let out = lean()
+        .args(["train", "--resume", run.to_str().unwrap(), "--model", "resnet20"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--model resnet20") && err.contains("lean_resnet20"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_numeric_flag_refuses_values_that_cannot_train() {
+    let cases: [(&[&str], &str); 12] = [
+        (&["--epochs", "0"], "epochs must be at least 1"),
+        (&["-b", "0"], "batch_size must be at least 1"),
+        (&["--lr=-0.1"], "lr must be a positive number, got -0.1"),
+        (&["--lr", "NaN"], "lr must be a positive number, got NaN"),
+        (&["--momentum", "1.5"], "momentum must be in [0, 1), got 1.5"),
+        (&["--weight-decay=-1"], "weight_decay must be a number >= 0, got -1"),
+        (&["--warmup-epochs=-2"], "warmup_epochs must be a number >= 0"),
+        (&["--smoothing", "1"], "label smoothing must be in [0, 1), got 1"),
+        (&["--clip-grad", "0"], "clip_grad must be a positive number, got 0"),
+        (&["--limit-train", "0"], "limit_train must be at least 1"),
+        (
+            &["--sched", "step", "--decay-rate", "0"],
+            "decay_rate must be in (0, 1]",
+        ),
+        (&["--group-size", "3"], "group size 3 does not divide"),
+    ];
+    for (flags, needle) in cases {
+        // Small limits (where the case does not set them), so that a value wrongly accepted
+        // ends quickly instead of training for minutes.
+        let mut base = vec!["train", "--limit-val", "64"];
+        for (flag, v) in [("--limit-train", "64"), ("--epochs", "1")] {
+            if !flags.contains(&flag) {
+                base.extend([flag, v]);
+            }
+        }
+        let out = lean()
+            .args(base)
+            .args(flags)
+            .args(["--output", tmp("bad-flags").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{flags:?}: {err}");
+    }
+}

@@ -66,19 +66,29 @@ pub struct ArrayDataset {
 }
 
 impl ArrayDataset {
-    /// `pixels` holds `labels.len()` images of `shape` (C, H, W), channels first.
-    pub fn new(shape: [usize; 3], pixels: Vec<u8>, labels: Vec<u32>, classes: Vec<String>) -> Self {
-        assert_eq!(
-            pixels.len(),
-            labels.len() * shape.iter().product::<usize>(),
-            "pixels do not fill the images"
-        );
-        ArrayDataset {
+    /// `pixels` holds `labels.len()` images of `shape` (C, H, W), channels first; every label
+    /// is below `classes.len()`.
+    pub fn new(shape: [usize; 3], pixels: Vec<u8>, labels: Vec<u32>, classes: Vec<String>) -> Result<Self> {
+        let per_image: usize = shape.iter().product();
+        if per_image == 0 || pixels.len() != labels.len() * per_image {
+            return Err(crate::DataError::Invalid(format!(
+                "{} pixel values do not make {} images of shape {shape:?} ({per_image} values each)",
+                pixels.len(),
+                labels.len()
+            )));
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= classes.len()) {
+            return Err(crate::DataError::Invalid(format!(
+                "label {bad} is out of range for {} classes",
+                classes.len()
+            )));
+        }
+        Ok(ArrayDataset {
             shape,
             pixels,
             labels,
             classes,
-        }
+        })
     }
 
     /// The first `n` samples (all if fewer).

@@ -101,12 +101,12 @@ pub fn read_mnist_like(dir: &Path, split: Split, classes: Vec<String>) -> Result
             format!("label {bad} is out of range for {} classes", classes.len()),
         ));
     }
-    Ok(ArrayDataset::new(
+    ArrayDataset::new(
         [1, h, w],
         images.data,
         labels.data.iter().map(|&l| l as u32).collect(),
         classes,
-    ))
+    )
 }
 
 fn class_names_file(path: &Path, n: usize) -> Vec<String> {
@@ -181,7 +181,7 @@ fn read_cifar_records(
             pixels.extend_from_slice(&r[label_bytes..]);
         }
     }
-    Ok(ArrayDataset::new([3, 32, 32], pixels, labels, classes))
+    ArrayDataset::new([3, 32, 32], pixels, labels, classes)
 }
 
 /// Reads STL-10 (`stl10_binary/`) from `dir`: 3x96x96 column-major images, labels 1..10.
@@ -233,5 +233,5 @@ pub fn read_stl10(dir: &Path, split: Split) -> Result<ArrayDataset> {
         })
         .collect::<Result<Vec<_>>>()?;
     let classes = class_names_file(&base.join("class_names.txt"), 10);
-    Ok(ArrayDataset::new([3, 96, 96], pixels, labels, classes))
+    ArrayDataset::new([3, 96, 96], pixels, labels, classes)
 }

@@ -76,6 +76,9 @@ pub enum DataError {
     /// No data set of that name.
     #[error("unknown data set `{0}` (expected fashion-mnist, mnist, cifar10, cifar100, stl10, fashion-mnist-seg, imagefolder:<name> or segfolder:<name>)")]
     UnknownDataset(String),
+    /// In-memory data that does not fit together (sizes, labels).
+    #[error("{0}")]
+    Invalid(String),
     /// A batch could not be assembled.
     #[error("loader: {0}")]
     Batch(String),

@@ -18,6 +18,22 @@ pub enum Error {
         /// Registered names close to it.
         suggestions: Vec<String>,
     },
+    /// A file of a model folder is missing, unreadable or not what it should be.
+    #[error("{}: {msg}", .path.display())]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A Hugging Face Hub repository could not be used.
+    #[error("hf-hub:{repo}: {msg}")]
+    Hub {
+        /// `ORG/REPO`.
+        repo: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// An option does not fit the model.
     #[error("{model}: {msg}")]
     Config {

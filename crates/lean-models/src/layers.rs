@@ -130,11 +130,17 @@ impl Conv {
                 dense_downsample,
                 init,
             } if !(dense_downsample && stride > 1) => {
-                // The smallest group size >= the requested one that fits Cin and Cout (a
-                // channel-reducing lean conv needs g > 1: Cout must be a multiple of Cin / g).
-                let mut g = group_size.clamp(1, cin);
+                if group_size == 0 || group_size > cin || cin % group_size != 0 {
+                    return Err(crate::Error::Config {
+                        model: vb.prefix(),
+                        msg: format!("group size {group_size} does not divide the layer's {cin} input channels"),
+                    });
+                }
+                // A channel-reducing lean conv needs larger groups (Cout must be a multiple of
+                // the Cin / g groups): the smallest multiple of the requested size that fits.
+                let mut g = group_size;
                 while cin % g != 0 || cout % (cin / g) != 0 {
-                    g += 1;
+                    g += group_size;
                 }
                 let cfg = LeanConv2dConfig::new(cin, cout)
                     .stencil(stencil)

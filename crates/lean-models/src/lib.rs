@@ -24,20 +24,29 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod fs;
 pub mod layers;
 pub mod layout;
 mod mobilenet_v2;
 mod model;
+mod options;
+pub mod pretrained;
 mod registry;
 mod resnet;
 mod segment;
 mod shufflenet_v2;
 
 pub use error::{Error, Result};
+
+/// The README's Rust examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 pub use layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, LayerRow, LeanBranchStats, Trace};
 pub use mobilenet_v2::{make_divisible, MobileNetV2, MobileNetV2Config};
 pub use model::Model;
-pub use registry::{create_model, describe, list_models, model_names, Family, ModelInfo, ModelOptions};
+pub use options::{ModelOptions, ModelSpec};
+pub use registry::{create_model, describe, list_models, model_names, Family, ModelInfo};
 pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
 pub use segment::{SegDecoderConfig, SegHead, SegmentationModel};
 pub use shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};

@@ -10,7 +10,7 @@ use crate::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
 use crate::model::Model;
 use crate::resnet::{ResNet, ResNetConfig, Stem};
 use crate::shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};
-use crate::{Error, Result};
+use crate::{Error, ModelOptions, Result};
 use candle_nn::VarBuilder;
 use lean_ops::{LeanInit, Stencil};
 
@@ -56,29 +56,6 @@ pub struct ModelInfo {
     pub num_classes: usize,
     /// Whether it is a segmentation model (per-pixel logits).
     pub segmentation: bool,
-}
-
-/// Options that override a model's defaults; `None` keeps the default.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ModelOptions {
-    /// Number of classes.
-    pub num_classes: Option<usize>,
-    /// Input channels.
-    pub in_channels: Option<usize>,
-    /// Width multiplier (MobileNetV2: any; ShuffleNetV2: 0.5, 1.0, 1.5, 2.0).
-    pub width: Option<f64>,
-    /// Lean stencil.
-    pub stencil: Option<Stencil>,
-    /// Lean group size.
-    pub group_size: Option<usize>,
-    /// Keep downsampling 3x3 convolutions dense.
-    pub dense_downsample: Option<bool>,
-    /// How new lean weights are drawn.
-    pub lean_init: Option<LeanInit>,
-    /// ResNets: how many of the last stages are dilated instead of strided (0-2).
-    pub dilate_last: Option<usize>,
-    /// Build the feature extractor only (a backbone: no classifier).
-    pub features_only: bool,
 }
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -370,6 +347,17 @@ pub fn describe(name: &str) -> Result<ModelInfo> {
     })
 }
 
+/// A layer's configuration error, named within the model (`model: layer: what`).
+fn in_model(name: &str, e: Error) -> Error {
+    match e {
+        Error::Config { model, msg } if model != name => Error::Config {
+            model: name.to_string(),
+            msg: format!("{model}: {msg}"),
+        },
+        e => e,
+    }
+}
+
 /// Builds `name` (`arch` or `arch.tag`) with `opts`, loading or creating its weights in `vb`.
 pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<Box<dyn Model>> {
     let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
@@ -377,6 +365,24 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
         let info = describe(name)?;
         let small = info.input_size[1] == 64;
         let bb_lean = bb.starts_with("lean_");
+        opts.check(name)?;
+        let bad = |msg: String| Error::Config {
+            model: name.to_string(),
+            msg,
+        };
+        for (option, set) in [
+            ("features_only", opts.features_only),
+            ("dilate_last", opts.dilate_last.is_some()),
+            ("dense_downsample", opts.dense_downsample.is_some() && !bb_lean),
+        ] {
+            if set {
+                return Err(bad(format!("option {option} is not supported by this model")));
+            }
+        }
+        let knobs = opts.lean_knobs_set();
+        if !knobs.is_empty() && !lean_dec {
+            return Err(bad(format!("option {} applies to lean models only", knobs.join(", "))));
+        }
         let mut bopts = ModelOptions {
             features_only: true,
             num_classes: None,
@@ -397,7 +403,7 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
         } else {
             bb.clone()
         };
-        let backbone = create_model(&bb_name, &bopts, vb.pp("backbone"))?;
+        let backbone = create_model(&bb_name, &bopts, vb.pp("backbone")).map_err(|e| in_model(name, e))?;
         let mut conv = if lean_dec {
             Conv3x3Kind::lean()
         } else {
@@ -424,29 +430,25 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             rates: if small { [2, 4, 6] } else { [6, 12, 18] },
             num_classes: opts.num_classes.unwrap_or(info.num_classes),
         };
-        return Ok(Box::new(crate::segment::SegmentationModel::new(backbone, &cfg, vb)?));
+        return Ok(Box::new(
+            crate::segment::SegmentationModel::new(backbone, &cfg, vb).map_err(|e| in_model(name, e))?,
+        ));
     }
     let (a, lean, _) = parse_arch(arch).ok_or_else(|| unknown(arch))?;
     let bad = |msg: String| Error::Config {
         model: name.to_string(),
         msg,
     };
-    let lean_knobs = opts.stencil.is_some()
-        || opts.group_size.is_some()
-        || opts.dense_downsample.is_some()
-        || opts.lean_init.is_some();
-    if lean_knobs && !lean {
-        return Err(bad(
-            "--stencil, --group-size, --dense-downsample and --lean-init apply to lean models only".into(),
-        ));
+    opts.check(name)?;
+    let knobs = opts.lean_knobs_set();
+    if !knobs.is_empty() && !lean {
+        return Err(bad(format!("option {} applies to lean models only", knobs.join(", "))));
     }
-    if opts.num_classes == Some(0) || opts.in_channels == Some(0) {
-        return Err(bad("num_classes and in_channels must be >= 1".into()));
-    }
+    let unsupported = |option: &str| bad(format!("option {option} is not supported by this model"));
     Ok(match a {
         Arch::ResNet(mut c) => {
             if opts.width.is_some() {
-                return Err(bad("ResNets have no width multiplier".into()));
+                return Err(unsupported("width (ResNets have no width multiplier)"));
             }
             if !tag.is_empty() {
                 apply_tag(name, tag, &mut c.conv)?;
@@ -470,21 +472,30 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             if c.dilate_last > 2 || c.dilate_last >= c.layers.len() {
                 return Err(bad(format!("dilate_last must be 0, 1 or 2, got {}", c.dilate_last)));
             }
-            Box::new(ResNet::new(&c, vb)?)
+            Box::new(ResNet::new(&c, vb).map_err(|e| in_model(name, e))?)
         }
         Arch::MobileNetV2(mut c) => {
             if !tag.is_empty() {
                 return Err(bad(format!("tag `{tag}`: only lean models take tags")));
             }
+            if opts.dilate_last.is_some() {
+                return Err(unsupported("dilate_last"));
+            }
             c.width = opts.width.unwrap_or(c.width);
             c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
             c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
             c.features_only = opts.features_only;
-            Box::new(MobileNetV2::new(&c, vb)?)
+            Box::new(MobileNetV2::new(&c, vb).map_err(|e| in_model(name, e))?)
         }
         Arch::ShuffleNetV2(mut c) => {
             if !tag.is_empty() {
                 return Err(bad(format!("tag `{tag}`: only lean models take tags")));
+            }
+            if opts.dilate_last.is_some() {
+                return Err(unsupported("dilate_last"));
+            }
+            if opts.features_only {
+                return Err(unsupported("features_only"));
             }
             if let Some(w) = opts.width {
                 let small = c.small_stem;
@@ -495,7 +506,7 @@ pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<B
             }
             c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
             c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
-            Box::new(ShuffleNetV2::new(&c, vb)?)
+            Box::new(ShuffleNetV2::new(&c, vb).map_err(|e| in_model(name, e))?)
         }
     })
 }

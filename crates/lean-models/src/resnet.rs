@@ -237,6 +237,15 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the network from `vb`.
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.layers.is_empty() || cfg.layers.len() != cfg.widths.len() || cfg.layers.contains(&0) {
+            return Err(crate::Error::Config {
+                model: "ResNet".into(),
+                msg: format!(
+                    "needs one or more stages of one or more blocks, one width each; got blocks {:?}, widths {:?}",
+                    cfg.layers, cfg.widths
+                ),
+            });
+        }
         let (k, s) = match cfg.stem {
             Stem::ImageNet => (7, 2),
             Stem::Small => (3, 1),

@@ -135,16 +135,7 @@ fn torchvision_names_are_used() {
 }
 
 fn golden_dir() -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden");
-    if d.is_dir() {
-        Some(d)
-    } else {
-        eprintln!(
-            "skipping: {} not found (the PyTorch references live beside the project in CI)",
-            d.display()
-        );
-        None
-    }
+    lean_test_support::golden_dir()
 }
 
 #[test]

@@ -41,17 +41,10 @@ pub fn save_checkpoint<M: Serialize>(path: &Path, varmap: &VarMap, optim: &Optim
     let mut info = serde_json::to_value(meta).map_err(|e| Error::Checkpoint(e.to_string()))?;
     info["optim_step"] = optim.step.into();
     let metadata = HashMap::from([(META_KEY.to_string(), info.to_string())]);
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata), &tmp).map_err(
-        |e| Error::Io {
-            path: tmp.clone(),
-            msg: e.to_string(),
-        },
-    )?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
+    lean_models::fs::write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata), tmp)
     })
+    .map_err(|(path, msg)| Error::Io { path, msg })
 }
 
 /// Reads a checkpoint written by [`save_checkpoint`].

@@ -3,6 +3,13 @@
 //! parameter groups (no weight decay on BatchNorm and biases by default), metrics, and the
 //! training loop with exact checkpoint/resume.
 //!
+//! The parts, each in its own module: the configuration ([`TrainConfig`], typed optimizer,
+//! schedule and device, validated in one place), the data side of a run ([`open_limited`],
+//! the pipelines, [`DataContext`]), evaluation per task ([`evaluate`], [`Metrics`]), the run
+//! folder and checkpoints ([`RunState`], [`EpochRow`]), the loop ([`Trainer`]: one step, one
+//! epoch, the run; [`Observer`] callbacks for progress and curves) and publishing
+//! ([`export_run`]).
+//!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
 //! use lean_train::{Optimizer, Sgd, SgdConfig};
@@ -23,23 +30,34 @@
 
 mod adamw;
 pub mod checkpoint;
+mod config;
+mod data;
 mod error;
+mod eval;
+mod export;
+mod fit;
 mod init;
 pub mod metrics;
 mod optim;
 mod params;
+mod run;
 mod schedule;
 mod sgd;
-mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use config::{parse_device, DeviceSpec, OptimizerKind, ScheduleKind, TrainConfig};
+pub use data::{eval_pipeline, open_limited, train_pipeline, DataContext};
 pub use error::{Error, Result};
+pub use eval::{evaluate, EvalResult, Metrics, Task};
+pub use export::{export_run, recipe_text, ExportOptions};
+pub use fit::{train, train_with, Observer, RunSummary, StepOutput, StepProgress, Trainer};
 pub use init::{init_tensor, seeded_var_builder};
+pub use lean_models::ModelSpec;
 pub use optim::{clip_grad_norm, OptimState, Optimizer};
 pub use params::{is_buffer, ParamGroups};
+pub use run::{
+    checkpoint_model, checkpoint_path, load_checkpoint_model, new_run_dir, summary_csv, write_atomic, EpochRow,
+    RunState,
+};
 pub use schedule::{LrSchedule, Schedule};
 pub use sgd::{Sgd, SgdConfig};
-pub use trainer::{
-    checkpoint_model, checkpoint_path, eval_pipeline, evaluate, load_checkpoint_model, open_limited, parse_device,
-    train, train_with, write_atomic, EpochRow, EvalResult, ModelSpec, RunState, RunSummary, TrainConfig,
-};

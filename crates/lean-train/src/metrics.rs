@@ -72,10 +72,15 @@ impl Confusion {
             v.iter().sum::<f64>() / v.len() as f64
         }
     }
-    /// Fraction of counted pixels predicted correctly.
-    pub fn pixel_accuracy(&self) -> f64 {
+    /// (correctly predicted, counted) pixels.
+    pub fn correct_and_total(&self) -> (u64, u64) {
         let total: u64 = self.counts.iter().sum();
         let diag: u64 = (0..self.classes).map(|c| self.counts[c * self.classes + c]).sum();
+        (diag, total)
+    }
+    /// Fraction of counted pixels predicted correctly.
+    pub fn pixel_accuracy(&self) -> f64 {
+        let (diag, total) = self.correct_and_total();
         if total == 0 {
             0.0
         } else {

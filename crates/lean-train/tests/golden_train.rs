@@ -7,15 +7,9 @@ use lean_models::{create_model, ModelOptions};
 use lean_ops::{cross_entropy, CrossEntropyConfig};
 use lean_train::{Optimizer, ParamGroups, Sgd, SgdConfig};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 fn golden() -> Option<HashMap<String, Tensor>> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/shufflenet_v2_x0_5.train.safetensors");
-    if !p.is_file() {
-        eprintln!("skipping: {} not found", p.display());
-        return None;
-    }
+    let p = lean_test_support::golden_file("shufflenet_v2_x0_5.train.safetensors")?;
     Some(candle_core::safetensors::load(p, &Device::Cpu).unwrap())
 }
 
