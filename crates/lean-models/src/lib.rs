@@ -46,7 +46,10 @@ pub use layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, LayerRow, LeanBranchS
 pub use mobilenet_v2::{make_divisible, MobileNetV2, MobileNetV2Config};
 pub use model::Model;
 pub use options::{ModelOptions, ModelSpec};
-pub use registry::{create_model, describe, list_models, model_names, Family, ModelInfo};
+pub use registry::{
+    create_model, describe, entries, list_models, model_names, BuildArgs, Builder, Family, InputSpec, ModelEntry,
+    ModelInfo, ModelOption,
+};
 pub use resnet::{BlockKind, ResNet, ResNetConfig, Stem};
 pub use segment::{SegDecoderConfig, SegHead, SegmentationModel};
 pub use shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};

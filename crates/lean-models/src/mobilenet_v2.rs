@@ -1,7 +1,8 @@
 //! MobileNetV2 in torchvision's layout (`features.*`, `classifier.1`), any width multiplier.
 
-use crate::layers::{Classifier, Conv, ConvBnAct, Trace};
+use crate::layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
 use crate::model::Model;
+use crate::registry::{Family, InputSpec, ModelEntry, ModelOption, BASE_OPTIONS};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -322,4 +323,45 @@ impl Model for MobileNetV2 {
     fn num_classes(&self) -> usize {
         self.head.as_ref().map_or(0, |(_, c)| c.out_features())
     }
+}
+
+/// The registry's MobileNetV2s: widths 0.35-1.4 (`mobilenet_v2[_035|_050|_075|_140]`), each
+/// also with the small-image stem (`_cifar`: stride-1 first conv, 10 classes).
+pub(crate) fn registry_entries() -> Vec<ModelEntry> {
+    let mut v = vec![];
+    for (suffix, width) in [("", 1.0), ("_035", 0.35), ("_050", 0.5), ("_075", 0.75), ("_140", 1.4)] {
+        for small in [false, true] {
+            let mut base = MobileNetV2Config {
+                width,
+                ..Default::default()
+            };
+            if small {
+                base.stem_stride = 1;
+                base.num_classes = 10;
+            }
+            let mut supports = BASE_OPTIONS.to_vec();
+            supports.extend([ModelOption::Width, ModelOption::FeaturesOnly]);
+            v.push(ModelEntry {
+                name: format!("mobilenet_v2{suffix}{}", if small { "_cifar" } else { "" }),
+                family: Family::MobileNetV2,
+                input: if small { InputSpec::SMALL } else { InputSpec::IMAGENET },
+                num_classes: base.num_classes,
+                segmentation: false,
+                default_conv: Conv3x3Kind::Dense,
+                supports,
+                build: Box::new(move |a| {
+                    let o = a.options;
+                    let c = MobileNetV2Config {
+                        width: o.width.unwrap_or(base.width),
+                        in_channels: o.in_channels.unwrap_or(base.in_channels),
+                        num_classes: o.num_classes.unwrap_or(base.num_classes),
+                        features_only: o.features_only,
+                        ..base.clone()
+                    };
+                    Ok(Box::new(MobileNetV2::new(&c, a.vb)?))
+                }),
+            });
+        }
+    }
+    v
 }

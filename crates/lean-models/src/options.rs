@@ -48,19 +48,6 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
-    /// The lean knobs that are set, by option name (to name them in errors).
-    pub(crate) fn lean_knobs_set(&self) -> Vec<&'static str> {
-        [
-            ("stencil", self.stencil.is_some()),
-            ("group_size", self.group_size.is_some()),
-            ("dense_downsample", self.dense_downsample.is_some()),
-            ("lean_init", self.lean_init.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(n, set)| set.then_some(n))
-        .collect()
-    }
-
     /// Refuses values no model accepts (zero classes, channels or group size).
     pub(crate) fn check(&self, model: &str) -> Result<()> {
         for (name, v) in [

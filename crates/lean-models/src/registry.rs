@@ -1,18 +1,19 @@
-//! The model registry: every architecture by name, timm-style `arch.tag` presets for the lean
-//! knobs, descriptions, and creation with options.
+//! The model registry: a table of [`ModelEntry`]s, one per architecture name, each declared
+//! beside its model (`registry_entries` in resnet.rs, mobilenet_v2.rs, shufflenet_v2.rs and
+//! segment.rs). [`list_models`], [`describe`] and [`create_model`] read the table; an option a
+//! model does not support is an error naming both.
 //!
-//! Tags (lean models only) are `_`-separated tokens: a stencil (`five`, `four`, `h3`, `v3`,
-//! `full`), a group size `g<N>`, `dd` for dense downsampling, and an initialisation of new lean
-//! weights (`balanced`, the default, or `fanout`), e.g. `lean_resnet18.four_g2`.
+//! Tags (lean models only) are timm-style `arch.tag` presets of the lean knobs: `_`-separated
+//! tokens, a stencil (`five`, `four`, `h3`, `v3`, `full`), a group size `g<N>`, `dd` for dense
+//! downsampling, and an initialisation of new lean weights (`balanced`, the default, or
+//! `fanout`), e.g. `lean_resnet18.four_g2`.
 
 use crate::layers::Conv3x3Kind;
-use crate::mobilenet_v2::{MobileNetV2, MobileNetV2Config};
 use crate::model::Model;
-use crate::resnet::{ResNet, ResNetConfig, Stem};
-use crate::shufflenet_v2::{ShuffleNetV2, ShuffleNetV2Config};
 use crate::{Error, ModelOptions, Result};
 use candle_nn::VarBuilder;
 use lean_ops::{LeanInit, Stencil};
+use std::sync::LazyLock;
 
 /// The model families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,71 +59,239 @@ pub struct ModelInfo {
     pub segmentation: bool,
 }
 
-const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-const CIFAR_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-const CIFAR_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// One field of [`ModelOptions`], to say which a model supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelOption {
+    /// `num_classes`.
+    NumClasses,
+    /// `in_channels`.
+    InChannels,
+    /// `width`.
+    Width,
+    /// `stencil` (lean).
+    Stencil,
+    /// `group_size` (lean).
+    GroupSize,
+    /// `dense_downsample` (lean).
+    DenseDownsample,
+    /// `lean_init` (lean).
+    LeanInit,
+    /// `dilate_last`.
+    DilateLast,
+    /// `features_only`.
+    FeaturesOnly,
+}
+
+impl ModelOption {
+    /// Every option.
+    pub const ALL: [ModelOption; 9] = [
+        ModelOption::NumClasses,
+        ModelOption::InChannels,
+        ModelOption::Width,
+        ModelOption::Stencil,
+        ModelOption::GroupSize,
+        ModelOption::DenseDownsample,
+        ModelOption::LeanInit,
+        ModelOption::DilateLast,
+        ModelOption::FeaturesOnly,
+    ];
+
+    /// The lean knobs.
+    pub const LEAN: [ModelOption; 4] = [
+        ModelOption::Stencil,
+        ModelOption::GroupSize,
+        ModelOption::DenseDownsample,
+        ModelOption::LeanInit,
+    ];
+
+    /// The field's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelOption::NumClasses => "num_classes",
+            ModelOption::InChannels => "in_channels",
+            ModelOption::Width => "width",
+            ModelOption::Stencil => "stencil",
+            ModelOption::GroupSize => "group_size",
+            ModelOption::DenseDownsample => "dense_downsample",
+            ModelOption::LeanInit => "lean_init",
+            ModelOption::DilateLast => "dilate_last",
+            ModelOption::FeaturesOnly => "features_only",
+        }
+    }
+
+    /// Whether `o` sets it.
+    pub fn is_set(self, o: &ModelOptions) -> bool {
+        match self {
+            ModelOption::NumClasses => o.num_classes.is_some(),
+            ModelOption::InChannels => o.in_channels.is_some(),
+            ModelOption::Width => o.width.is_some(),
+            ModelOption::Stencil => o.stencil.is_some(),
+            ModelOption::GroupSize => o.group_size.is_some(),
+            ModelOption::DenseDownsample => o.dense_downsample.is_some(),
+            ModelOption::LeanInit => o.lean_init.is_some(),
+            ModelOption::DilateLast => o.dilate_last.is_some(),
+            ModelOption::FeaturesOnly => o.features_only,
+        }
+    }
+}
+
+/// A default input: size and normalisation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InputSpec {
+    /// (C, H, W).
+    pub size: [usize; 3],
+    /// Mean per channel.
+    pub mean: [f32; 3],
+    /// Std per channel.
+    pub std: [f32; 3],
+}
+
+impl InputSpec {
+    /// ImageNet: 3x224x224, ImageNet statistics.
+    pub const IMAGENET: InputSpec = InputSpec {
+        size: [3, 224, 224],
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    /// Small images: 3x32x32, CIFAR-10 statistics.
+    pub const SMALL: InputSpec = InputSpec {
+        size: [3, 32, 32],
+        mean: [0.4914, 0.4822, 0.4465],
+        std: [0.2470, 0.2435, 0.2616],
+    };
+
+    /// The same statistics at another size.
+    pub const fn at(self, h: usize, w: usize) -> InputSpec {
+        InputSpec {
+            size: [self.size[0], h, w],
+            ..self
+        }
+    }
+}
+
+/// What a builder receives: the full name, the options, and the 3x3 kind the registry resolved
+/// from the entry's default knobs, the tag and the options.
+pub struct BuildArgs<'a> {
+    /// The name asked for (`arch` or `arch.tag`).
+    pub name: &'a str,
+    /// The tag (empty if none).
+    pub tag: &'a str,
+    /// The options (already checked against the entry's supported ones).
+    pub options: &'a ModelOptions,
+    /// Dense, or lean with its knobs.
+    pub conv: Conv3x3Kind,
+    /// Where the weights are loaded from or created.
+    pub vb: VarBuilder<'a>,
+}
+
+/// Builds a model from [`BuildArgs`].
+pub type Builder = Box<dyn Fn(BuildArgs) -> Result<Box<dyn Model>> + Send + Sync>;
+
+/// One registered architecture.
+pub struct ModelEntry {
+    /// The architecture name (without tag).
+    pub name: String,
+    /// The family.
+    pub family: Family,
+    /// Default input and normalisation.
+    pub input: InputSpec,
+    /// Default number of classes.
+    pub num_classes: usize,
+    /// Per-pixel logits.
+    pub segmentation: bool,
+    /// Its default 3x3 convolutions: lean (then it takes tags and the lean knobs) or dense.
+    pub default_conv: Conv3x3Kind,
+    /// The options it supports.
+    pub supports: Vec<ModelOption>,
+    /// The builder.
+    pub build: Builder,
+}
+
+impl ModelEntry {
+    /// Whether it is a lean model (takes tags and the lean knobs).
+    pub fn is_lean(&self) -> bool {
+        matches!(self.default_conv, Conv3x3Kind::Lean { .. })
+    }
+
+    fn info(&self, name: &str) -> ModelInfo {
+        ModelInfo {
+            name: name.to_string(),
+            family: self.family,
+            input_size: self.input.size,
+            mean: self.input.mean,
+            std: self.input.std,
+            num_classes: self.num_classes,
+            segmentation: self.segmentation,
+        }
+    }
+
+    /// The 3x3 kind for a tag and options, or an error naming the model.
+    fn conv(&self, name: &str, tag: &str, opts: &ModelOptions) -> Result<Conv3x3Kind> {
+        let mut kind = self.default_conv;
+        if !tag.is_empty() {
+            apply_tag(name, tag, &mut kind)?;
+        }
+        if let Conv3x3Kind::Lean {
+            stencil,
+            group_size,
+            dense_downsample,
+            init,
+        } = &mut kind
+        {
+            *stencil = opts.stencil.unwrap_or(*stencil);
+            *group_size = opts.group_size.unwrap_or(*group_size);
+            *dense_downsample = opts.dense_downsample.unwrap_or(*dense_downsample);
+            *init = opts.lean_init.unwrap_or(*init);
+        }
+        Ok(kind)
+    }
+
+    /// Refuses options the entry does not support, naming them.
+    fn check(&self, name: &str, opts: &ModelOptions) -> Result<()> {
+        opts.check(name)?;
+        let bad = |msg: String| {
+            Err(Error::Config {
+                model: name.to_string(),
+                msg,
+            })
+        };
+        let lean_set: Vec<&str> = ModelOption::LEAN
+            .iter()
+            .filter(|o| o.is_set(opts))
+            .map(|o| o.name())
+            .collect();
+        if !self.is_lean() && !lean_set.is_empty() {
+            return bad(format!("option {} applies to lean models only", lean_set.join(", ")));
+        }
+        match ModelOption::ALL
+            .into_iter()
+            .find(|o| o.is_set(opts) && !self.supports.contains(o))
+        {
+            Some(o) => bad(format!("option {} is not supported by this model", o.name())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Options every classifier supports.
+pub(crate) const BASE_OPTIONS: [ModelOption; 2] = [ModelOption::NumClasses, ModelOption::InChannels];
+
+static REGISTRY: LazyLock<Vec<ModelEntry>> = LazyLock::new(|| {
+    let mut v = crate::resnet::registry_entries();
+    v.extend(crate::mobilenet_v2::registry_entries());
+    v.extend(crate::shufflenet_v2::registry_entries());
+    v.extend(crate::segment::registry_entries());
+    v
+});
+
+/// Every registered architecture, in listing order.
+pub fn entries() -> &'static [ModelEntry] {
+    &REGISTRY
+}
 
 /// Every registered architecture name (without tags).
 pub fn model_names() -> Vec<String> {
-    let mut v = vec![];
-    for lean in ["", "lean_"] {
-        for d in [18, 34, 50, 101] {
-            v.push(format!("{lean}resnet{d}"));
-            v.push(format!("{lean}resnet{d}_cifar"));
-        }
-        for d in [20, 32, 44, 56, 110] {
-            v.push(format!("{lean}resnet{d}"));
-        }
-    }
-    for w in ["", "_035", "_050", "_075", "_140"] {
-        v.push(format!("mobilenet_v2{w}"));
-        v.push(format!("mobilenet_v2{w}_cifar"));
-    }
-    for w in ["x0_5", "x1_0", "x1_5", "x2_0"] {
-        v.push(format!("shufflenet_v2_{w}"));
-        v.push(format!("shufflenet_v2_{w}_cifar"));
-    }
-    for head in ["fpn", "deeplabv3"] {
-        for bb in SEG_BACKBONES {
-            v.push(format!("{head}_{bb}"));
-            if !bb.starts_with("lean_") {
-                v.push(format!("lean_{head}_{bb}"));
-            }
-        }
-    }
-    v
-}
-
-/// Backbones registered with segmentation heads (any ResNet or MobileNetV2 name works).
-const SEG_BACKBONES: [&str; 8] = [
-    "resnet18",
-    "lean_resnet18",
-    "resnet18_cifar",
-    "lean_resnet18_cifar",
-    "resnet20",
-    "lean_resnet20",
-    "mobilenet_v2",
-    "mobilenet_v2_cifar",
-];
-
-/// A segmentation name: (head, lean decoder, backbone name).
-fn parse_seg(arch: &str) -> Option<(crate::segment::SegHead, bool, String)> {
-    let (lean_dec, rest) = match arch.strip_prefix("lean_") {
-        Some(r) => (true, r),
-        None => (false, arch),
-    };
-    let (head, bb) = if let Some(b) = rest.strip_prefix("fpn_") {
-        (crate::segment::SegHead::Fpn, b)
-    } else if let Some(b) = rest.strip_prefix("deeplabv3_") {
-        (crate::segment::SegHead::Aspp, b)
-    } else {
-        return None;
-    };
-    match parse_arch(bb)? {
-        (Arch::ResNet(_) | Arch::MobileNetV2(_), bb_lean, _) => Some((head, lean_dec || bb_lean, bb.to_string())),
-        _ => None,
-    }
+    entries().iter().map(|e| e.name.clone()).collect()
 }
 
 /// Shell-style match with `*` and `?`.
@@ -142,10 +311,10 @@ fn glob(pattern: &str, s: &str) -> bool {
 
 /// The registered models whose names match `pattern` (`*`, `?`; no pattern: all).
 pub fn list_models(pattern: Option<&str>) -> Vec<ModelInfo> {
-    model_names()
-        .into_iter()
-        .filter(|n| pattern.is_none_or(|p| glob(p, n) || (!p.contains(['*', '?']) && n.contains(p))))
-        .map(|n| describe(&n).expect("registered names describe"))
+    entries()
+        .iter()
+        .filter(|e| pattern.is_none_or(|p| glob(p, &e.name) || (!p.contains(['*', '?']) && e.name.contains(p))))
+        .map(|e| e.info(&e.name))
         .collect()
 }
 
@@ -164,97 +333,26 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-fn unknown(name: &str) -> Error {
-    let mut scored: Vec<(usize, String)> = model_names()
-        .into_iter()
-        .map(|n| (edit_distance(name, &n), n))
+/// The entry of `name` (`arch` or `arch.tag`) and its tag; unknown names get suggestions.
+fn lookup(name: &str) -> Result<(&'static ModelEntry, &str)> {
+    let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
+    if let Some(e) = entries().iter().find(|e| e.name == arch) {
+        return Ok((e, tag));
+    }
+    let mut scored: Vec<(usize, &str)> = entries()
+        .iter()
+        .map(|e| (edit_distance(arch, &e.name), e.name.as_str()))
         .collect();
     scored.sort();
-    let suggestions = scored
-        .into_iter()
-        .filter(|(d, _)| *d <= 4)
-        .take(3)
-        .map(|(_, n)| n)
-        .collect();
-    Error::UnknownModel {
-        name: name.to_string(),
-        suggestions,
-    }
-}
-
-/// Architecture parsed from a name.
-enum Arch {
-    ResNet(ResNetConfig),
-    MobileNetV2(MobileNetV2Config),
-    ShuffleNetV2(ShuffleNetV2Config),
-}
-
-fn parse_arch(arch: &str) -> Option<(Arch, bool, bool)> {
-    let (lean, rest) = match arch.strip_prefix("lean_") {
-        Some(r) => (true, r),
-        None => (false, arch),
-    };
-    let (small, base) = match rest.strip_suffix("_cifar") {
-        Some(b) => (true, b),
-        None => (false, rest),
-    };
-    if let Some(d) = base.strip_prefix("resnet").and_then(|d| d.parse::<usize>().ok()) {
-        let mut cfg = match (d, small) {
-            (18 | 34 | 50 | 101, _) => ResNetConfig::torchvision(d)?,
-            (20 | 32 | 44 | 56 | 110, false) => ResNetConfig::cifar(d)?,
-            _ => return None,
-        };
-        if small {
-            cfg.stem = Stem::Small;
-            cfg.num_classes = 10;
-        }
-        if lean {
-            cfg.conv = Conv3x3Kind::lean();
-        }
-        return Some((
-            Arch::ResNet(cfg),
-            lean,
-            small || d < 18 || d == 20 || d == 32 || d == 44 || d == 56 || d == 110,
-        ));
-    }
-    if lean {
-        return None;
-    }
-    if let Some(w) = base.strip_prefix("mobilenet_v2") {
-        let width = match w {
-            "" => 1.0,
-            "_035" => 0.35,
-            "_050" => 0.5,
-            "_075" => 0.75,
-            "_140" => 1.4,
-            _ => return None,
-        };
-        let mut cfg = MobileNetV2Config {
-            width,
-            ..Default::default()
-        };
-        if small {
-            cfg.stem_stride = 1;
-            cfg.num_classes = 10;
-        }
-        return Some((Arch::MobileNetV2(cfg), false, small));
-    }
-    if let Some(w) = base.strip_prefix("shufflenet_v2_x") {
-        let width = match w {
-            "0_5" => 0.5,
-            "1_0" => 1.0,
-            "1_5" => 1.5,
-            "2_0" => 2.0,
-            _ => return None,
-        };
-        let mut cfg = ShuffleNetV2Config::width(width)?;
-        if small {
-            cfg.small_stem = true;
-            cfg.num_classes = 10;
-        }
-        return Some((Arch::ShuffleNetV2(cfg), false, small));
-    }
-    None
+    Err(Error::UnknownModel {
+        name: arch.to_string(),
+        suggestions: scored
+            .into_iter()
+            .filter(|(d, _)| *d <= 4)
+            .take(3)
+            .map(|(_, n)| n.to_string())
+            .collect(),
+    })
 }
 
 /// Applies a tag's knobs to a lean 3x3 kind.
@@ -292,63 +390,13 @@ fn apply_tag(name: &str, tag: &str, kind: &mut Conv3x3Kind) -> Result<()> {
 
 /// Describes `name` (`arch` or `arch.tag`).
 pub fn describe(name: &str) -> Result<ModelInfo> {
-    let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
-    if let Some((_, lean_dec, bb)) = parse_seg(arch) {
-        if !tag.is_empty() && !lean_dec {
-            return Err(Error::Config {
-                model: name.into(),
-                msg: format!("tag `{tag}`: only lean models take tags"),
-            });
-        }
-        let b = describe(&bb)?;
-        let small = b.input_size[1] == 32;
-        return Ok(ModelInfo {
-            name: name.to_string(),
-            family: b.family,
-            input_size: if small { [3, 64, 64] } else { [3, 512, 512] },
-            mean: b.mean,
-            std: b.std,
-            num_classes: if small { 11 } else { 21 },
-            segmentation: true,
-        });
-    }
-    let (a, lean, small) = parse_arch(arch).ok_or_else(|| unknown(arch))?;
-    if !tag.is_empty() {
-        let mut k = Conv3x3Kind::lean();
-        if !lean {
-            k = Conv3x3Kind::Dense;
-        }
-        apply_tag(name, tag, &mut k)?;
-    }
-    let family = match a {
-        Arch::ResNet(_) if lean => Family::LeanResNet,
-        Arch::ResNet(_) => Family::ResNet,
-        Arch::MobileNetV2(_) => Family::MobileNetV2,
-        Arch::ShuffleNetV2(_) => Family::ShuffleNetV2,
-    };
-    let num_classes = match &a {
-        Arch::ResNet(c) => c.num_classes,
-        Arch::MobileNetV2(c) => c.num_classes,
-        Arch::ShuffleNetV2(c) => c.num_classes,
-    };
-    let (input_size, mean, std) = if small {
-        ([3, 32, 32], CIFAR_MEAN, CIFAR_STD)
-    } else {
-        ([3, 224, 224], IMAGENET_MEAN, IMAGENET_STD)
-    };
-    Ok(ModelInfo {
-        name: name.to_string(),
-        family,
-        input_size,
-        mean,
-        std,
-        num_classes,
-        segmentation: false,
-    })
+    let (e, tag) = lookup(name)?;
+    e.conv(name, tag, &ModelOptions::default())?;
+    Ok(e.info(name))
 }
 
 /// A layer's configuration error, named within the model (`model: layer: what`).
-fn in_model(name: &str, e: Error) -> Error {
+pub(crate) fn in_model(name: &str, e: Error) -> Error {
     match e {
         Error::Config { model, msg } if model != name => Error::Config {
             model: name.to_string(),
@@ -360,153 +408,15 @@ fn in_model(name: &str, e: Error) -> Error {
 
 /// Builds `name` (`arch` or `arch.tag`) with `opts`, loading or creating its weights in `vb`.
 pub fn create_model(name: &str, opts: &ModelOptions, vb: VarBuilder) -> Result<Box<dyn Model>> {
-    let (arch, tag) = name.split_once('.').unwrap_or((name, ""));
-    if let Some((head, lean_dec, bb)) = parse_seg(arch) {
-        let info = describe(name)?;
-        let small = info.input_size[1] == 64;
-        let bb_lean = bb.starts_with("lean_");
-        opts.check(name)?;
-        let bad = |msg: String| Error::Config {
-            model: name.to_string(),
-            msg,
-        };
-        for (option, set) in [
-            ("features_only", opts.features_only),
-            ("dilate_last", opts.dilate_last.is_some()),
-            ("dense_downsample", opts.dense_downsample.is_some() && !bb_lean),
-        ] {
-            if set {
-                return Err(bad(format!("option {option} is not supported by this model")));
-            }
-        }
-        let knobs = opts.lean_knobs_set();
-        if !knobs.is_empty() && !lean_dec {
-            return Err(bad(format!("option {} applies to lean models only", knobs.join(", "))));
-        }
-        let mut bopts = ModelOptions {
-            features_only: true,
-            num_classes: None,
-            width: opts.width,
-            in_channels: opts.in_channels,
-            ..Default::default()
-        };
-        if bb_lean {
-            (bopts.stencil, bopts.group_size, bopts.dense_downsample, bopts.lean_init) =
-                (opts.stencil, opts.group_size, opts.dense_downsample, opts.lean_init);
-        }
-        // DeepLabV3 keeps the ImageNet-stem ResNets at output stride 8 with dilation.
-        if head == crate::segment::SegHead::Aspp && !small && bb.contains("resnet") {
-            bopts.dilate_last = Some(2);
-        }
-        let bb_name = if bb_lean && !tag.is_empty() {
-            format!("{bb}.{tag}")
-        } else {
-            bb.clone()
-        };
-        let backbone = create_model(&bb_name, &bopts, vb.pp("backbone")).map_err(|e| in_model(name, e))?;
-        let mut conv = if lean_dec {
-            Conv3x3Kind::lean()
-        } else {
-            Conv3x3Kind::Dense
-        };
-        if !tag.is_empty() {
-            apply_tag(name, tag, &mut conv)?;
-        }
-        if let Conv3x3Kind::Lean {
-            stencil,
-            group_size,
-            init,
-            ..
-        } = &mut conv
-        {
-            *stencil = opts.stencil.unwrap_or(*stencil);
-            *group_size = opts.group_size.unwrap_or(*group_size);
-            *init = opts.lean_init.unwrap_or(*init);
-        }
-        let cfg = crate::segment::SegDecoderConfig {
-            head,
-            channels: if small { 32 } else { 256 },
-            conv,
-            rates: if small { [2, 4, 6] } else { [6, 12, 18] },
-            num_classes: opts.num_classes.unwrap_or(info.num_classes),
-        };
-        return Ok(Box::new(
-            crate::segment::SegmentationModel::new(backbone, &cfg, vb).map_err(|e| in_model(name, e))?,
-        ));
-    }
-    let (a, lean, _) = parse_arch(arch).ok_or_else(|| unknown(arch))?;
-    let bad = |msg: String| Error::Config {
-        model: name.to_string(),
-        msg,
+    let (e, tag) = lookup(name)?;
+    e.check(name, opts)?;
+    let conv = e.conv(name, tag, opts)?;
+    let args = BuildArgs {
+        name,
+        tag,
+        options: opts,
+        conv,
+        vb,
     };
-    opts.check(name)?;
-    let knobs = opts.lean_knobs_set();
-    if !knobs.is_empty() && !lean {
-        return Err(bad(format!("option {} applies to lean models only", knobs.join(", "))));
-    }
-    let unsupported = |option: &str| bad(format!("option {option} is not supported by this model"));
-    Ok(match a {
-        Arch::ResNet(mut c) => {
-            if opts.width.is_some() {
-                return Err(unsupported("width (ResNets have no width multiplier)"));
-            }
-            if !tag.is_empty() {
-                apply_tag(name, tag, &mut c.conv)?;
-            }
-            if let Conv3x3Kind::Lean {
-                stencil,
-                group_size,
-                dense_downsample,
-                init,
-            } = &mut c.conv
-            {
-                *stencil = opts.stencil.unwrap_or(*stencil);
-                *group_size = opts.group_size.unwrap_or(*group_size);
-                *dense_downsample = opts.dense_downsample.unwrap_or(*dense_downsample);
-                *init = opts.lean_init.unwrap_or(*init);
-            }
-            c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
-            c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
-            c.features_only = opts.features_only;
-            c.dilate_last = opts.dilate_last.unwrap_or(0);
-            if c.dilate_last > 2 || c.dilate_last >= c.layers.len() {
-                return Err(bad(format!("dilate_last must be 0, 1 or 2, got {}", c.dilate_last)));
-            }
-            Box::new(ResNet::new(&c, vb).map_err(|e| in_model(name, e))?)
-        }
-        Arch::MobileNetV2(mut c) => {
-            if !tag.is_empty() {
-                return Err(bad(format!("tag `{tag}`: only lean models take tags")));
-            }
-            if opts.dilate_last.is_some() {
-                return Err(unsupported("dilate_last"));
-            }
-            c.width = opts.width.unwrap_or(c.width);
-            c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
-            c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
-            c.features_only = opts.features_only;
-            Box::new(MobileNetV2::new(&c, vb).map_err(|e| in_model(name, e))?)
-        }
-        Arch::ShuffleNetV2(mut c) => {
-            if !tag.is_empty() {
-                return Err(bad(format!("tag `{tag}`: only lean models take tags")));
-            }
-            if opts.dilate_last.is_some() {
-                return Err(unsupported("dilate_last"));
-            }
-            if opts.features_only {
-                return Err(unsupported("features_only"));
-            }
-            if let Some(w) = opts.width {
-                let small = c.small_stem;
-                c = ShuffleNetV2Config::width(w)
-                    .ok_or_else(|| bad(format!("width must be 0.5, 1.0, 1.5 or 2.0, got {w}")))?;
-                c.small_stem = small;
-                c.num_classes = if small { 10 } else { 1000 };
-            }
-            c.in_channels = opts.in_channels.unwrap_or(c.in_channels);
-            c.num_classes = opts.num_classes.unwrap_or(c.num_classes);
-            Box::new(ShuffleNetV2::new(&c, vb).map_err(|e| in_model(name, e))?)
-        }
-    })
+    (e.build)(args).map_err(|err| in_model(name, err))
 }

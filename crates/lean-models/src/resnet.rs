@@ -5,6 +5,7 @@ use crate::layers::{
     stem_max_pool, trace_stem_max_pool, Classifier, Conv, Conv3x3Kind, ConvBnAct, LeanBranchStats, Trace,
 };
 use crate::model::Model;
+use crate::registry::{Family, InputSpec, ModelEntry, ModelOption};
 use crate::Result;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -437,4 +438,59 @@ impl Model for ResNet {
     fn num_classes(&self) -> usize {
         self.fc.as_ref().map_or(0, |f| f.out_features())
     }
+}
+
+/// The registry's ResNets: torchvision's 18/34/50/101 (ImageNet stem, and `_cifar` with the
+/// small-image stem), the CIFAR ResNets 20-110, and `lean_` versions of all of them.
+pub(crate) fn registry_entries() -> Vec<ModelEntry> {
+    use ModelOption::*;
+    let mut v = vec![];
+    for lean in [false, true] {
+        let mut named = vec![];
+        for d in [18, 34, 50, 101] {
+            for small in [false, true] {
+                let suffix = if small { "_cifar" } else { "" };
+                named.extend(ResNetConfig::torchvision(d).map(|c| (format!("resnet{d}{suffix}"), c, small)));
+            }
+        }
+        for d in [20, 32, 44, 56, 110] {
+            named.extend(ResNetConfig::cifar(d).map(|c| (format!("resnet{d}"), c, true)));
+        }
+        for (name, mut base, small) in named {
+            if small {
+                base.stem = Stem::Small;
+                base.num_classes = 10;
+            }
+            let mut supports = vec![NumClasses, InChannels, DilateLast, FeaturesOnly];
+            if lean {
+                supports.extend(ModelOption::LEAN);
+            }
+            v.push(ModelEntry {
+                name: if lean { format!("lean_{name}") } else { name },
+                family: if lean { Family::LeanResNet } else { Family::ResNet },
+                input: if small { InputSpec::SMALL } else { InputSpec::IMAGENET },
+                num_classes: base.num_classes,
+                segmentation: false,
+                default_conv: if lean { Conv3x3Kind::lean() } else { Conv3x3Kind::Dense },
+                supports,
+                build: Box::new(move |a| {
+                    let o = a.options;
+                    let mut c = base.clone();
+                    c.conv = a.conv;
+                    c.in_channels = o.in_channels.unwrap_or(c.in_channels);
+                    c.num_classes = o.num_classes.unwrap_or(c.num_classes);
+                    c.features_only = o.features_only;
+                    c.dilate_last = o.dilate_last.unwrap_or(0);
+                    if c.dilate_last > 2 || c.dilate_last >= c.layers.len() {
+                        return Err(crate::Error::Config {
+                            model: a.name.into(),
+                            msg: format!("dilate_last must be 0, 1 or 2, got {}", c.dilate_last),
+                        });
+                    }
+                    Ok(Box::new(ResNet::new(&c, a.vb)?))
+                }),
+            });
+        }
+    }
+    v
 }

@@ -4,7 +4,8 @@
 
 use crate::layers::{Conv, Conv3x3Kind, ConvBnAct, Trace};
 use crate::model::Model;
-use crate::Result;
+use crate::registry::{BuildArgs, Family, InputSpec, ModelEntry, ModelOption};
+use crate::{ModelOptions, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use lean_ops::{global_avg_pool2d, upsample_bilinear2d, Activation, Conv2d, Conv2dConfig, Cost, CostModel};
@@ -264,4 +265,88 @@ impl Model for SegmentationModel {
     fn is_segmentation(&self) -> bool {
         true
     }
+}
+
+/// Backbones registered with the segmentation heads: (name, family, small-image).
+const SEG_BACKBONES: [(&str, Family, bool); 8] = [
+    ("resnet18", Family::ResNet, false),
+    ("lean_resnet18", Family::LeanResNet, false),
+    ("resnet18_cifar", Family::ResNet, true),
+    ("lean_resnet18_cifar", Family::LeanResNet, true),
+    ("resnet20", Family::ResNet, true),
+    ("lean_resnet20", Family::LeanResNet, true),
+    ("mobilenet_v2", Family::MobileNetV2, false),
+    ("mobilenet_v2_cifar", Family::MobileNetV2, true),
+];
+
+/// The registry's segmentation models `[lean_]{fpn,deeplabv3}_<backbone>`: the decoder's 3x3s
+/// are lean when the name starts with `lean_` or the backbone is lean (whose knobs and tag the
+/// decoder shares). Small-image backbones give 64x64 inputs and 11 classes (the Fashion-MNIST
+/// segmentation set), the others 512x512 and 21 (VOC).
+pub(crate) fn registry_entries() -> Vec<ModelEntry> {
+    use ModelOption::*;
+    let mut v = vec![];
+    for (head, head_name) in [(SegHead::Fpn, "fpn"), (SegHead::Aspp, "deeplabv3")] {
+        for (bb, family, small) in SEG_BACKBONES {
+            let bb_lean = family == Family::LeanResNet;
+            let decoders: &[bool] = if bb_lean { &[false] } else { &[false, true] };
+            for &lean_prefix in decoders {
+                let lean = lean_prefix || bb_lean;
+                let mut supports = vec![NumClasses, InChannels];
+                if family == Family::MobileNetV2 {
+                    supports.push(Width);
+                }
+                if lean {
+                    supports.extend([Stencil, GroupSize, LeanInit]);
+                }
+                if bb_lean {
+                    supports.push(DenseDownsample);
+                }
+                let base = if small { InputSpec::SMALL } else { InputSpec::IMAGENET };
+                v.push(ModelEntry {
+                    name: format!("{}{head_name}_{bb}", if lean_prefix { "lean_" } else { "" }),
+                    family,
+                    input: if small { base.at(64, 64) } else { base.at(512, 512) },
+                    num_classes: if small { 11 } else { 21 },
+                    segmentation: true,
+                    default_conv: if lean { Conv3x3Kind::lean() } else { Conv3x3Kind::Dense },
+                    supports,
+                    build: Box::new(move |a| build_segmentation(a, head, bb, bb_lean, small)),
+                });
+            }
+        }
+    }
+    v
+}
+
+fn build_segmentation(a: BuildArgs, head: SegHead, bb: &str, bb_lean: bool, small: bool) -> Result<Box<dyn Model>> {
+    let o = a.options;
+    let mut bopts = ModelOptions {
+        features_only: true,
+        width: o.width,
+        in_channels: o.in_channels,
+        ..Default::default()
+    };
+    if bb_lean {
+        (bopts.stencil, bopts.group_size, bopts.dense_downsample, bopts.lean_init) =
+            (o.stencil, o.group_size, o.dense_downsample, o.lean_init);
+    }
+    // DeepLabV3 keeps the ImageNet-stem ResNets at output stride 8 with dilation.
+    if head == SegHead::Aspp && !small && bb.contains("resnet") {
+        bopts.dilate_last = Some(2);
+    }
+    let bb_name = if bb_lean && !a.tag.is_empty() {
+        format!("{bb}.{}", a.tag)
+    } else {
+        bb.to_string()
+    };
+    let backbone = crate::create_model(&bb_name, &bopts, a.vb.pp("backbone"))?;
+    let cfg = SegDecoderConfig {
+        head,
+        channels: if small { 32 } else { 256 },
+        conv: a.conv,
+        rates: if small { [2, 4, 6] } else { [6, 12, 18] },
+        num_classes: o.num_classes.unwrap_or(if small { 11 } else { 21 }),
+    };
+    Ok(Box::new(SegmentationModel::new(backbone, &cfg, a.vb)?))
 }

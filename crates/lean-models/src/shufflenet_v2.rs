@@ -1,7 +1,8 @@
 //! ShuffleNetV2 in torchvision's layout (`conv1`, `stage{2,3,4}`, `conv5`, `fc`).
 
-use crate::layers::{stem_max_pool, trace_stem_max_pool, Classifier, Conv, ConvBnAct, Trace};
+use crate::layers::{stem_max_pool, trace_stem_max_pool, Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
 use crate::model::Model;
+use crate::registry::{Family, InputSpec, ModelEntry, ModelOption, BASE_OPTIONS};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -307,4 +308,38 @@ impl Model for ShuffleNetV2 {
     fn num_classes(&self) -> usize {
         self.fc.out_features()
     }
+}
+
+/// The registry's ShuffleNetV2s: torchvision's widths x0.5-x2.0, each also with the
+/// small-image stem (`_cifar`: stride-1 conv1, no max-pool, 10 classes).
+pub(crate) fn registry_entries() -> Vec<ModelEntry> {
+    let mut v = vec![];
+    for (suffix, width) in [("x0_5", 0.5), ("x1_0", 1.0), ("x1_5", 1.5), ("x2_0", 2.0)] {
+        for small in [false, true] {
+            let mut supports = BASE_OPTIONS.to_vec();
+            supports.push(ModelOption::Width);
+            v.push(ModelEntry {
+                name: format!("shufflenet_v2_{suffix}{}", if small { "_cifar" } else { "" }),
+                family: Family::ShuffleNetV2,
+                input: if small { InputSpec::SMALL } else { InputSpec::IMAGENET },
+                num_classes: if small { 10 } else { 1000 },
+                segmentation: false,
+                default_conv: Conv3x3Kind::Dense,
+                supports,
+                build: Box::new(move |a| {
+                    let o = a.options;
+                    let w = o.width.unwrap_or(width);
+                    let mut c = ShuffleNetV2Config::width(w).ok_or_else(|| Error::Config {
+                        model: a.name.into(),
+                        msg: format!("width must be 0.5, 1.0, 1.5 or 2.0, got {w}"),
+                    })?;
+                    c.small_stem = small;
+                    c.in_channels = o.in_channels.unwrap_or(c.in_channels);
+                    c.num_classes = o.num_classes.unwrap_or(if small { 10 } else { 1000 });
+                    Ok(Box::new(ShuffleNetV2::new(&c, a.vb)?))
+                }),
+            });
+        }
+    }
+    v
 }

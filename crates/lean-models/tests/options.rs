@@ -262,3 +262,53 @@ fn broken_exported_folders_fail_naming_the_file() {
     assert!(e.contains("hf-hub:no-slash") && e.contains("ORG/REPO"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A value of each option that would be valid where supported.
+fn with_option(o: lean_models::ModelOption) -> ModelOptions {
+    use lean_models::ModelOption::*;
+    let mut m = ModelOptions::default();
+    match o {
+        NumClasses => m.num_classes = Some(7),
+        InChannels => m.in_channels = Some(1),
+        Width => m.width = Some(1.0),
+        Stencil => m.stencil = Some(lean_ops::Stencil::Four),
+        GroupSize => m.group_size = Some(2),
+        DenseDownsample => m.dense_downsample = Some(true),
+        LeanInit => m.lean_init = Some(lean_ops::LeanInit::Fanout),
+        DilateLast => m.dilate_last = Some(1),
+        FeaturesOnly => m.features_only = true,
+    }
+    m
+}
+
+#[test]
+fn the_registry_table_is_consistent_and_every_unsupported_option_is_refused() {
+    let entries = lean_models::entries();
+    let mut names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), entries.len(), "duplicate names");
+    for e in entries {
+        let info = lean_models::describe(&e.name).unwrap();
+        assert_eq!(
+            (info.family, info.segmentation),
+            (e.family, e.segmentation),
+            "{}",
+            e.name
+        );
+        for o in lean_models::ModelOption::ALL {
+            let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+            let r = create_model(&e.name, &with_option(o), vb);
+            if e.supports.contains(&o) {
+                // Supported options build (ShuffleNetV2's width of 1.0 included).
+                r.unwrap_or_else(|err| panic!("{} with {}: {err}", e.name, o.name()));
+            } else {
+                let err = r
+                    .err()
+                    .unwrap_or_else(|| panic!("{} accepted {}", e.name, o.name()))
+                    .to_string();
+                assert!(err.contains(&e.name) && err.contains(o.name()), "{err}");
+            }
+        }
+    }
+}
