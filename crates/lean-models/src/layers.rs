@@ -1,6 +1,6 @@
 //! The layers the networks are made of: a convolution of any kind followed by BatchNorm and an
-//! activation (foldable for inference), a linear classifier, and the per-layer trace behind
-//! `lean info`.
+//! activation (foldable for inference), a linear classifier, the stem max-pool, and how a lean
+//! convolution's branches share its output ([`LeanBranchStats`]).
 
 use crate::Result;
 use candle_core::{DType, Module, Tensor};
@@ -10,41 +10,7 @@ use lean_ops::{
     CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
 };
 
-/// One row of a model's per-layer table.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LayerRow {
-    /// The layer's parameter prefix, e.g. `layer1.0.conv1`.
-    pub name: String,
-    /// What it is, e.g. `conv3x3`, `lean3x3`, `dw3x3`, `bn`, `linear`.
-    pub kind: String,
-    /// Output shape.
-    pub out_shape: Vec<usize>,
-    /// Its parameters and MACs.
-    pub cost: Cost,
-}
-
-/// Collects [`LayerRow`]s while walking a model with an input shape.
-#[derive(Default, Debug)]
-pub struct Trace {
-    /// The rows so far, in execution order.
-    pub rows: Vec<LayerRow>,
-}
-
-impl Trace {
-    pub(crate) fn push(&mut self, name: &str, kind: &str, cost: Cost, out: Vec<usize>) -> Vec<usize> {
-        self.rows.push(LayerRow {
-            name: name.to_string(),
-            kind: kind.to_string(),
-            out_shape: out.clone(),
-            cost,
-        });
-        out
-    }
-    /// The sum over all rows.
-    pub fn total(&self) -> Cost {
-        self.rows.iter().map(|r| r.cost).sum()
-    }
-}
+pub use crate::trace::{LayerRow, Trace};
 
 /// torchvision's max-pool after an ImageNet stem (3x3, stride 2, padding 1), shared by ResNet
 /// and ShuffleNetV2.

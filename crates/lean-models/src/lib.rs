@@ -33,8 +33,10 @@ mod options;
 pub mod pretrained;
 mod registry;
 mod resnet;
+mod resnet_block;
 mod segment;
 mod shufflenet_v2;
+mod trace;
 
 pub use error::{Error, Result};
 

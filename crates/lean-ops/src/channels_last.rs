@@ -12,11 +12,11 @@
 //! (Longer than our usual file: each op here is a thin candle `CustomOp` over the kernels in
 //! `kernels/nhwc.rs` and `kernels/rows.rs`, kept together so the layout's contract is one page.)
 
+use crate::activation::Activation;
 use crate::error::{check_float, check_same_float, config_err, shape_err, Result};
 use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};
 use crate::kernels::rows::ROWS;
 use crate::lean_conv::{check_weights, LeanConv2dConfig};
-use crate::norm::Activation;
 use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;

@@ -41,25 +41,15 @@ impl Conv2dConfig {
             bias: false,
         }
     }
-    /// Sets the stride.
-    pub fn stride(mut self, s: usize) -> Self {
-        self.stride = s;
-        self
-    }
-    /// Sets the padding.
-    pub fn padding(mut self, p: usize) -> Self {
-        self.padding = p;
-        self
-    }
-    /// Sets the dilation.
-    pub fn dilation(mut self, d: usize) -> Self {
-        self.dilation = d;
-        self
-    }
-    /// Turns the bias on or off.
-    pub fn bias(mut self, b: bool) -> Self {
-        self.bias = b;
-        self
+    config_setters! {
+        /// Sets the stride.
+        stride: usize;
+        /// Sets the padding.
+        padding: usize;
+        /// Sets the dilation.
+        dilation: usize;
+        /// Turns the bias on or off.
+        bias: bool;
     }
 
     /// Output spatial size for an input of `h` x `w`.

@@ -31,6 +31,22 @@
 //! used on other devices (CUDA, Metal) and as the tests' second implementation.
 #![deny(missing_docs)]
 
+/// Builder-style setters of a config struct: `field: Type;` gives
+/// `pub fn field(mut self, v: Type) -> Self`.
+macro_rules! config_setters {
+    ($($(#[$doc:meta])* $field:ident: $t:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, v: $t) -> Self {
+                self.$field = v;
+                self
+            }
+        )*
+    };
+}
+
+mod activation;
+mod batchnorm;
 pub mod channels_last;
 mod conv;
 pub mod cost;
@@ -39,6 +55,7 @@ mod error;
 pub mod isa;
 mod kernels;
 mod lean_conv;
+mod lean_conv_config;
 mod loss;
 mod norm;
 mod pool;
@@ -49,13 +66,15 @@ mod resample;
 pub mod runtime;
 mod stencil;
 
+pub use activation::{activation, add_activation, Activation};
+pub use batchnorm::{BatchNorm2d, BatchNormConfig};
 pub use conv::{conv2d, Conv2d, Conv2dConfig};
 pub use cost::{Cost, CostModel};
 pub use depthwise::{depthwise_conv2d, DepthwiseConv2d};
 pub use error::{Error, Result};
 pub use lean_conv::{grouped_stencil_conv2d, lean_conv2d, LeanConv2d, LeanConv2dConfig};
 pub use loss::{cross_entropy, CrossEntropyConfig};
-pub use norm::{activation, add_activation, channel_affine, Activation, BatchNorm2d, BatchNormConfig};
+pub use norm::channel_affine;
 pub use pool::{avg_pool2d, global_avg_pool2d, max_pool2d, Pool2dConfig};
 pub use resample::{channel_shuffle, upsample_bilinear2d};
 pub use stencil::{LeanInit, Stencil};

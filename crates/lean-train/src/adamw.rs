@@ -1,6 +1,6 @@
 //! AdamW (decoupled weight decay), as `torch.optim.AdamW`, with saveable state.
 
-use crate::optim::{OptimState, Optimizer};
+use crate::optim::{OptimState, Optimizer, Param};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
@@ -31,11 +31,9 @@ impl Default for AdamWConfig {
     }
 }
 
-#[derive(Debug)]
-struct Slot {
-    name: String,
-    var: Var,
-    decay: bool,
+/// The moving averages of one parameter (none before its first step).
+#[derive(Debug, Default)]
+struct Moments {
     m: Option<Tensor>,
     v: Option<Tensor>,
 }
@@ -43,7 +41,7 @@ struct Slot {
 /// AdamW: p ← p·(1 - lr·wd); m, v moving averages of g and g²; p ← p - lr·m̂/(√v̂ + ε).
 #[derive(Debug)]
 pub struct AdamW {
-    slots: Vec<Slot>,
+    slots: Vec<(Param, Moments)>,
     cfg: AdamWConfig,
     step: u64,
 }
@@ -51,20 +49,7 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer that decays the parameters in `decay` and not those in `no_decay`.
     pub fn with_groups(decay: Vec<(String, Var)>, no_decay: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
-        let slot = |decay| {
-            move |(name, var)| Slot {
-                name,
-                var,
-                decay,
-                m: None,
-                v: None,
-            }
-        };
-        let slots = decay
-            .into_iter()
-            .map(slot(true))
-            .chain(no_decay.into_iter().map(slot(false)))
-            .collect();
+        let slots = Param::slots(decay, no_decay);
         AdamW { slots, cfg, step: 0 }
     }
 }
@@ -77,7 +62,7 @@ impl Optimizer for AdamW {
             1.0 - c.beta1.powi(self.step as i32),
             1.0 - c.beta2.powi(self.step as i32),
         );
-        for s in self.slots.iter_mut() {
+        for (s, mo) in self.slots.iter_mut() {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
@@ -85,18 +70,18 @@ impl Optimizer for AdamW {
             if s.decay && c.weight_decay != 0.0 {
                 p = (p * (1.0 - c.lr * c.weight_decay))?;
             }
-            let m = match &s.m {
+            let m = match &mo.m {
                 Some(m) => ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?,
                 None => (g * (1.0 - c.beta1))?,
             };
-            let v = match &s.v {
+            let v = match &mo.v {
                 Some(v) => ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
                 None => (g.sqr()? * (1.0 - c.beta2))?,
             };
             let upd = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             s.var.set(&(p - (upd * c.lr)?)?)?;
-            s.m = Some(m.detach());
-            s.v = Some(v.detach());
+            mo.m = Some(m.detach());
+            mo.v = Some(v.detach());
         }
         Ok(())
     }
@@ -111,28 +96,19 @@ impl Optimizer for AdamW {
             step: self.step,
             ..Default::default()
         };
-        for s in &self.slots {
-            if let (Some(m), Some(v)) = (&s.m, &s.v) {
-                st.tensors.insert(format!("exp_avg.{}", s.name), m.clone());
-                st.tensors.insert(format!("exp_avg_sq.{}", s.name), v.clone());
+        for (s, mo) in &self.slots {
+            if mo.m.is_some() && mo.v.is_some() {
+                s.save(&mut st, "exp_avg", mo.m.as_ref());
+                s.save(&mut st, "exp_avg_sq", mo.v.as_ref());
             }
         }
         st
     }
     fn load_state(&mut self, st: &OptimState) -> Result<()> {
         self.step = st.step;
-        for s in self.slots.iter_mut() {
-            let get = |k: &str| -> Result<Option<Tensor>> {
-                match st.tensors.get(&format!("{k}.{}", s.name)) {
-                    Some(t) if t.dims() != s.var.dims() => {
-                        candle_core::bail!("adamw: state {k} of {} has shape {:?}", s.name, t.dims())
-                    }
-                    Some(t) => Ok(Some(t.to_dtype(s.var.dtype())?)),
-                    None => Ok(None),
-                }
-            };
-            s.m = get("exp_avg")?;
-            s.v = get("exp_avg_sq")?;
+        for (s, mo) in self.slots.iter_mut() {
+            mo.m = s.load("adamw", st, "exp_avg")?;
+            mo.v = s.load("adamw", st, "exp_avg_sq")?;
         }
         Ok(())
     }

@@ -60,7 +60,7 @@ pub fn load_checkpoint<M: DeserializeOwned>(path: &Path) -> Result<Checkpoint<M>
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| io("not a lean checkpoint (no training metadata); use `--weights` for weight files".into()))?;
+        .ok_or_else(|| io("not a lean checkpoint (no training metadata): a plain weights file loads with `pretrained::load_weights` (`lean eval --weights`)".into()))?;
     let info: serde_json::Value = serde_json::from_str(json).map_err(|e| io(format!("corrupt metadata: {e}")))?;
     let step = info.get("optim_step").and_then(|v| v.as_u64()).unwrap_or(0);
     let meta: M = serde_json::from_value(info).map_err(|e| io(format!("metadata of another version: {e}")))?;

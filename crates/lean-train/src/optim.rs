@@ -2,7 +2,7 @@
 //! checkpoint can save and restore exactly.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, Var};
 use std::collections::HashMap;
 
 /// Saveable optimizer state: named tensors plus a step counter.
@@ -12,6 +12,49 @@ pub struct OptimState {
     pub tensors: HashMap<String, Tensor>,
     /// Steps taken (AdamW's bias correction).
     pub step: u64,
+}
+
+/// One parameter of an optimizer: its name (which keys its saved state), its variable, and
+/// whether weight decay applies to it.
+#[derive(Debug)]
+pub(crate) struct Param {
+    pub(crate) name: String,
+    pub(crate) var: Var,
+    pub(crate) decay: bool,
+}
+
+impl Param {
+    /// The parameters of `decay` (decayed) then `no_decay`, each with a fresh state `S`.
+    pub(crate) fn slots<S: Default>(decay: Vec<(String, Var)>, no_decay: Vec<(String, Var)>) -> Vec<(Param, S)> {
+        let tag = |decay| move |(name, var)| (Param { name, var, decay }, S::default());
+        decay
+            .into_iter()
+            .map(tag(true))
+            .chain(no_decay.into_iter().map(tag(false)))
+            .collect()
+    }
+
+    /// Stores state tensor `kind` of this parameter (as `<kind>.<name>`), if it has one.
+    pub(crate) fn save(&self, st: &mut OptimState, kind: &str, t: Option<&Tensor>) {
+        if let Some(t) = t {
+            st.tensors.insert(format!("{kind}.{}", self.name), t.clone());
+        }
+    }
+
+    /// Reads state tensor `kind` of this parameter back (in its dtype); a shape that differs
+    /// from the parameter's is an error naming optimizer, state, parameter and both shapes.
+    pub(crate) fn load(&self, opt: &str, st: &OptimState, kind: &str) -> Result<Option<Tensor>> {
+        match st.tensors.get(&format!("{kind}.{}", self.name)) {
+            Some(t) if t.dims() != self.var.dims() => candle_core::bail!(
+                "{opt}: state {kind} of {} has shape {:?}, the parameter {:?}",
+                self.name,
+                t.dims(),
+                self.var.dims()
+            ),
+            Some(t) => Ok(Some(t.to_dtype(self.var.dtype())?)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// What the training loop needs of an optimizer.

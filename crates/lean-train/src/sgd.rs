@@ -1,6 +1,6 @@
 //! SGD with momentum, dampening, Nesterov and weight decay, as `torch.optim.SGD`.
 
-use crate::optim::{OptimState, Optimizer as LeanOptimizer};
+use crate::optim::{OptimState, Optimizer as LeanOptimizer, Param};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
@@ -32,21 +32,13 @@ impl Default for SgdConfig {
     }
 }
 
-/// One parameter and its state.
-#[derive(Debug)]
-struct Slot {
-    name: String,
-    var: Var,
-    decay: bool,
-    momentum_buffer: Option<Tensor>,
-}
-
 /// Stochastic gradient descent with PyTorch's update rule:
 /// d = g + wd·p; b = μ·b + (1 - τ)·d (b = d on the first step); d = d + μ·b (Nesterov) or b;
 /// p = p - lr·d.
 #[derive(Debug)]
 pub struct Sgd {
-    slots: Vec<Slot>,
+    /// Each parameter with its momentum buffer.
+    slots: Vec<(Param, Option<Tensor>)>,
     cfg: SgdConfig,
 }
 
@@ -56,19 +48,7 @@ impl Sgd {
         if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
             candle_core::bail!("sgd: Nesterov momentum requires momentum > 0 and dampening 0, got {cfg:?}");
         }
-        let slot = |decay| {
-            move |(name, var)| Slot {
-                name,
-                var,
-                decay,
-                momentum_buffer: None,
-            }
-        };
-        let slots = decay
-            .into_iter()
-            .map(slot(true))
-            .chain(no_decay.into_iter().map(slot(false)))
-            .collect();
+        let slots = Param::slots(decay, no_decay);
         Ok(Sgd { slots, cfg })
     }
 
@@ -81,14 +61,14 @@ impl Sgd {
 impl LeanOptimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
-        for s in self.slots.iter_mut() {
+        for (s, momentum_buffer) in self.slots.iter_mut() {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
             let p = s.var.as_tensor();
-            if let Some((new_p, buf)) = fused_cpu_step(p, g, s.momentum_buffer.as_ref(), &c, s.decay)? {
+            if let Some((new_p, buf)) = fused_cpu_step(p, g, momentum_buffer.as_ref(), &c, s.decay)? {
                 s.var.set(&new_p)?;
-                s.momentum_buffer = buf;
+                *momentum_buffer = buf;
                 continue;
             }
             let mut d = if s.decay && c.weight_decay != 0.0 {
@@ -97,7 +77,7 @@ impl LeanOptimizer for Sgd {
                 g.clone()
             };
             if c.momentum != 0.0 {
-                let buf = match &s.momentum_buffer {
+                let buf = match &momentum_buffer {
                     None => d.clone(),
                     Some(b) => ((b * c.momentum)? + (&d * (1.0 - c.dampening))?)?,
                 };
@@ -106,7 +86,7 @@ impl LeanOptimizer for Sgd {
                 } else {
                     buf.clone()
                 };
-                s.momentum_buffer = Some(buf.detach());
+                *momentum_buffer = Some(buf.detach());
             }
             s.var.set(&(p - (d * c.lr)?)?)?;
         }
@@ -120,27 +100,14 @@ impl LeanOptimizer for Sgd {
     }
     fn state(&self) -> OptimState {
         let mut st = OptimState::default();
-        for s in &self.slots {
-            if let Some(b) = &s.momentum_buffer {
-                st.tensors.insert(format!("momentum_buffer.{}", s.name), b.clone());
-            }
+        for (s, buf) in &self.slots {
+            s.save(&mut st, "momentum_buffer", buf.as_ref());
         }
         st
     }
     fn load_state(&mut self, st: &OptimState) -> Result<()> {
-        for s in self.slots.iter_mut() {
-            s.momentum_buffer = match st.tensors.get(&format!("momentum_buffer.{}", s.name)) {
-                Some(b) if b.dims() != s.var.dims() => {
-                    candle_core::bail!(
-                        "sgd: momentum buffer of {} has shape {:?}, the parameter {:?}",
-                        s.name,
-                        b.dims(),
-                        s.var.dims()
-                    )
-                }
-                Some(b) => Some(b.to_dtype(s.var.dtype())?),
-                None => None,
-            };
+        for (s, buf) in self.slots.iter_mut() {
+            *buf = s.load("sgd", st, "momentum_buffer")?;
         }
         Ok(())
     }

@@ -1,0 +1,250 @@
+//! BatchNorm2d with PyTorch semantics (running statistics as `Var`s, momentum, eps), fused with
+//! ReLU / ReLU6, in NCHW or channels-last; the ops it runs live in norm.rs.
+
+use crate::activation::Activation;
+use crate::cost::{Cost, CostModel};
+use crate::error::{check_float, dims4, shape_err, Result};
+use crate::kernels::rows;
+use crate::norm::{batch_stats, channel_affine_layout, channel_dims, BnTrainOp};
+use crate::real::{dispatch_dtype, with_data};
+use candle_core::{DType, ModuleT, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+use std::sync::Mutex;
+
+/// Settings of a [`BatchNorm2d`] (PyTorch's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// Added to the variance before the square root.
+    pub eps: f64,
+    /// Weight of the new batch statistic in the running averages.
+    pub momentum: f64,
+    /// Whether the layer has a learned `weight` and `bias`.
+    pub affine: bool,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        BatchNormConfig {
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: true,
+        }
+    }
+}
+
+/// BatchNorm over the channels of (N, C, H, W) with PyTorch semantics: train mode normalises
+/// with the biased batch variance and updates `running_mean` / `running_var` (unbiased) with
+/// momentum and counts `num_batches_tracked`; eval mode uses the running statistics.
+/// Tensors are named as torchvision's: `weight`, `bias`, `running_mean`, `running_var`,
+/// `num_batches_tracked`.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: Mutex<Var>,
+    cfg: BatchNormConfig,
+    num_features: usize,
+}
+
+impl BatchNorm2d {
+    /// Builds the layer from `vb` (new layers: weight 1, bias 0, running mean 0, var 1).
+    pub fn new(num_features: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        let c = num_features;
+        let (weight, bias) = if cfg.affine {
+            (
+                vb.get_with_hints(c, "weight", Init::Const(1.))?,
+                vb.get_with_hints(c, "bias", Init::Const(0.))?,
+            )
+        } else {
+            (
+                Tensor::ones(c, vb.dtype(), vb.device())?,
+                Tensor::zeros(c, vb.dtype(), vb.device())?,
+            )
+        };
+        let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.))?)?;
+        // torchvision state dicts carry an I64 scalar; files without it start counting at 0.
+        let nbt = match vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.), DType::I64) {
+            Ok(t) => t,
+            Err(_) if !vb.contains_tensor("num_batches_tracked") => Tensor::zeros((), DType::I64, vb.device())?,
+            Err(e) => return Err(e.into()),
+        };
+        let num_batches_tracked = Mutex::new(Var::from_tensor(&nbt)?);
+        Ok(BatchNorm2d {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            cfg,
+            num_features,
+        })
+    }
+
+    /// Number of channels.
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+    /// The configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.cfg
+    }
+    /// The scale γ.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The shift β.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+    /// The running mean.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+    /// The running (unbiased) variance.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+    /// How many train-mode batches updated the running statistics.
+    pub fn num_batches_tracked(&self) -> Result<i64> {
+        let v = self
+            .num_batches_tracked
+            .lock()
+            .map_err(|_| shape_err("batch_norm", "poisoned counter"))?;
+        Ok(v.as_tensor().to_dtype(DType::I64)?.to_scalar::<i64>()?)
+    }
+
+    /// The eval-mode map as per-channel (scale, shift): y = x · scale + shift. Used to fold the
+    /// BatchNorm into the preceding convolution for inference.
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let invstd = (self.running_var.as_tensor() + self.cfg.eps)?.sqrt()?.recip()?;
+        let scale = (&self.weight * invstd)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    /// BatchNorm followed by `act`, in train (batch statistics, running stats updated) or eval
+    /// mode.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        let (_, c, _, _) = dims4("batch_norm", x)?;
+        self.forward_layout(x, c, train, act, false)
+    }
+
+    /// [`forward_act`](Self::forward_act) on a channels-last (N, H, W, C) input
+    /// ([`crate::channels_last`]); the output is channels-last too.
+    pub fn forward_act_nhwc(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        let c = match x.dims() {
+            &[_, _, _, c] => c,
+            d => {
+                return Err(shape_err(
+                    "batch_norm",
+                    format!("expected a rank-4 channels-last (N, H, W, C) input, got shape {d:?}"),
+                ))
+            }
+        };
+        self.forward_layout(x, c, train, act, true)
+    }
+
+    fn forward_layout(&self, x: &Tensor, c: usize, train: bool, act: Activation, last: bool) -> Result<Tensor> {
+        const OP: &str = "batch_norm";
+        if c != self.num_features {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "input has {c} channels, the layer expects {} (input shape {:?})",
+                    self.num_features,
+                    x.dims()
+                ),
+            ));
+        }
+        if !train {
+            let (scale, shift) = self.eval_scale_shift()?;
+            return channel_affine_layout(x, &scale, &shift, act, last);
+        }
+        check_float(OP, x)?;
+        let m = x.elem_count() / c;
+        if m < 2 {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "expected more than 1 value per channel when training, got input shape {:?}",
+                    x.dims()
+                ),
+            ));
+        }
+        let (y, mean, var) = if x.device().is_cpu() {
+            let (_, hw) = channel_dims(x.dims(), last);
+            let x = x.contiguous()?;
+            let stats = || -> candle_core::Result<_> {
+                dispatch_dtype!(OP, x.dtype(), |T| with_data::<T, _>(&x, |xs| Ok(if last {
+                    rows::moments(xs, c)
+                } else {
+                    batch_stats(c, hw, xs)
+                })))
+            };
+            let (mean, var) = stats()?;
+            let invstd = var.iter().map(|v| 1.0 / (v + self.cfg.eps).sqrt()).collect();
+            let op = BnTrainOp {
+                mean: mean.clone(),
+                invstd,
+                act,
+                last,
+            };
+            let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?;
+            let dev = x.device();
+            (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
+        } else {
+            let nchw = if last {
+                crate::channels_last::to_channels_first(x)?
+            } else {
+                x.clone()
+            };
+            let (y, mean, var) =
+                crate::reference::batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act)?;
+            let y = if last {
+                crate::channels_last::to_channels_last(&y)?
+            } else {
+                y
+            };
+            (
+                y,
+                mean.detach().to_dtype(DType::F64)?,
+                var.detach().to_dtype(DType::F64)?,
+            )
+        };
+        self.update_running(&mean, &var, m)?;
+        Ok(y)
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, m: usize) -> Result<()> {
+        let mo = self.cfg.momentum;
+        let dt = self.running_mean.dtype();
+        let unbiased = (var * (m as f64 / (m as f64 - 1.0)))?;
+        let rm = ((self.running_mean.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))? + (mean * mo)?)?;
+        let rv = ((self.running_var.as_tensor().to_dtype(DType::F64)? * (1.0 - mo))? + (unbiased * mo)?)?;
+        self.running_mean.set(&rm.to_dtype(dt)?)?;
+        self.running_var.set(&rv.to_dtype(dt)?)?;
+        let nbt = self
+            .num_batches_tracked
+            .lock()
+            .map_err(|_| shape_err("batch_norm", "poisoned counter"))?;
+        let next = (nbt.as_tensor().to_dtype(DType::F64)? + 1.0)?.to_dtype(nbt.dtype())?;
+        nbt.set(&next)?;
+        Ok(())
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.forward_act(x, train, Activation::None)?)
+    }
+}
+
+impl CostModel for BatchNorm2d {
+    fn cost(&self, input: &[usize]) -> Result<(Cost, Vec<usize>)> {
+        let params = if self.cfg.affine { 2 * self.num_features } else { 0 };
+        Ok((Cost::new(params as u64, 0), input.to_vec()))
+    }
+}
