@@ -238,7 +238,13 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
                 cfg.model.name
             );
         }
-        (m, cfg.input_size, cfg.mean, cfg.std, cfg.label_names)
+        (
+            m,
+            cfg.data.input_size,
+            cfg.data.mean,
+            cfg.data.std,
+            cfg.data.label_names,
+        )
     } else {
         let name = args.model.as_deref().context("--weights FILE needs --model")?;
         let info = describe(name)?;

@@ -136,7 +136,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
             (
                 m,
                 cfg.model.name.clone(),
-                a.dataset.clone().unwrap_or(cfg.dataset.clone()),
+                a.dataset.clone().unwrap_or(cfg.data.dataset.clone()),
             )
         }
         (None, Some(ck), _) => {

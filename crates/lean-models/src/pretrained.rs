@@ -9,10 +9,10 @@
 //! // `dir` is a folder made by `lean export`, e.g. models/lean_resnet18_cifar; with the `hub`
 //! // feature "hf-hub:ORG/REPO" works too.
 //! let (model, cfg) = lean_models::pretrained::load(dir, &Device::Cpu)?;
-//! let [c, h, w] = cfg.input_size;
+//! let [c, h, w] = cfg.data.input_size;
 //! let image = Tensor::zeros((1, c, h, w), candle_core::DType::F32, &Device::Cpu)?;
 //! let logits = model.forward_t(&cfg.normalize(&image)?, false)?;
-//! assert_eq!(logits.dims(), &[1, cfg.label_names.len()]);
+//! assert_eq!(logits.dims(), &[1, cfg.data.label_names.len()]);
 //! # Ok(()) }
 //! ```
 
@@ -26,13 +26,9 @@ use std::path::{Path, PathBuf};
 /// The `format` marker of [`PretrainedConfig`].
 pub const FORMAT: &str = "lean-convnets/1";
 
-/// The `config.json` of an exported model.
+/// What a model was trained to see: its input size, normalisation, class names and data set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PretrainedConfig {
-    /// Format marker ([`FORMAT`]).
-    pub format: String,
-    /// The model: registry name and options (classes and input channels included).
-    pub model: ModelSpec,
+pub struct DataSpec {
     /// Input size (C, H, W) the model was trained and evaluated at.
     pub input_size: [usize; 3],
     /// Normalisation mean per channel.
@@ -41,13 +37,25 @@ pub struct PretrainedConfig {
     pub std: Vec<f32>,
     /// Class names, by class index.
     pub label_names: Vec<String>,
-    /// The data set it was evaluated on.
+    /// The data set's name.
     pub dataset: String,
+}
+
+/// The `config.json` of an exported model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PretrainedConfig {
+    /// Format marker ([`FORMAT`]).
+    pub format: String,
+    /// The model: registry name and options (classes and input channels included).
+    pub model: ModelSpec,
+    /// Input size, normalisation, class names and the data set it was evaluated on.
+    #[serde(flatten)]
+    pub data: DataSpec,
     /// The evaluation it was published with.
     pub metrics: PublishedMetrics,
     /// Parameters.
     pub params: u64,
-    /// MACs per image at `input_size`.
+    /// MACs per image at the input size.
     pub macs: u64,
     /// The training recipe (the training configuration, as the trainer wrote it).
     pub recipe: serde_json::Value,
@@ -80,13 +88,13 @@ pub struct PublishedMetrics {
     pub iou: Option<Vec<Option<f64>>>,
 }
 
-impl PretrainedConfig {
+impl DataSpec {
     /// Normalises a batch of images (N, C, H, W) in [0, 1] with the model's mean and std.
     pub fn normalize(&self, images: &Tensor) -> Result<Tensor> {
         let c = self.mean.len();
         if images.rank() != 4 || images.dim(1)? != c || self.std.len() != c {
             return Err(Error::Config {
-                model: self.model.name.clone(),
+                model: self.dataset.clone(),
                 msg: format!("normalize expects (N, {c}, H, W) images, got shape {:?}", images.dims()),
             });
         }
@@ -94,6 +102,13 @@ impl PretrainedConfig {
         let mean = Tensor::from_slice(&self.mean, (1, c, 1, 1), dev)?.to_dtype(images.dtype())?;
         let std = Tensor::from_slice(&self.std, (1, c, 1, 1), dev)?.to_dtype(images.dtype())?;
         Ok(images.broadcast_sub(&mean)?.broadcast_div(&std)?)
+    }
+}
+
+impl PretrainedConfig {
+    /// Normalises a batch of images as the model expects ([`DataSpec::normalize`]).
+    pub fn normalize(&self, images: &Tensor) -> Result<Tensor> {
+        self.data.normalize(images)
     }
 
     /// The headline score: mIoU for segmentation models, else top-1.
@@ -225,7 +240,7 @@ pub fn model_card(c: &PretrainedConfig, recipe: &str, folder: &str) -> String {
     } else {
         format!("| test top-1 | {} |\n| test top-5 | {} |\n", pct(m.top1), pct(m.top5))
     };
-    let [ch, h, w] = c.input_size;
+    let [ch, h, w] = c.data.input_size;
     let recipe = if recipe.is_empty() {
         String::new()
     } else {
@@ -240,12 +255,12 @@ pub fn model_card(c: &PretrainedConfig, recipe: &str, folder: &str) -> String {
          or in Rust: `lean_models::pretrained::load(\"{folder}\", &Device::Cpu)` returns the model and this \
          folder's config; normalise inputs with mean {mean:?}, std {std:?} (`PretrainedConfig::normalize`).\n",
         name = c.model.name,
-        ds = c.dataset,
+        ds = c.data.dataset,
         params = c.params,
         macs = c.macs,
         n = m.samples,
-        mean = c.mean,
-        std = c.std,
+        mean = c.data.mean,
+        std = c.data.std,
     )
 }
 

@@ -186,11 +186,13 @@ fn an_exported_folder_loads_back_to_the_same_model() {
     let config = PretrainedConfig {
         format: pretrained::FORMAT.into(),
         model: spec.clone(),
-        input_size: [1, 16, 16],
-        mean: vec![0.5],
-        std: vec![0.25],
-        label_names: ["a", "b", "c", "d"].map(String::from).to_vec(),
-        dataset: "synthetic".into(),
+        data: pretrained::DataSpec {
+            input_size: [1, 16, 16],
+            mean: vec![0.5],
+            std: vec![0.25],
+            label_names: ["a", "b", "c", "d"].map(String::from).to_vec(),
+            dataset: "synthetic".into(),
+        },
         metrics: PublishedMetrics {
             split: "test".into(),
             samples: 8,

@@ -4,6 +4,7 @@
 use crate::{Error, Result};
 use lean_data::transforms::Transform;
 use lean_data::{dataset_info, open_dataset, Dataset, Pipeline, Sample, Split};
+use lean_models::pretrained::DataSpec;
 use lean_models::{describe, ModelSpec};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -48,18 +49,12 @@ pub fn open_limited(dataset: &str, data_dir: &Path, split: Split, limit: Option<
 pub struct DataContext {
     /// The model with classes and input channels filled in from the data set.
     pub model: ModelSpec,
-    /// Input size (C, H, W): the data set's, or the model's default for variable-size images.
-    pub input_size: [usize; 3],
-    /// Normalisation mean per channel.
-    pub mean: Vec<f32>,
-    /// Normalisation std per channel.
-    pub std: Vec<f32>,
-    /// Class names.
-    pub label_names: Vec<String>,
-    /// The data set's name.
-    pub dataset: String,
-    /// Its root, made absolute (so the checkpoint finds its data from any directory; as given
-    /// where it could not be resolved).
+    /// Input size (the data set's, or the model's default for variable-size images),
+    /// normalisation, class names, the data set's name.
+    #[serde(flatten)]
+    pub data: DataSpec,
+    /// The data set's root, made absolute (so the checkpoint finds its data from any directory;
+    /// as given where it could not be resolved).
     pub data_dir: std::path::PathBuf,
 }
 
@@ -77,11 +72,13 @@ impl DataContext {
         o.in_channels = o.in_channels.or(Some(input_size[0]));
         Ok(DataContext {
             model,
-            input_size,
-            mean: info.mean,
-            std: info.std,
-            label_names: ds.classes().to_vec(),
-            dataset: dataset.to_string(),
+            data: DataSpec {
+                input_size,
+                mean: info.mean,
+                std: info.std,
+                label_names: ds.classes().to_vec(),
+                dataset: dataset.to_string(),
+            },
             data_dir: std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()),
         })
     }

@@ -64,16 +64,12 @@ pub fn export_run(run: &Path, out: &Path, opts: &ExportOptions) -> Result<(Pretr
     };
     let loader = lean_data::Loader::new(ds, pipe, loader_cfg, device)?;
     let ev = evaluate(model.as_ref(), &loader)?;
-    let [c, h, w] = data.input_size;
+    let [c, h, w] = data.data.input_size;
     let cost = model.cost(&[1, c, h, w])?;
     let config = PretrainedConfig {
         format: FORMAT.into(),
         model: data.model.clone(),
-        input_size: data.input_size,
-        mean: data.mean.clone(),
-        std: data.std.clone(),
-        label_names: data.label_names.clone(),
-        dataset: data.dataset.clone(),
+        data: data.data.clone(),
         metrics: ev.published(),
         params: cost.params,
         macs: cost.macs,
