@@ -7,7 +7,7 @@ use crate::output::table;
 use crate::plot::{scatter, Point};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lean_models::{describe, ModelOptions, ModelSpec};
+use lean_models::{describe, ModelSpec};
 use lean_train::{train_with, write_atomic, TrainConfig};
 use std::path::PathBuf;
 
@@ -143,14 +143,15 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         eprintln!("== {m}");
         let s = train_with(&cfg, None, &mut crate::progress::RunDisplay::default())?;
         let last = s.history.last().context("no epoch ran")?;
-        let ds = lean_train::open_limited(&dataset, &a.data_dir, lean_data::Split::Test, Some(1))?;
-        let shape = ds.image_shape().unwrap_or(describe(m)?.input_size);
-        let opts = ModelOptions {
-            num_classes: Some(ds.classes().len()),
-            in_channels: Some(shape[0]),
-            ..Default::default()
-        };
-        let bench = bench_model(m, &opts, Some(shape), &[1, 64], false, a.reps)?;
+        // The model as trained (classes and channels from the data set), timed at its input.
+        let bench = bench_model(
+            m,
+            &s.data.model.options,
+            Some(s.data.data.input_size),
+            &[1, 64],
+            false,
+            a.reps,
+        )?;
         rows.push(Row {
             model: m.clone(),
             family: describe(m)?.family.as_str(),

@@ -1,10 +1,11 @@
 //! Activations (ReLU, ReLU6) as one-pass ops with one-pass backward, the residual sum fused with
 //! its activation, and the vectorised elementwise maps BatchNorm's kernels share.
 
+use crate::cpu_op::{CpuOp1, CpuOp2, OnCpu};
 use crate::error::{check_float, check_same_float, Result};
 use crate::isa::isa_dispatch;
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// An activation fused into the preceding op.
@@ -114,16 +115,14 @@ pub(crate) fn activate<T: Real>(x: &[T], act: Activation) -> Vec<T> {
 
 struct ActOp(Activation);
 
-impl CustomOp1 for ActOp {
+impl CpuOp1 for ActOp {
     fn name(&self) -> &'static str {
         "activation"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, s: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let act = self.0;
-        dispatch!(self.name(), s, |T| {
-            let y = activate(slice::<T>(s, l)?, act);
-            Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
-        })
+        let y = activate(s, act);
+        Ok((y, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let act = self.0;
@@ -146,7 +145,7 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     }
     check_float("activation", x)?;
     if x.device().is_cpu() {
-        Ok(x.contiguous()?.apply_op1(ActOp(act))?)
+        Ok(x.contiguous()?.apply_op1(OnCpu(ActOp(act)))?)
     } else {
         act.apply_tensor(x)
     }
@@ -155,23 +154,14 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 /// act(a + b): a residual sum and its activation in one pass.
 struct AddActOp(Activation);
 
-impl CustomOp2 for AddActOp {
+impl CpuOp2 for AddActOp {
     fn name(&self) -> &'static str {
         "add-activation"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, a: &[T], l1: &Layout, b: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let act = self.0;
-        dispatch!(self.name(), s1, |T| {
-            let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
-            let y = with_act!(act, |f| par_map2(a, b, |x, y| f(x + y)));
-            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
-        })
+        let y = with_act!(act, |f| par_map2(a, b, |x, y| f(x + y)));
+        Ok((y, l1.shape().clone()))
     }
     fn bwd(
         &self,
@@ -198,7 +188,7 @@ pub fn add_activation(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor>
     const OP: &str = "add_activation";
     check_same_float(OP, a, b)?;
     if a.device().is_cpu() {
-        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddActOp(act))?)
+        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, OnCpu(AddActOp(act)))?)
     } else {
         act.apply_tensor(&(a + b)?)
     }

@@ -3,6 +3,7 @@
 
 use crate::activation::Activation;
 use crate::cost::{Cost, CostModel};
+use crate::cpu_op::OnCpu;
 use crate::error::{check_float, dims4, shape_err, Result};
 use crate::kernels::rows;
 use crate::norm::{batch_stats, channel_affine_layout, channel_dims, BnTrainOp};
@@ -192,7 +193,7 @@ impl BatchNorm2d {
                 act,
                 last,
             };
-            let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?;
+            let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, OnCpu(op))?;
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {

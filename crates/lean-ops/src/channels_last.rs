@@ -13,12 +13,13 @@
 //! `kernels/nhwc.rs` and `kernels/rows.rs`, kept together so the layout's contract is one page.)
 
 use crate::activation::Activation;
+use crate::cpu_op::{CpuOp1, CpuOp2, CpuOp3, OnCpu};
 use crate::error::{check_float, check_same_float, config_err, shape_err, Result};
 use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};
 use crate::kernels::rows::ROWS;
 use crate::lean_conv::{check_weights, LeanConv2dConfig};
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Checks a rank-4 (N, H, W, C) input and returns its dims.
@@ -48,7 +49,7 @@ impl TransposeOp {
     }
 }
 
-impl CustomOp1 for TransposeOp {
+impl CpuOp1 for TransposeOp {
     fn name(&self) -> &'static str {
         if self.to_last {
             "to-channels-last"
@@ -56,17 +57,15 @@ impl CustomOp1 for TransposeOp {
             "to-channels-first"
         }
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, s: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let (rows, cols, shape) = self.plan(l.dims());
         let n = l.dims()[0];
-        dispatch!(self.name(), s, |T| {
-            let y = transpose_samples(slice::<T>(s, l)?, n, rows, cols);
-            Ok((T::to_cpu_storage_owned(y), shape))
-        })
+        let y = transpose_samples(s, n, rows, cols);
+        Ok((y, shape))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let back = TransposeOp { to_last: !self.to_last };
-        Ok(Some(gy.contiguous()?.apply_op1(back)?))
+        Ok(Some(gy.contiguous()?.apply_op1(OnCpu(back))?))
     }
 }
 
@@ -79,7 +78,7 @@ pub fn to_channels_last(x: &Tensor) -> Result<Tensor> {
         ));
     }
     if x.device().is_cpu() && check_float("to_channels_last", x).is_ok() {
-        Ok(x.contiguous()?.apply_op1(TransposeOp { to_last: true })?)
+        Ok(x.contiguous()?.apply_op1(OnCpu(TransposeOp { to_last: true }))?)
     } else {
         Ok(x.permute((0, 2, 3, 1))?.contiguous()?)
     }
@@ -94,7 +93,7 @@ pub fn to_channels_first(x: &Tensor) -> Result<Tensor> {
         ));
     }
     if x.device().is_cpu() && check_float("to_channels_first", x).is_ok() {
-        Ok(x.contiguous()?.apply_op1(TransposeOp { to_last: false })?)
+        Ok(x.contiguous()?.apply_op1(OnCpu(TransposeOp { to_last: false }))?)
     } else {
         Ok(x.permute((0, 3, 1, 2))?.contiguous()?)
     }
@@ -102,24 +101,21 @@ pub fn to_channels_first(x: &Tensor) -> Result<Tensor> {
 
 struct NhwcLeanOp(NhwcConv, Shape);
 
-impl CustomOp3 for NhwcLeanOp {
+impl CpuOp3 for NhwcLeanOp {
     fn name(&self) -> &'static str {
         "lean-conv2d-nhwc"
     }
-    fn cpu_fwd(
+    fn fwd<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, |T| {
-            let (x, p, q) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
-            let y = self.0.forward(x, Some(p), Some(q));
-            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
-        })
+        x: &[T],
+        _l1: &Layout,
+        p: &[T],
+        _l2: &Layout,
+        q: &[T],
+        _l3: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let y = self.0.forward(x, Some(p), Some(q));
+        Ok((y, self.1.clone()))
     }
     fn bwd(
         &self,
@@ -161,7 +157,7 @@ impl NhwcOneBranchOp {
     }
 }
 
-impl CustomOp2 for NhwcOneBranchOp {
+impl CpuOp2 for NhwcOneBranchOp {
     fn name(&self) -> &'static str {
         if self.0.pointwise {
             "pointwise-conv2d-nhwc"
@@ -169,18 +165,10 @@ impl CustomOp2 for NhwcOneBranchOp {
             "grouped-stencil-conv2d-nhwc"
         }
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, |T| {
-            let (p, q) = self.weights(slice::<T>(s2, l2)?);
-            let y = self.0.forward(slice::<T>(s1, l1)?, p, q);
-            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
-        })
+    fn fwd<T: Real>(&self, s1: &[T], _l1: &Layout, s2: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (p, q) = self.weights(s2);
+        let y = self.0.forward(s1, p, q);
+        Ok((y, self.1.clone()))
     }
     fn bwd(
         &self,
@@ -279,7 +267,7 @@ pub fn grouped_stencil_conv2d_nhwc(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2
         let geom = geometry(cfg, n, h, w, false);
         let shape = Shape::from((n, geom.ho, geom.wo, cfg.out_channels));
         Ok(x.contiguous()?
-            .apply_op2(&stencil.contiguous()?, NhwcOneBranchOp(geom, shape))?)
+            .apply_op2(&stencil.contiguous()?, OnCpu(NhwcOneBranchOp(geom, shape)))?)
     } else {
         to_channels_last(&crate::grouped_stencil_conv2d(&to_channels_first(x)?, stencil, cfg)?)
     }
@@ -316,7 +304,7 @@ pub fn lean_conv2d_nhwc(
         let geom = geometry(cfg, n, h, w, true);
         let op = NhwcLeanOp(geom.clone(), Shape::from((n, geom.ho, geom.wo, cfg.out_channels)));
         x.contiguous()?
-            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
+            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, OnCpu(op))?
     } else {
         let y = crate::lean_conv2d(&to_channels_first(x)?, pointwise, stencil, None, cfg)?;
         to_channels_last(&y)?
@@ -374,7 +362,7 @@ pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         };
         x.contiguous()?.apply_op2(
             &weight.contiguous()?,
-            NhwcOneBranchOp(geom, Shape::from((n, ho, wo, cout))),
+            OnCpu(NhwcOneBranchOp(geom, Shape::from((n, ho, wo, cout)))),
         )?
     } else {
         to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)?
@@ -386,33 +374,24 @@ pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
 /// out[.., 2j + 1] = b[.., j]; the backward splits the gradient the same way.
 struct InterleaveOp;
 
-impl CustomOp2 for InterleaveOp {
+impl CpuOp2 for InterleaveOp {
     fn name(&self) -> &'static str {
         "concat-shuffle-nhwc"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, a: &[T], l1: &Layout, b: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let d = l1.dims();
         let c = d[d.len() - 1];
         let shape = Shape::from((d[0], d[1], d[2], 2 * c));
-        dispatch!(self.name(), s1, |T| {
-            let (a, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
-            let mut y = vec![0 as T; 2 * a.len()];
-            y.par_chunks_mut(2 * c * ROWS)
-                .zip(a.par_chunks(c * ROWS).zip(b.par_chunks(c * ROWS)))
-                .for_each(|(y, (a, b))| {
-                    for (o, (u, v)) in y.chunks_exact_mut(2).zip(a.iter().zip(b)) {
-                        o[0] = *u;
-                        o[1] = *v;
-                    }
-                });
-            Ok((T::to_cpu_storage_owned(y), shape))
-        })
+        let mut y = vec![T::zero(); 2 * a.len()];
+        y.par_chunks_mut(2 * c * ROWS)
+            .zip(a.par_chunks(c * ROWS).zip(b.par_chunks(c * ROWS)))
+            .for_each(|(y, (a, b))| {
+                for (o, (u, v)) in y.chunks_exact_mut(2).zip(a.iter().zip(b)) {
+                    o[0] = *u;
+                    o[1] = *v;
+                }
+            });
+        Ok((y, shape))
     }
     fn bwd(
         &self,
@@ -447,7 +426,7 @@ pub fn concat_shuffle_nhwc(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     dims_nhwc(OP, a)?;
     check_same_float(OP, a, b)?;
     if a.device().is_cpu() {
-        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, InterleaveOp)?)
+        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, OnCpu(InterleaveOp))?)
     } else {
         let (n, h, w, c) = a.dims4()?;
         Ok(Tensor::stack(&[a, b], 4)?.reshape((n, h, w, 2 * c))?)

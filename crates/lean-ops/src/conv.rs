@@ -2,11 +2,12 @@
 //! faster than candle's `conv2d` on CPU, forward and backward (docs/benchmarks.md).
 
 use crate::cost::{Cost, CostModel};
+use crate::cpu_op::{CpuOp2, OnCpu};
 use crate::error::{check_float, config_err, dims4, shape_err, Result};
 use crate::kernels::conv_sum::ConvSum;
 use crate::kernels::gemm_conv::ConvGeom;
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, WithDType};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// Configuration of a dense [`Conv2d`].
@@ -104,21 +105,13 @@ impl CostModel for Conv2dConfig {
 
 struct DenseConvOp(ConvSum, Shape);
 
-impl CustomOp2 for DenseConvOp {
+impl CpuOp2 for DenseConvOp {
     fn name(&self) -> &'static str {
         "lean-conv2d-dense"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, |T| {
-            let y = self.0.forward(slice::<T>(s1, l1)?, Some(slice::<T>(s2, l2)?), None);
-            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
-        })
+    fn fwd<T: Real>(&self, s1: &[T], _l1: &Layout, s2: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
+        let y = self.0.forward(s1, Some(s2), None);
+        Ok((y, self.1.clone()))
     }
     fn bwd(
         &self,
@@ -200,7 +193,7 @@ pub fn conv2d(
             },
             Shape::from((n, cout, ho, wo)),
         );
-        x.contiguous()?.apply_op2(&weight.contiguous()?, op)?
+        x.contiguous()?.apply_op2(&weight.contiguous()?, OnCpu(op))?
     } else {
         x.conv2d(weight, padding, stride, dilation, 1)?
     };

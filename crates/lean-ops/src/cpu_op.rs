@@ -4,7 +4,7 @@
 //! Apply an op as `x.apply_op2(&w, OnCpu(MyOp { .. }))`.
 
 use crate::real::{dispatch, slice, Real};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// A CPU op of one tensor.
 pub(crate) trait CpuOp1: Send + Sync {

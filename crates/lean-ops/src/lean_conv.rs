@@ -3,12 +3,13 @@
 
 use crate::conv::add_channel_bias;
 use crate::cost::{Cost, CostModel};
+use crate::cpu_op::{CpuOp2, CpuOp3, OnCpu};
 use crate::error::{check_float, dims4, shape_err, Result};
 use crate::kernels::conv_sum::ConvSum;
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
 use crate::reference;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Shape, Tensor, WithDType};
+use candle_core::{Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 pub use crate::lean_conv_config::LeanConv2dConfig;
@@ -82,27 +83,21 @@ pub(crate) fn check_weights(
 
 struct LeanOp(ConvSum, Shape);
 
-impl CustomOp3 for LeanOp {
+impl CpuOp3 for LeanOp {
     fn name(&self) -> &'static str {
         "lean-conv2d"
     }
-    fn cpu_fwd(
+    fn fwd<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, |T| {
-            let y = self.0.forward(
-                slice::<T>(s1, l1)?,
-                Some(slice::<T>(s2, l2)?),
-                Some(slice::<T>(s3, l3)?),
-            );
-            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
-        })
+        s1: &[T],
+        _l1: &Layout,
+        s2: &[T],
+        _l2: &Layout,
+        s3: &[T],
+        _l3: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let y = self.0.forward(s1, Some(s2), Some(s3));
+        Ok((y, self.1.clone()))
     }
     fn bwd(
         &self,
@@ -131,21 +126,13 @@ impl CustomOp3 for LeanOp {
 
 struct StencilOp(ConvSum, Shape);
 
-impl CustomOp2 for StencilOp {
+impl CpuOp2 for StencilOp {
     fn name(&self) -> &'static str {
         "grouped-stencil-conv2d"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch!(self.name(), s1, |T| {
-            let y = self.0.forward(slice::<T>(s1, l1)?, None, Some(slice::<T>(s2, l2)?));
-            Ok((T::to_cpu_storage_owned(y), self.1.clone()))
-        })
+    fn fwd<T: Real>(&self, s1: &[T], _l1: &Layout, s2: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
+        let y = self.0.forward(s1, None, Some(s2));
+        Ok((y, self.1.clone()))
     }
     fn bwd(
         &self,
@@ -186,7 +173,7 @@ pub fn lean_conv2d(
         let (ho, wo) = cfg.output_hw(h, w);
         let op = LeanOp(cfg.geometry(n, h, w, true), Shape::from((n, cfg.out_channels, ho, wo)));
         x.contiguous()?
-            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, op)?
+            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, OnCpu(op))?
     } else {
         reference::lean_conv2d(x, pointwise, stencil, None, cfg)?
     };
@@ -200,7 +187,7 @@ pub fn grouped_stencil_conv2d(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConf
     if x.device().is_cpu() {
         let (ho, wo) = cfg.output_hw(h, w);
         let op = StencilOp(cfg.geometry(n, h, w, false), Shape::from((n, cfg.out_channels, ho, wo)));
-        Ok(x.contiguous()?.apply_op2(&stencil.contiguous()?, op)?)
+        Ok(x.contiguous()?.apply_op2(&stencil.contiguous()?, OnCpu(op))?)
     } else {
         reference::grouped_stencil_conv2d(x, stencil, cfg)
     }

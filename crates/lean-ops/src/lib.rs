@@ -50,6 +50,7 @@ mod batchnorm;
 pub mod channels_last;
 mod conv;
 pub mod cost;
+mod cpu_op;
 mod depthwise;
 mod error;
 pub mod isa;

@@ -97,6 +97,8 @@ impl CrossEntropyOp {
     }
 }
 
+// A plain candle op, not a `CpuOp2`: its second input holds integer class targets, not the
+// logits' float type.
 impl CustomOp2 for CrossEntropyOp {
     fn name(&self) -> &'static str {
         "cross-entropy"

@@ -3,11 +3,12 @@
 //! biases) — over NCHW planes or channels-last rows.
 
 use crate::activation::{pre_activation_grad, with_act, Activation};
+use crate::cpu_op::{CpuOp3, OnCpu};
 use crate::error::{check_float, shape_err, Result};
 use crate::isa::isa_dispatch;
 use crate::kernels::rows;
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use candle_core::{Layout, Shape, Tensor, WithDType};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -133,26 +134,23 @@ fn channel_grad_sums<T: Real>(gz: &[T], x: Option<(&[T], f64)>, c: usize, hw: us
     (sx.iter().sum(), s.iter().sum())
 }
 
-impl CustomOp3 for ChannelAffineOp {
+impl CpuOp3 for ChannelAffineOp {
     fn name(&self) -> &'static str {
         "channel-affine-act"
     }
-    fn cpu_fwd(
+    fn fwd<T: Real>(
         &self,
-        s1: &CpuStorage,
+        x: &[T],
         l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        sc: &[T],
+        _l2: &Layout,
+        sh: &[T],
+        _l3: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
         let (_, hw) = channel_dims(l1.dims(), self.last);
         let (act, last) = (self.act, self.last);
-        dispatch!(self.name(), s1, |T| {
-            let (x, sc, sh) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
-            let y = affine_act(x, sc, sh, hw, act, last);
-            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
-        })
+        let y = affine_act(x, sc, sh, hw, act, last);
+        Ok((y, l1.shape().clone()))
     }
     fn bwd(
         &self,
@@ -252,7 +250,7 @@ pub(crate) fn channel_affine_layout(
         Ok(x.contiguous()?.apply_op3(
             &scale.contiguous()?,
             &shift.contiguous()?,
-            ChannelAffineOp { act, last },
+            OnCpu(ChannelAffineOp { act, last }),
         )?)
     } else {
         let mut bshape = vec![1; x.rank()];
@@ -297,29 +295,26 @@ pub(crate) struct BnTrainOp {
     pub(crate) last: bool,
 }
 
-impl CustomOp3 for BnTrainOp {
+impl CpuOp3 for BnTrainOp {
     fn name(&self) -> &'static str {
         "batch-norm-train"
     }
-    fn cpu_fwd(
+    fn fwd<T: Real>(
         &self,
-        s1: &CpuStorage,
+        x: &[T],
         l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        w: &[T],
+        _l2: &Layout,
+        b: &[T],
+        _l3: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
         let (c, hw) = channel_dims(l1.dims(), self.last);
-        dispatch!(self.name(), s1, |T| {
-            let (x, w, b) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?, slice::<T>(s3, l3)?);
-            let scale: Vec<T> = (0..c).map(|ch| w[ch] * T::from_f64(self.invstd[ch])).collect();
-            let shift: Vec<T> = (0..c)
-                .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
-                .collect();
-            let y = affine_act(x, &scale, &shift, hw, self.act, self.last);
-            Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
-        })
+        let scale: Vec<T> = (0..c).map(|ch| w[ch] * T::from_f64(self.invstd[ch])).collect();
+        let shift: Vec<T> = (0..c)
+            .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
+            .collect();
+        let y = affine_act(x, &scale, &shift, hw, self.act, self.last);
+        Ok((y, l1.shape().clone()))
     }
     fn bwd(
         &self,

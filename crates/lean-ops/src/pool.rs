@@ -1,8 +1,9 @@
 //! Max and average pooling with padding and any kernel / stride, and global average pooling.
 
+use crate::cpu_op::{CpuOp1, OnCpu};
 use crate::error::{check_float, config_err, dims4, shape_err, Result};
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Configuration of a 2-d pooling window (square kernel).
@@ -159,19 +160,17 @@ impl PoolOp {
     }
 }
 
-impl CustomOp1 for PoolOp {
+impl CpuOp1 for PoolOp {
     fn name(&self) -> &'static str {
         match self.kind {
             Kind::Max => "max-pool2d",
             Kind::Avg => "avg-pool2d",
         }
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, s: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let d = l.dims();
-        dispatch!(self.name(), s, |T| {
-            let y = self.forward(slice::<T>(s, l)?);
-            Ok((T::to_cpu_storage_owned(y), Shape::from((d[0], d[1], self.ho, self.wo))))
-        })
+        let y = self.forward(s);
+        Ok((y, Shape::from((d[0], d[1], self.ho, self.wo))))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         dispatch_dtype!(self.name(), x.dtype(), |T| {
@@ -187,14 +186,14 @@ fn pool(op: &'static str, kind: Kind, x: &Tensor, cfg: &Pool2dConfig) -> Result<
     let (ho, wo) = cfg.output_hw(op, h, w)?;
     check_float(op, x)?;
     if x.device().is_cpu() {
-        Ok(x.contiguous()?.apply_op1(PoolOp {
+        Ok(x.contiguous()?.apply_op1(OnCpu(PoolOp {
             kind,
             cfg: *cfg,
             h,
             w,
             ho,
             wo,
-        })?)
+        }))?)
     } else {
         match kind {
             Kind::Max => crate::reference::max_pool2d(x, cfg),

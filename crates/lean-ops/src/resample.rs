@@ -1,8 +1,9 @@
 //! Bilinear upsampling (both `align_corners` conventions) and channel shuffle.
 
+use crate::cpu_op::{CpuOp1, OnCpu};
 use crate::error::{check_float, config_err, dims4, Result};
-use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// For each output index: (i0, i1, weight of i1), PyTorch's bilinear source coordinates.
@@ -71,16 +72,14 @@ impl BilinearOp {
     }
 }
 
-impl CustomOp1 for BilinearOp {
+impl CpuOp1 for BilinearOp {
     fn name(&self) -> &'static str {
         "upsample-bilinear2d"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, s: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let d = l.dims();
-        dispatch!(self.name(), s, |T| {
-            let y = self.forward(slice::<T>(s, l)?);
-            Ok((T::to_cpu_storage_owned(y), Shape::from((d[0], d[1], self.ho, self.wo))))
-        })
+        let y = self.forward(s);
+        Ok((y, Shape::from((d[0], d[1], self.ho, self.wo))))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         dispatch_dtype!(self.name(), x.dtype(), |T| with_data::<T, _>(gy, |g| Ok(Some(tensor(
@@ -111,7 +110,7 @@ pub fn upsample_bilinear2d(x: &Tensor, out_h: usize, out_w: usize, align_corners
             ys: interp_taps(h, out_h, align_corners),
             xs: interp_taps(w, out_w, align_corners),
         };
-        Ok(x.contiguous()?.apply_op1(op)?)
+        Ok(x.contiguous()?.apply_op1(OnCpu(op))?)
     } else {
         crate::reference::upsample_bilinear2d(x, out_h, out_w, align_corners)
     }
@@ -135,16 +134,13 @@ impl ChannelPermuteOp {
     }
 }
 
-impl CustomOp1 for ChannelPermuteOp {
+impl CpuOp1 for ChannelPermuteOp {
     fn name(&self) -> &'static str {
         "channel-permute"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Real>(&self, s: &[T], l: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let plane = l.dims()[2..].iter().product();
-        dispatch!(self.name(), s, |T| Ok((
-            T::to_cpu_storage_owned(self.apply(slice::<T>(s, l)?, plane)),
-            l.shape().clone()
-        )))
+        Ok((self.apply(s, plane), l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let mut inv = vec![0; self.perm.len()];
@@ -152,7 +148,8 @@ impl CustomOp1 for ChannelPermuteOp {
             inv[i] = o;
         }
         Ok(Some(
-            gy.contiguous()?.apply_op1_no_bwd(&ChannelPermuteOp { perm: inv })?,
+            gy.contiguous()?
+                .apply_op1_no_bwd(&OnCpu(ChannelPermuteOp { perm: inv }))?,
         ))
     }
 }
@@ -169,7 +166,7 @@ pub fn channel_shuffle(x: &Tensor, groups: usize) -> Result<Tensor> {
         let per = c / groups;
         // Output channel o = j·groups + g reads input channel g·per + j.
         let perm = (0..c).map(|o| (o % groups) * per + o / groups).collect();
-        Ok(x.contiguous()?.apply_op1(ChannelPermuteOp { perm })?)
+        Ok(x.contiguous()?.apply_op1(OnCpu(ChannelPermuteOp { perm }))?)
     } else {
         crate::reference::channel_shuffle(x, groups)
     }

@@ -63,6 +63,8 @@ pub struct RunSummary {
     pub history: Vec<EpochRow>,
     /// Best score: evaluation top-1, or mIoU for segmentation.
     pub best_top1: f64,
+    /// The model as built and the data it was trained on.
+    pub data: DataContext,
 }
 
 /// The outcome of one training step.
@@ -303,6 +305,7 @@ impl Trainer {
             run_dir: self.run_dir,
             history: self.history,
             best_top1: self.best,
+            data: self.data,
         })
     }
 }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A CUDA toolchain for building lean-convnets' `cuda` feature on a machine without a GPU or a
+# system CUDA: NVIDIA's CUDA 13.4 wheels from PyPI in a virtual environment.
+#
+#   scripts/cuda-toolchain.sh            # install (once) and print the environment to export
+#   scripts/cuda-toolchain.sh check      # install, then `cargo check` the CLI with --features cuda
+#
+# Why these versions: candle 0.11.1's cudarc accepts CUDA 11.4-12.9 and 13.0-13.4 (its build
+# script panics on newer ones); the meta-package pins matching compiler, headers and libraries
+# (installing `nvidia-cuda-nvcc` alone pulls mismatched 13.5 crt/nvvm packages). There is no GPU
+# to query for its compute capability, so CUDA_COMPUTE_CAP defaults to 90 (Hopper).
+# Environment: CUDA_VENV (default .venv-cuda), CUDA_COMPUTE_CAP.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${CUDA_VENV:-.venv-cuda}"
+if ! command -v python3 >/dev/null 2>&1; then
+  echo "python3 not found: it installs the CUDA wheels (apt-get install python3 python3-venv)" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/nvcc-installed" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cccl,cudart,nvrtc,cublas,curand]==13.4.3"
+  touch "$venv/bin/nvcc-installed" && chmod +x "$venv/bin/nvcc-installed"
+fi
+cuda_home="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+export CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home" PATH="$cuda_home/bin:$PATH"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+nvcc --version | tail -1
+case "${1:-env}" in
+  check)
+    # Type-checks every crate with candle's CUDA backend (most of the time goes into
+    # candle-kernels' PTX). Linking would also need plain-named symlinks to the wheels'
+    # versioned libraries and a libcuda.so stub; running needs a GPU.
+    cargo check --release -p lean-cli --features lean-cli/cuda
+    ;;
+  env)
+    echo "export CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP PATH=$CUDA_HOME/bin:\$PATH"
+    ;;
+  *)
+    echo "usage: scripts/cuda-toolchain.sh [env|check]" >&2
+    exit 2
+    ;;
+esac
