@@ -65,6 +65,12 @@ impl SegmentationModel {
     /// Puts a decoder on `backbone` (built features-only) with weights from `vb` (`decoder.*`).
     pub fn new(backbone: Box<dyn Model>, cfg: &SegDecoderConfig, vb: VarBuilder) -> Result<Self> {
         let chans = backbone.feature_channels();
+        if chans.is_empty() {
+            return Err(crate::Error::Config {
+                model: "SegmentationModel".into(),
+                msg: "the backbone reports no feature stages (build it with features_only)".into(),
+            });
+        }
         let d = cfg.channels;
         let dvb = vb.pp("decoder");
         let decoder = match cfg.head {
@@ -87,7 +93,7 @@ impl SegmentationModel {
                 Decoder::Fpn { lateral, smooth }
             }
             SegHead::Aspp => {
-                let c = *chans.last().expect("a backbone has features");
+                let c = chans[chans.len() - 1];
                 let b = dvb.pp("aspp");
                 let mut branches = vec![cba(
                     Conv::dense(c, d, 1, 1, 1, b.pp("0").pp("0"))?,
