@@ -176,6 +176,58 @@ pub(crate) fn valid_range(off: isize, stride: usize, len: usize, out: usize) -> 
     (lo as usize, hi.max(lo) as usize)
 }
 
+/// lhs (m x k) · rhs (k x n) as a new dense row-major m x n vector, written by the GEMM directly
+/// (no zero-filled buffer first: a fresh output costs no memset).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) fn gemm_new<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[T],
+    (lrs, lcs): (usize, usize),
+    rhs: &[T],
+    (rrs, rcs): (usize, usize),
+    par: Parallelism,
+) -> Vec<T> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs, "gemm: lhs too small");
+    assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs, "gemm: rhs too small");
+    let mut dst: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the asserts check that every element the strided operand views address lies inside
+    // their slices; `dst` has capacity m·n, the GEMM's destination view (unit column stride, row
+    // stride n) covers exactly those m·n elements, and with `read_dst = false` the GEMM writes
+    // every one of them (dst = lhs·rhs) without reading any, so after the call all m·n are
+    // initialised and `set_len(m·n)` is sound. `dst` is a fresh allocation: no aliasing.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
 /// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n), with (row, column) strides for the operands;
 /// dst is a dense row-major slice.
 #[allow(clippy::too_many_arguments)]

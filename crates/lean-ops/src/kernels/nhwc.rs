@@ -10,7 +10,7 @@
 //! (Longer than our usual file: forward, input gradient and weight gradient of the same loop
 //! nest belong side by side, so a change to one is seen against the others.)
 
-use super::gemm_conv::{gemm_rm, valid_range};
+use super::gemm_conv::{gemm_new, valid_range};
 use crate::real::Real;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -104,24 +104,15 @@ impl NhwcConv {
     /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q).
     pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
         let (rows, cout) = (self.rows_out(), self.cout);
-        let mut y = vec![T::zero(); rows * cout];
-        if let (true, Some(p)) = (self.pointwise, p) {
-            let xs = self.subsampled(x);
-            let a = xs.as_deref().unwrap_or(x);
-            // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
-            gemm_rm(
-                rows,
-                cout,
-                self.cin,
-                &mut y,
-                false,
-                a,
-                (self.cin, 1),
-                p,
-                (1, self.cin),
-                Self::par(),
-            );
-        }
+        let mut y = match (self.pointwise, p) {
+            (true, Some(p)) => {
+                let xs = self.subsampled(x);
+                let a = xs.as_deref().unwrap_or(x);
+                // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
+                gemm_new(rows, cout, self.cin, a, (self.cin, 1), p, (1, self.cin), Self::par())
+            }
+            _ => vec![T::zero(); rows * cout],
+        };
         if let (Some(st), Some(q)) = (&self.stencil, q) {
             let qt = self.taps_major(st, q);
             y.par_chunks_mut(self.wo * cout)
@@ -260,49 +251,39 @@ impl NhwcConv {
 
     fn input_grad<T: Real>(&self, p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> Vec<T> {
         let cin = self.cin;
-        let mut gx = vec![T::zero(); self.rows_in() * cin];
-        if let (true, Some(p)) = (self.pointwise, p) {
-            // gxs (rows_out x Cin) = gy (rows_out x Cout) · P (Cout x Cin).
-            if self.stride == 1 {
-                gemm_rm(
-                    self.rows_out(),
-                    cin,
-                    self.cout,
-                    &mut gx,
-                    false,
-                    gy,
-                    (self.cout, 1),
-                    p,
-                    (cin, 1),
-                    Self::par(),
-                );
-            } else {
-                let mut gxs = vec![T::zero(); self.rows_out() * cin];
-                gemm_rm(
-                    self.rows_out(),
-                    cin,
-                    self.cout,
-                    &mut gxs,
-                    false,
-                    gy,
-                    (self.cout, 1),
-                    p,
-                    (cin, 1),
-                    Self::par(),
-                );
-                let s = self.stride;
-                gx.par_chunks_mut(self.w * cin).enumerate().for_each(|(r, row)| {
-                    let (ni, yi) = (r / self.h, r % self.h);
-                    if yi % s != 0 || yi / s >= self.ho {
-                        return;
-                    }
-                    let src_row = (ni * self.ho + yi / s) * self.wo;
-                    for xo in 0..self.wo {
-                        let src = (src_row + xo) * cin;
-                        row[xo * s * cin..(xo * s + 1) * cin].copy_from_slice(&gxs[src..src + cin]);
-                    }
-                });
-            }
+        // gxs (rows_out x Cin) = gy (rows_out x Cout) · P (Cout x Cin).
+        let pointwise_grad = |p: &[T]| {
+            gemm_new(
+                self.rows_out(),
+                cin,
+                self.cout,
+                gy,
+                (self.cout, 1),
+                p,
+                (cin, 1),
+                Self::par(),
+            )
+        };
+        // Stride 1 ("same" padding): the GEMM's rows are gx's rows. Strided: scattered into them.
+        let direct = self.stride == 1 && self.rows_out() == self.rows_in();
+        let mut gx = match (self.pointwise, p) {
+            (true, Some(p)) if direct => pointwise_grad(p),
+            _ => vec![T::zero(); self.rows_in() * cin],
+        };
+        if let (true, Some(p), false) = (self.pointwise, p, direct) {
+            let gxs = pointwise_grad(p);
+            let s = self.stride;
+            gx.par_chunks_mut(self.w * cin).enumerate().for_each(|(r, row)| {
+                let (ni, yi) = (r / self.h, r % self.h);
+                if yi % s != 0 || yi / s >= self.ho {
+                    return;
+                }
+                let src_row = (ni * self.ho + yi / s) * self.wo;
+                for xo in 0..self.wo {
+                    let src = (src_row + xo) * cin;
+                    row[xo * s * cin..(xo * s + 1) * cin].copy_from_slice(&gxs[src..src + cin]);
+                }
+            });
         }
         if let (Some(st), Some(q)) = (&self.stencil, q) {
             let qt = self.taps_major(st, q);
@@ -361,20 +342,16 @@ impl NhwcConv {
         let chunks = rows.div_ceil(PGRAD_PIXELS).max(1);
         let part = |c: usize, par: Parallelism| {
             let (r0, r1) = (c * PGRAD_PIXELS, ((c + 1) * PGRAD_PIXELS).min(rows));
-            let mut acc = vec![T::zero(); cout * cin];
-            gemm_rm(
+            gemm_new(
                 cout,
                 cin,
                 r1 - r0,
-                &mut acc,
-                false,
                 &gy[r0 * cout..r1 * cout],
                 (1, cout),
                 &xs[r0 * cin..r1 * cin],
                 (cin, 1),
                 par,
-            );
-            acc
+            )
         };
         if chunks == 1 {
             return part(0, Self::par());
