@@ -176,40 +176,42 @@ pub(crate) fn valid_range(off: isize, stride: usize, len: usize, out: usize) -> 
     (lo as usize, hi.max(lo) as usize)
 }
 
-/// lhs (m x k) · rhs (k x n) as a new dense row-major m x n vector, written by the GEMM directly
-/// (no zero-filled buffer first: a fresh output costs no memset).
+/// dst (m x n, dense row-major) = [dst +] lhs (m x k) · rhs (k x n), the operands given by
+/// (row, column) strides; checks that the operand views lie inside their slices.
+///
+/// # Safety
+/// `dst` must be valid for writes of m·n elements, initialised if `accumulate` (it is then read),
+/// and must not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub(crate) fn gemm_new<T: Real>(
-    m: usize,
-    n: usize,
-    k: usize,
+unsafe fn gemm_raw<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
     lhs: &[T],
     (lrs, lcs): (usize, usize),
     rhs: &[T],
     (rrs, rcs): (usize, usize),
     par: Parallelism,
-) -> Vec<T> {
-    if m == 0 || n == 0 || k == 0 {
-        return vec![T::zero(); m * n];
+) {
+    if m == 0 || n == 0 {
+        return;
     }
-    assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs, "gemm: lhs too small");
-    assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs, "gemm: rhs too small");
-    let mut dst: Vec<T> = Vec::with_capacity(m * n);
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs, "gemm: lhs too small");
+        assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs, "gemm: rhs too small");
+    }
     // SAFETY: the asserts check that every element the strided operand views address lies inside
-    // their slices; `dst` has capacity m·n, the GEMM's destination view (unit column stride, row
-    // stride n) covers exactly those m·n elements, and with `read_dst = false` the GEMM writes
-    // every one of them (dst = lhs·rhs) without reading any, so after the call all m·n are
-    // initialised and `set_len(m·n)` is sound. `dst` is a fresh allocation: no aliasing.
+    // their slices (the largest index is (rows-1)*rs + (cols-1)*cs); the caller guarantees `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
-            false,
+            accumulate,
             lhs.as_ptr(),
             lcs as isize,
             lrs as isize,
@@ -221,6 +223,38 @@ pub(crate) fn gemm_new<T: Real>(
             false,
             false,
             false,
+            par,
+        )
+    }
+}
+
+/// lhs (m x k) · rhs (k x n) as a new dense row-major m x n vector, written by the GEMM directly
+/// (no zero-filled buffer first: a fresh output costs no memset).
+#[inline]
+pub(crate) fn gemm_new<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+    par: Parallelism,
+) -> Vec<T> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    let mut dst: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: `dst` has capacity m·n and is a fresh allocation (no overlap); with
+    // `accumulate = false` the GEMM writes every one of the m·n elements (dst = lhs·rhs, k > 0)
+    // without reading any, so afterwards all m·n are initialised and `set_len(m·n)` is sound.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            false,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
             par,
         );
         dst.set_len(m * n);
@@ -239,42 +273,23 @@ pub(crate) fn gemm_rm<T: Real>(
     dst: &mut [T],
     accumulate: bool,
     lhs: &[T],
-    (lrs, lcs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[T],
-    (rrs, rcs): (usize, usize),
+    rhs_strides: (usize, usize),
     par: Parallelism,
 ) {
     assert!(dst.len() >= m * n, "gemm: destination too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k > 0 {
-        assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs, "gemm: lhs too small");
-        assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs, "gemm: rhs too small");
-    }
-    // SAFETY: the asserts above check that every element the strided views address lies inside
-    // the slices (the largest index is (rows-1)*rs + (cols-1)*cs), and `dst` is borrowed mutably,
-    // so the GEMM neither reads nor writes out of bounds and does not alias its inputs.
+    // SAFETY: `dst` is a mutably borrowed, initialised slice of at least m·n elements, so it is
+    // valid for those writes (and reads), and it cannot overlap the shared `lhs` and `rhs`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_raw(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            n as isize,
             accumulate,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
             par,
         )
     }

@@ -109,7 +109,7 @@ impl NhwcConv {
                 let xs = self.subsampled(x);
                 let a = xs.as_deref().unwrap_or(x);
                 // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
-                gemm_new(rows, cout, self.cin, a, (self.cin, 1), p, (1, self.cin), Self::par())
+                gemm_new((rows, cout, self.cin), a, (self.cin, 1), p, (1, self.cin), Self::par())
             }
             _ => vec![T::zero(); rows * cout],
         };
@@ -254,9 +254,7 @@ impl NhwcConv {
         // gxs (rows_out x Cin) = gy (rows_out x Cout) · P (Cout x Cin).
         let pointwise_grad = |p: &[T]| {
             gemm_new(
-                self.rows_out(),
-                cin,
-                self.cout,
+                (self.rows_out(), cin, self.cout),
                 gy,
                 (self.cout, 1),
                 p,
@@ -343,9 +341,7 @@ impl NhwcConv {
         let part = |c: usize, par: Parallelism| {
             let (r0, r1) = (c * PGRAD_PIXELS, ((c + 1) * PGRAD_PIXELS).min(rows));
             gemm_new(
-                cout,
-                cin,
-                r1 - r0,
+                (cout, cin, r1 - r0),
                 &gy[r0 * cout..r1 * cout],
                 (1, cout),
                 &xs[r0 * cin..r1 * cin],
