@@ -9,7 +9,8 @@
 
 use std::path::PathBuf;
 
-/// The folder of the PyTorch reference files: `../shared/golden` beside the workspace.
+/// The folder of the PyTorch reference files: `shared/golden/` next to the checkout, where
+/// docs/golden.md says they are kept (what they hold and the tolerances are described there).
 pub fn golden_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden")
 }
