@@ -4,7 +4,7 @@
 use crate::activation::Activation;
 use crate::cost::{Cost, CostModel};
 use crate::cpu_op::OnCpu;
-use crate::error::{check_float, dims4, shape_err, Result};
+use crate::error::{check_float, config_err, dims4, shape_err, Result};
 use crate::kernels::rows;
 use crate::norm::{batch_stats, channel_affine_layout, channel_dims, BnTrainOp};
 use crate::real::{dispatch_dtype, with_data};
@@ -165,7 +165,7 @@ impl BatchNorm2d {
             return channel_affine_layout(x, &scale, &shift, act, last);
         }
         check_float(OP, x)?;
-        let m = x.elem_count() / c;
+        let mut m = x.elem_count() / c;
         if m < 2 {
             return Err(shape_err(
                 OP,
@@ -186,17 +186,33 @@ impl BatchNorm2d {
                 })))
             };
             let (mean, var) = stats()?;
+            let sync = crate::dist::sync_group().filter(|g| g.world_size() > 1);
+            let (mean, var, count) = match &sync {
+                Some(g) => crate::dist::combine_moments(g.as_ref(), &mean, &var, m)?,
+                None => (mean, var, m),
+            };
+            m = count;
             let invstd = var.iter().map(|v| 1.0 / (v + self.cfg.eps).sqrt()).collect();
             let op = BnTrainOp {
                 mean: mean.clone(),
                 invstd,
                 act,
                 last,
+                sync: sync.map(|g| (g, count)),
             };
             let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, OnCpu(op))?;
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {
+            if crate::dist::sync_group().is_some_and(|g| g.world_size() > 1) {
+                return Err(config_err(
+                    OP,
+                    format!(
+                        "synchronised BatchNorm runs on the CPU only; this input is on {:?}",
+                        x.device().location()
+                    ),
+                ));
+            }
             let nchw = if last {
                 crate::channels_last::to_channels_first(x)?
             } else {

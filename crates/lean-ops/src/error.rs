@@ -27,6 +27,9 @@ pub enum Error {
         /// The dtype that was found.
         dtype: candle_core::DType,
     },
+    /// A collective of a process group failed, or the ranks disagreed ([`crate::dist`]).
+    #[error("collective: {0}")]
+    Collective(String),
     /// An error raised by candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

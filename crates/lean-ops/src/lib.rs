@@ -52,6 +52,7 @@ mod conv;
 pub mod cost;
 mod cpu_op;
 mod depthwise;
+pub mod dist;
 mod error;
 pub mod isa;
 mod kernels;

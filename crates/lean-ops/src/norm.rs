@@ -293,6 +293,8 @@ pub(crate) struct BnTrainOp {
     pub(crate) act: Activation,
     /// Channels-last input (rows x C) instead of NCHW planes.
     pub(crate) last: bool,
+    /// SyncBN: the group whose batches the statistics span, and their total count per channel.
+    pub(crate) sync: Option<(std::sync::Arc<dyn crate::dist::Collective>, usize)>,
 }
 
 impl CpuOp3 for BnTrainOp {
@@ -325,7 +327,10 @@ impl CpuOp3 for BnTrainOp {
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (c, hw) = channel_dims(x.dims(), self.last);
-        let m = (x.elem_count() / c) as f64;
+        let m = match &self.sync {
+            Some((_, count)) => *count as f64,
+            None => (x.elem_count() / c) as f64,
+        };
         dispatch_dtype!(self.name(), x.dtype(), |T| {
             with_data::<T, _>(x, |xs| {
                 with_data::<T, _>(w, |ws| {
@@ -335,9 +340,16 @@ impl CpuOp3 for BnTrainOp {
                             // Σ gz·xhat = invstd·Σ gz·(x - mean).
                             let (sgx, sg) = channel_sums(c, hw, &gz, Some((xs, &self.mean)), self.last);
                             let sgxhat: Vec<f64> = (0..c).map(|ch| self.invstd[ch] * sgx[ch]).collect();
+                            // SyncBN: the input gradient needs the sums over every rank's batch;
+                            // the weight and bias gradients stay local (the data-parallel
+                            // gradient sum adds them up, as for every other parameter).
+                            let [gsg, gsgxhat] = match &self.sync {
+                                Some((g, _)) => crate::dist::sum_over_group(g.as_ref(), [&sg, &sgxhat])?,
+                                None => [sg.clone(), sgxhat.clone()],
+                            };
                             let coef = |ch: usize| {
                                 let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                                [ws[ch].f() * is, mu, is, sg[ch] / m, sgxhat[ch] / m]
+                                [ws[ch].f() * is, mu, is, gsg[ch] / m, gsgxhat[ch] / m]
                             };
                             let gx = if self.last {
                                 rows::bn_input_grad(&gz, xs, &(0..c).map(coef).collect::<Vec<_>>())
