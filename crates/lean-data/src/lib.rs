@@ -41,7 +41,7 @@ pub mod transforms;
 pub use dataset::{class_counts, ArrayDataset, Dataset, Image, Sample, Target, IGNORE_INDEX};
 pub use folder::{decode_image, ImageFolder, SegmentationFolder};
 pub use formats::{read_cifar10, read_cifar100, read_mnist_like, read_stl10, Split, FASHION_MNIST_CLASSES};
-pub use loader::{mix_seed, Batch, EpochIter, Loader, LoaderConfig};
+pub use loader::{mix_seed, Batch, EpochIter, Loader, LoaderConfig, Shard};
 pub use open::{dataset_info, default_data_dir, open_dataset, DatasetInfo, FETCHABLE};
 pub use synthetic::PastedSegmentation;
 pub use transforms::{Pipeline, Transform};

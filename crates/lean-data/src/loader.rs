@@ -30,6 +30,53 @@ pub struct LoaderConfig {
     pub workers: usize,
     /// Batches prepared ahead per worker.
     pub prefetch: usize,
+    /// This process's part of every epoch in data-parallel training.
+    pub shard: Shard,
+}
+
+/// One rank's share of each epoch, by the rule of PyTorch's `DistributedSampler`: the epoch's
+/// order (shuffled as for one process) is split round-robin, rank r taking positions r, r + W,
+/// r + 2W, ... With `pad`, the order is first extended by its own first samples to a multiple of
+/// W, so that every rank has as many samples (training: ranks step in lockstep); without, each
+/// sample is seen exactly once and shards differ by at most one (evaluation).
+///
+/// With batches of b per rank, step k of rank r sees positions (k·b + j)·W + r: together the
+/// ranks' k-th batches are the k-th batch of b·W of one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank, `0..world`.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Pad the order to a multiple of `world`.
+    pub pad: bool,
+}
+
+impl Default for Shard {
+    /// The whole data set (one process).
+    fn default() -> Self {
+        Shard {
+            rank: 0,
+            world: 1,
+            pad: false,
+        }
+    }
+}
+
+impl Shard {
+    /// This rank's positions of an epoch's order.
+    pub fn take(&self, order: Vec<usize>) -> Vec<usize> {
+        if self.world <= 1 {
+            return order;
+        }
+        let n = order.len();
+        let total = if self.pad {
+            n.div_ceil(self.world) * self.world
+        } else {
+            n
+        };
+        (self.rank..total).step_by(self.world).map(|p| order[p % n]).collect()
+    }
 }
 
 impl Default for LoaderConfig {
@@ -41,6 +88,7 @@ impl Default for LoaderConfig {
             drop_last: false,
             workers: 2,
             prefetch: 2,
+            shard: Shard::default(),
         }
     }
 }
@@ -121,6 +169,12 @@ impl Loader {
         if cfg.batch_size == 0 {
             return Err(DataError::Batch("batch_size must be at least 1".into()));
         }
+        if cfg.shard.world == 0 || cfg.shard.rank >= cfg.shard.world {
+            return Err(DataError::Batch(format!(
+                "shard rank {} is not a rank of a group of {}",
+                cfg.shard.rank, cfg.shard.world
+            )));
+        }
         Ok(Loader {
             dataset,
             pipeline: Arc::new(pipeline),
@@ -129,9 +183,19 @@ impl Loader {
         })
     }
 
+    /// Samples of an epoch (this rank's share when sharded).
+    pub fn num_samples(&self) -> usize {
+        let (n, s) = (self.dataset.len(), self.cfg.shard);
+        match (s.world, s.pad) {
+            (0 | 1, _) => n,
+            (w, true) => n.div_ceil(w),
+            (w, false) => n / w + usize::from(s.rank < n % w),
+        }
+    }
+
     /// Number of batches per epoch.
     pub fn num_batches(&self) -> usize {
-        let (n, b) = (self.dataset.len(), self.cfg.batch_size);
+        let (n, b) = (self.num_samples(), self.cfg.batch_size);
         if self.cfg.drop_last {
             n / b
         } else {
@@ -139,7 +203,7 @@ impl Loader {
         }
     }
 
-    /// The sample order of `epoch`, split into batches.
+    /// The sample order of `epoch` (this rank's share of it when sharded), split into batches.
     pub fn batches_of(&self, epoch: u64) -> Vec<Vec<usize>> {
         let mut order: Vec<usize> = (0..self.dataset.len()).collect();
         if self.cfg.shuffle {
@@ -149,6 +213,7 @@ impl Loader {
                 u64::MAX,
             )));
         }
+        let order = self.cfg.shard.take(order);
         let mut batches: Vec<Vec<usize>> = order.chunks(self.cfg.batch_size).map(<[usize]>::to_vec).collect();
         if self.cfg.drop_last && batches.last().is_some_and(|b| b.len() < self.cfg.batch_size) {
             batches.pop();

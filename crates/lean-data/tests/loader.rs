@@ -201,3 +201,66 @@ fn loader_batches_masks_and_drops_the_last_batch() {
     )
     .is_err());
 }
+
+#[test]
+fn shards_together_make_the_batches_of_one_process() {
+    let ds = fashion(50);
+    let loader = |batch_size: usize, shard: Shard, shuffle: bool| {
+        let cfg = LoaderConfig {
+            batch_size,
+            seed: 3,
+            shuffle,
+            drop_last: shuffle,
+            workers: 0,
+            shard,
+            ..Default::default()
+        };
+        Loader::new(ds.clone(), Pipeline::default(), cfg, candle_core::Device::Cpu).unwrap()
+    };
+    let (world, b) = (3, 4);
+    let one = loader(b * world, Shard::default(), true).batches_of(2);
+    let ranks: Vec<Vec<Vec<usize>>> = (0..world)
+        .map(|rank| loader(b, Shard { rank, world, pad: true }, true))
+        .map(|l| {
+            assert_eq!(l.num_samples(), 17, "50 padded to 51, a third each");
+            l.batches_of(2)
+        })
+        .collect();
+    assert_eq!(one.len(), 4);
+    for (k, batch) in one.iter().enumerate() {
+        let mut together: Vec<usize> = ranks.iter().flat_map(|r| r[k].clone()).collect();
+        let mut expected = batch.clone();
+        together.sort();
+        expected.sort();
+        assert_eq!(together, expected, "step {k}");
+    }
+    // Evaluation shards: no padding, every sample exactly once, sizes 17, 17, 16.
+    let mut seen = vec![];
+    for rank in 0..world {
+        let l = loader(
+            7,
+            Shard {
+                rank,
+                world,
+                pad: false,
+            },
+            false,
+        );
+        assert_eq!(l.num_samples(), [17, 17, 16][rank]);
+        seen.extend(l.batches_of(0).concat());
+    }
+    seen.sort();
+    assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    let bad = LoaderConfig {
+        shard: Shard {
+            rank: 2,
+            world: 2,
+            pad: false,
+        },
+        ..Default::default()
+    };
+    let err = Loader::new(ds.clone(), Pipeline::default(), bad, candle_core::Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("rank 2"), "{err}");
+}

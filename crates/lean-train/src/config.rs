@@ -152,7 +152,7 @@ pub struct TrainConfig {
     /// Epochs.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = TrainConfig::default().epochs))]
     pub epochs: usize,
-    /// Batch size.
+    /// Batch size (of each rank in data-parallel training: the step's batch is this x ranks).
     #[cfg_attr(feature = "clap", arg(short = 'b', long, default_value_t = TrainConfig::default().batch_size))]
     pub batch_size: usize,
     /// Base learning rate.
@@ -228,6 +228,11 @@ pub struct TrainConfig {
     /// Run folder (default `runs/<date>-<model>-<dataset>`).
     #[cfg_attr(feature = "clap", arg(long))]
     pub output: Option<PathBuf>,
+    /// Data-parallel training: BatchNorm statistics over the batches of every rank (SyncBN)
+    /// instead of each rank's own.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub sync_bn: bool,
     /// Device: cpu, cuda, cuda:N or metal.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = TrainConfig::default().device))]
     pub device: DeviceSpec,
@@ -248,6 +253,7 @@ impl Default for TrainConfig {
             weight_decay: 5e-4,
             decay_all: false,
             no_decay_stencil: false,
+            sync_bn: false,
             sched: ScheduleKind::Cosine,
             warmup_epochs: 1.0,
             warmup_lr: 1e-4,

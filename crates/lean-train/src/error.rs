@@ -28,6 +28,9 @@ pub enum Error {
     /// A checkpoint does not fit.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A collective failed or the ranks of a data-parallel run disagree.
+    #[error("data-parallel training: {0}")]
+    Distributed(String),
     /// An option is invalid.
     #[error("{0}")]
     Config(String),

@@ -1,6 +1,7 @@
 //! Evaluation per task: top-1/top-5 for classifiers, mIoU, pixel accuracy and per-class IoU
 //! for segmentation models. Each task carries only its own metrics.
 
+use crate::dist::{sum_f64, Collective, Local};
 use crate::metrics::{topk_correct, Confusion};
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -124,6 +125,12 @@ impl EvalResult {
 
 /// Evaluates `model` (eval mode) on every batch of `loader`, with its task's metrics.
 pub fn evaluate(model: &dyn Model, loader: &Loader) -> Result<EvalResult> {
+    evaluate_sharded(model, loader, &Local)
+}
+
+/// [`evaluate`] where each rank of `group` holds a shard of the data in `loader`: the sums
+/// behind the metrics are added up over the ranks, so every rank gets the metrics of the whole.
+pub fn evaluate_sharded(model: &dyn Model, loader: &Loader, group: &dyn Collective) -> Result<EvalResult> {
     let task = Task::of(model);
     let ce = task.loss_config(0.0);
     let mut conf = Confusion::new(model.num_classes());
@@ -144,6 +151,13 @@ pub fn evaluate(model: &dyn Model, loader: &Loader) -> Result<EvalResult> {
             Task::Segmentation => conf.add(&logits, &b.targets, IGNORE_INDEX as u32)?,
         }
         n += k;
+    }
+    if group.world_size() > 1 {
+        let mut local = vec![loss, c1 as f64, c5 as f64, n as f64];
+        local.extend(conf.counts.iter().map(|&v| v as f64));
+        let all = sum_f64(group, &local)?;
+        (loss, c1, c5, n) = (all[0], all[1] as usize, all[2] as usize, all[3] as usize);
+        conf.counts = all[4..].iter().map(|&v| v as u64).collect();
     }
     let pct = |c: usize| 100.0 * c as f64 / n.max(1) as f64;
     let metrics = match task {

@@ -5,17 +5,19 @@
 
 use crate::checkpoint::{load_checkpoint, restore_vars, save_checkpoint};
 use crate::data::{eval_pipeline, open_limited, train_pipeline, DataContext};
-use crate::eval::{evaluate, Task};
+use crate::dist::{self, Collective, Local};
+use crate::eval::{evaluate_sharded, Task};
 use crate::init::seeded_var_builder;
 use crate::optim::{clip_grad_norm, Optimizer};
 use crate::run::{checkpoint_path, new_run_dir, summary_csv, write_atomic, EpochRow, RunState};
 use crate::{Error, LrSchedule, ParamGroups, Result, TrainConfig};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
-use lean_data::{mix_seed, Loader, LoaderConfig, Split};
+use lean_data::{mix_seed, Loader, LoaderConfig, Shard, Split};
 use lean_models::Model;
 use lean_ops::{cross_entropy, CrossEntropyConfig};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a run is, after each training step (for progress displays).
@@ -25,21 +27,22 @@ pub struct StepProgress {
     pub epoch: usize,
     /// Epochs of the run.
     pub epochs: usize,
-    /// Steps done in this epoch, and per epoch.
+    /// Steps done in this epoch.
     pub step: usize,
     /// Steps per epoch.
     pub steps: usize,
-    /// Mean training loss so far this epoch.
+    /// Mean training loss so far this epoch (this rank's batches in data-parallel training).
     pub loss: f64,
     /// Training accuracy so far this epoch, percent (images, or pixels for segmentation).
     pub accuracy: f64,
     /// Learning rate of the step.
     pub lr: f64,
-    /// Training throughput so far this epoch.
+    /// Training throughput so far this epoch (of all ranks).
     pub images_per_sec: f64,
 }
 
-/// Callbacks of a run. Every method has a default that does nothing.
+/// Callbacks of a run. Every method has a default that does nothing. In data-parallel training
+/// every rank calls its own observer; give rank 0 the one that draws.
 pub trait Observer {
     /// Before the first epoch (`start` epochs are already done when resuming).
     fn on_start(&mut self, _run_dir: &Path, _cfg: &TrainConfig, _start: usize, _steps: usize) {}
@@ -96,6 +99,9 @@ pub struct Trainer {
     epoch: usize,
     history: Vec<EpochRow>,
     best: f64,
+    group: Arc<dyn Collective>,
+    /// BatchNorm buffers (running statistics), shared from rank 0 when not synchronised.
+    buffers: Vec<Var>,
 }
 
 impl Trainer {
@@ -103,6 +109,14 @@ impl Trainer {
     /// file; its configuration is kept, only `epochs` may be extended). Creates the run folder
     /// and writes `args.json`.
     pub fn new(cfg: &TrainConfig, resume: Option<&Path>) -> Result<Self> {
+        Self::new_in_group(cfg, resume, Arc::new(Local))
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel run over `group` (module [`dist`]):
+    /// every rank calls it with the same configuration. Rank 0 picks the run folder and alone
+    /// writes to it; resuming needs as many ranks as the run was trained with.
+    pub fn new_in_group(cfg: &TrainConfig, resume: Option<&Path>, group: Arc<dyn Collective>) -> Result<Self> {
+        let (rank, world) = (group.rank(), group.world_size());
         let (cfg, ck, run_dir) = match resume {
             Some(p) => {
                 let path = checkpoint_path(p);
@@ -114,6 +128,22 @@ impl Trainer {
             }
             None => (cfg.clone(), None, new_run_dir(cfg)),
         };
+        // The folder name carries the start time: rank 0's is the run's.
+        let bytes = run_dir.to_string_lossy().into_owned().into_bytes();
+        let shared = group
+            .broadcast_bytes(bytes, 0)
+            .map_err(|e| Error::Distributed(e.to_string()))?;
+        let run_dir = PathBuf::from(String::from_utf8_lossy(&shared).into_owned());
+        if let Some(ck) = &ck {
+            if ck.meta.world_size != world {
+                return Err(Error::Checkpoint(format!(
+                    "{} was trained on {} rank(s); resume it with as many (mpirun -np {}), not {world}",
+                    run_dir.display(),
+                    ck.meta.world_size,
+                    ck.meta.world_size
+                )));
+            }
+        }
         cfg.validate()?;
         let device = cfg.device.open()?;
         DataContext::check_task(&cfg.model.name, &cfg.dataset)?;
@@ -137,12 +167,22 @@ impl Trainer {
             opt.load_state(&ck.optim)?;
             (epoch, history, best) = (ck.meta.epoch, ck.meta.history.clone(), ck.meta.best_top1);
         }
-        std::fs::create_dir_all(&run_dir).map_err(|e| Error::Io {
-            path: run_dir.clone(),
-            msg: e.to_string(),
-        })?;
-        let args = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Config(e.to_string()))?;
-        write_atomic(&run_dir.join("args.json"), &args)?;
+        // Every rank starts from rank 0's weights and statistics (as DistributedDataParallel).
+        let buffers: Vec<Var> = groups.buffers.iter().map(|(_, v)| v.clone()).collect();
+        let all: Vec<Var> = groups
+            .params()
+            .map(|(_, v)| v.clone())
+            .chain(buffers.iter().cloned())
+            .collect();
+        dist::broadcast_vars(group.as_ref(), &all, 0)?;
+        if rank == 0 {
+            std::fs::create_dir_all(&run_dir).map_err(|e| Error::Io {
+                path: run_dir.clone(),
+                msg: e.to_string(),
+            })?;
+            let args = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+            write_atomic(&run_dir.join("args.json"), &args)?;
+        }
         let lcfg = |shuffle| LoaderConfig {
             batch_size: cfg.batch_size,
             shuffle,
@@ -150,6 +190,12 @@ impl Trainer {
             drop_last: shuffle,
             workers: cfg.workers,
             prefetch: 2,
+            // Training shards are padded (ranks step in lockstep), evaluation ones are not.
+            shard: Shard {
+                rank,
+                world,
+                pad: shuffle,
+            },
         };
         let pipe = train_pipeline(&cfg.dataset, train_ds.as_ref(), &cfg.model.name, cfg.augment)?;
         let train_loader = Loader::new(train_ds.clone(), pipe, lcfg(true), device.clone())?;
@@ -179,6 +225,8 @@ impl Trainer {
             epoch,
             history,
             best,
+            group,
+            buffers,
         })
     }
 
@@ -197,13 +245,23 @@ impl Trainer {
         &self.history
     }
 
+    /// This rank and the number of ranks (0 and 1 outside data-parallel training).
+    pub fn rank(&self) -> (usize, usize) {
+        (self.group.rank(), self.group.world_size())
+    }
+
     /// One optimisation step on a batch at learning rate `lr`: forward in train mode, loss,
-    /// backward, optional gradient clipping, update. A non-finite loss is an error.
+    /// backward, gradients averaged over the ranks, optional gradient clipping, update. A
+    /// non-finite loss is an error.
     pub fn step(&mut self, images: &Tensor, targets: &Tensor, lr: f64) -> Result<StepOutput> {
         self.opt.set_learning_rate(lr);
+        let sync = (self.cfg.sync_bn && self.group.world_size() > 1)
+            .then(|| lean_ops::dist::sync_batch_norm(self.group.clone()));
         let logits = self.model.forward_t(images, true)?;
         let loss = cross_entropy(&logits, targets, &self.ce)?;
         let mut grads = loss.backward()?;
+        drop(sync);
+        dist::average_gradients(self.group.as_ref(), &mut grads, &self.params, dist::BUCKET_BYTES)?;
         if let Some(max) = self.cfg.clip_grad {
             let params: Vec<&Var> = self.params.iter().collect();
             clip_grad_norm(&mut grads, &params, max)?;
@@ -228,7 +286,14 @@ impl Trainer {
     /// the score improved), and returns the epoch's row.
     pub fn epoch(&mut self, obs: &mut dyn Observer) -> Result<EpochRow> {
         let epoch = self.epoch;
-        lean_ops::random::reseed(mix_seed(self.cfg.seed, epoch as u64, 0xd5));
+        let (rank, world) = self.rank();
+        // Dropout and other random layers draw differently on each rank.
+        let seed = mix_seed(self.cfg.seed, epoch as u64, 0xd5);
+        lean_ops::random::reseed(if rank == 0 {
+            seed
+        } else {
+            mix_seed(seed, rank as u64, 0)
+        });
         let t0 = Instant::now();
         let steps = self.train_loader.num_batches();
         let (mut loss_sum, mut correct, mut counted, mut seen) = (0.0, 0usize, 0usize, 0usize);
@@ -247,11 +312,18 @@ impl Trainer {
                 loss: loss_sum / seen as f64,
                 accuracy: 100.0 * correct as f64 / counted.max(1) as f64,
                 lr,
-                images_per_sec: seen as f64 / t0.elapsed().as_secs_f64(),
+                images_per_sec: (world * seen) as f64 / t0.elapsed().as_secs_f64(),
             });
         }
+        let group = self.group.as_ref();
+        let totals = dist::sum_f64(group, &[loss_sum, seen as f64])?;
+        let (loss_sum, seen) = (totals[0], totals[1] as usize);
         let train_time = t0.elapsed().as_secs_f64();
-        let ev = evaluate(self.model.as_ref(), &self.val_loader)?;
+        if !self.cfg.sync_bn {
+            dist::broadcast_vars(group, &self.buffers, 0)?;
+        }
+        dist::check_in_step(group, &self.params)?;
+        let ev = evaluate_sharded(self.model.as_ref(), &self.val_loader, group)?;
         let row = EpochRow::new(
             epoch + 1,
             loss_sum / seen.max(1) as f64,
@@ -270,12 +342,14 @@ impl Trainer {
         );
         self.history.push(row.clone());
         self.epoch += 1;
-        write_atomic(&self.run_dir.join("summary.csv"), summary_csv(&self.history).as_bytes())?;
         let improved = row.score() > self.best;
         self.best = self.best.max(row.score());
-        self.save("last.safetensors")?;
-        if improved {
-            self.save("best.safetensors")?;
+        if rank == 0 {
+            write_atomic(&self.run_dir.join("summary.csv"), summary_csv(&self.history).as_bytes())?;
+            self.save("last.safetensors")?;
+            if improved {
+                self.save("best.safetensors")?;
+            }
         }
         obs.on_epoch(&self.run_dir, &self.history)?;
         Ok(row)
@@ -288,6 +362,7 @@ impl Trainer {
             config: self.cfg.clone(),
             history: self.history.clone(),
             data: Some(self.data.clone()),
+            world_size: self.group.world_size(),
         };
         save_checkpoint(&self.run_dir.join(file), &self.varmap, &self.opt.state(), &st)
     }

@@ -7,8 +7,8 @@
 //! schedule and device, validated in one place), the data side of a run ([`open_limited`],
 //! the pipelines, [`DataContext`]), evaluation per task ([`evaluate`], [`Metrics`]), the run
 //! folder and checkpoints ([`RunState`], [`EpochRow`]), the loop ([`Trainer`]: one step, one
-//! epoch, the run; [`Observer`] callbacks for progress and curves) and publishing
-//! ([`export_run`]).
+//! epoch, the run; [`Observer`] callbacks for progress and curves), data-parallel training
+//! over a process group ([`dist`]: MPI, NCCL, threads) and publishing ([`export_run`]).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -32,6 +32,7 @@ mod adamw;
 pub mod checkpoint;
 mod config;
 mod data;
+pub mod dist;
 mod error;
 mod eval;
 mod export;
@@ -48,7 +49,7 @@ pub use adamw::{AdamW, AdamWConfig};
 pub use config::{parse_device, DeviceSpec, OptimizerKind, ScheduleKind, TrainConfig};
 pub use data::{eval_pipeline, open_limited, train_pipeline, DataContext};
 pub use error::{Error, Result};
-pub use eval::{evaluate, EvalResult, Metrics, Task};
+pub use eval::{evaluate, evaluate_sharded, EvalResult, Metrics, Task};
 pub use export::{export_run, recipe_text, ExportOptions};
 pub use fit::{train, train_with, Observer, RunSummary, StepOutput, StepProgress, Trainer};
 pub use init::{init_tensor, seeded_var_builder};

@@ -133,6 +133,13 @@ pub struct RunState {
     /// in checkpoints written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataContext>,
+    /// Ranks of the data-parallel run (1: one process); a resumed run must have as many.
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// The run folder a new run writes to: `output`, or `runs/<UTC date-time>-<model>-<dataset>`.
