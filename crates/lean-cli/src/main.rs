@@ -58,10 +58,17 @@ fn main() {
     let cli = Cli::parse();
     // Colour only on a terminal: logs redirected to a file carry no escape sequences.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // In an MPI launch only rank 0 logs progress; the others report warnings and errors.
+    let quiet = lean_train::dist::launcher_rank().is_some_and(|(rank, _)| rank > 0);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(ansi)
+        .with_max_level(if quiet {
+            tracing::Level::WARN
+        } else {
+            tracing::Level::INFO
+        })
         .init();
     let result: Result<()> = match cli.command {
         Command::Bench(args) => bench_ops::run(&args, tuned),

@@ -24,6 +24,19 @@ pub struct TrainArgs {
     /// Continue a run: its folder or a checkpoint file (--epochs may extend it).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Data-parallel engine: none (one process) or mpi (every rank of `mpirun -np N lean train
+    /// --dist mpi ...`; --batch-size is per rank).
+    #[arg(long, value_enum, default_value_t = Dist::None)]
+    dist: Dist,
+}
+
+/// How `lean train` runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dist {
+    /// One process.
+    None,
+    /// The ranks of an MPI launch (feature `mpi`).
+    Mpi,
 }
 
 impl TrainArgs {
@@ -54,7 +67,18 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
             );
         }
     }
-    let s = train_with(&cfg, a.resume.as_deref(), &mut RunDisplay::default())?;
+    let s = match a.dist {
+        Dist::None => {
+            if let Some((_, n)) = lean_train::dist::launcher_rank().filter(|(_, n)| *n > 1) {
+                bail!("started by an MPI launcher with {n} ranks but --dist is none: each rank would train alone; add --dist mpi");
+            }
+            train_with(&cfg, a.resume.as_deref(), &mut RunDisplay::default())?
+        }
+        Dist::Mpi => match train_mpi(&cfg, a.resume.as_deref())? {
+            Some(s) => s,
+            None => return Ok(()), // not rank 0: rank 0 reports
+        },
+    };
     let last = s
         .history
         .last()
@@ -233,4 +257,35 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// One rank of an MPI launch: trains in the world's group; rank 0 draws progress and returns
+/// the summary, the others return None. An error on any rank aborts the launch (the other ranks
+/// would wait in their next collective forever).
+#[cfg(feature = "mpi")]
+fn train_mpi(cfg: &TrainConfig, resume: Option<&std::path::Path>) -> Result<Option<lean_train::RunSummary>> {
+    use lean_train::dist::{mpi::MpiGroup, Collective};
+    let group = std::sync::Arc::new(MpiGroup::init().context("cannot join the MPI world")?);
+    let rank = group.rank();
+    let run = || -> Result<lean_train::RunSummary> {
+        let trainer = lean_train::Trainer::new_in_group(cfg, resume, group.clone())?;
+        Ok(if rank == 0 {
+            trainer.run(&mut RunDisplay::default())?
+        } else {
+            trainer.run(&mut ())?
+        })
+    };
+    match run() {
+        Ok(s) => Ok((rank == 0).then_some(s)),
+        Err(e) => {
+            eprintln!("error: rank {rank} of {}: {e:#}", group.world_size());
+            group.abort(1);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(_: &TrainConfig, _: Option<&std::path::Path>) -> Result<Option<lean_train::RunSummary>> {
+    bail!("--dist mpi needs a lean built with MPI: cargo build --release -p lean-cli --features mpi (Open MPI and libclang installed; README, data-parallel training)")
 }

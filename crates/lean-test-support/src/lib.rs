@@ -2,6 +2,8 @@
 //! - [`golden_dir`] / [`golden_file`]: the PyTorch reference files (docs/golden.md), skipped
 //!   with a message where they are absent, as in a user's clone — but a failure under CI
 //!   (`CI=true`), so a golden test can never pass vacuously there.
+//! - [`program`]: an external program a test needs (e.g. `mpirun`), skipped with a message
+//!   where it is not installed and a failure under CI.
 //! - [`http::serve`]: a bounded HTTP/1.1 server on 127.0.0.1 for download code (the data
 //!   fetcher, the Hugging Face Hub client), with `Range` requests parsed.
 #![deny(missing_docs)]
@@ -51,6 +53,21 @@ pub fn golden_file(name: &str) -> Option<PathBuf> {
     let f = golden_dir()?.join(name);
     assert!(f.is_file(), "reference file {} is missing", f.display());
     Some(f)
+}
+
+/// `name` if it is on PATH, or `None` (with a message on stderr) where it is not installed.
+///
+/// # Panics
+/// Under CI (`CI=true`) when the program is missing: `.ci/run` installs what the tests need.
+pub fn program(name: &str, install_hint: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
+        .unwrap_or_default();
+    if found.is_none() {
+        assert!(!under_ci(), "CI=true but `{name}` is not installed ({install_hint})");
+        eprintln!("skipping: `{name}` not found ({install_hint})");
+    }
+    found
 }
 
 pub mod http {

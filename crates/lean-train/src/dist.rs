@@ -21,6 +21,19 @@ pub use lean_ops::dist::{Collective, Local, ThreadGroup};
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
+/// The (rank, number of ranks) an MPI launcher (`mpirun`, `srun`) gave this process, read from
+/// its environment (Open MPI's, MPICH's / Intel MPI's or PMIx's variables); None outside one.
+pub fn launcher_rank() -> Option<(usize, usize)> {
+    let var = |k: &str| std::env::var(k).ok()?.parse::<usize>().ok();
+    [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("PMIX_RANK", "PMIX_SIZE"),
+    ]
+    .iter()
+    .find_map(|(r, n)| Some((var(r)?, var(n)?)))
+}
+
 /// Gradient bytes all-reduced at once (PyTorch DDP's default bucket, 25 MiB).
 pub const BUCKET_BYTES: usize = 25 << 20;
 

@@ -84,13 +84,14 @@ fn two_ranks_with_sync_bn_train_as_one_process_with_the_combined_batch() {
     let ranks = two_ranks(true, &two);
     // Both ranks report the metrics of the whole evaluation set.
     assert_eq!(ranks[0].0, ranks[1].0);
-    // The same samples each step, summed in another order (per rank, then over the ranks): f32
-    // rounding, ~1e-7 relative per sum, carried through 6 steps (measured: 2e-7). Without
-    // SyncBN (each rank normalising over its 8 images) the weights move by ~8e-2. At a larger
-    // learning rate (0.05) this early phase amplifies rounding chaotically (2e-3 after 6
-    // steps), which is why the test trains gently.
+    // Tolerance 1e-4: the same samples each step, summed in another order (per rank, then over
+    // the ranks), so f32 rounding, ~1e-7 relative per sum, carried through 6 steps (measured:
+    // 2e-7 here; up to 3e-5 with other seeds, as early training amplifies small differences).
+    // Without SyncBN (each rank normalising over its 8 images) the weights move by ~8e-2. At a
+    // larger learning rate (0.05) the amplification reaches 2e-3 after 6 steps, which is why
+    // the test trains gently.
     let (d, name) = max_rel_diff(&weights(&two), &weights(&one));
-    assert!(d < 1e-5, "2 ranks x 8 with SyncBN vs 1 x 16: {name} differs by {d:e}");
+    assert!(d < 1e-4, "2 ranks x 8 with SyncBN vs 1 x 16: {name} differs by {d:e}");
     assert!(
         (ranks[0].0 - single.best_top1).abs() < 2.1,
         "{} vs {}",

@@ -41,14 +41,6 @@ impl std::fmt::Debug for Request {
     }
 }
 
-/// Whether this process was started by an MPI launcher with more than one rank (Open MPI's,
-/// MPICH's / Intel MPI's or Slurm's PMI variables).
-pub fn launched_by_mpirun() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
-}
-
 impl MpiGroup {
     /// Initialises MPI (once per process) on its own thread and joins the world.
     pub fn init() -> crate::Result<MpiGroup> {
