@@ -3,7 +3,7 @@
 # system CUDA: NVIDIA's CUDA 13.4 wheels from PyPI in a virtual environment.
 #
 #   scripts/cuda-toolchain.sh            # install (once) and print the environment to export
-#   scripts/cuda-toolchain.sh check      # install, then `cargo check` the CLI with --features cuda
+#   scripts/cuda-toolchain.sh check      # install, then `cargo check` the CLI with --features cuda,nccl
 #
 # Why these versions: candle 0.11.1's cudarc accepts CUDA 11.4-12.9 and 13.0-13.4 (its build
 # script panics on newer ones); the meta-package pins matching compiler, headers and libraries
@@ -31,7 +31,8 @@ case "${1:-env}" in
     # Type-checks every crate with candle's CUDA backend (most of the time goes into
     # candle-kernels' PTX). Linking would also need plain-named symlinks to the wheels'
     # versioned libraries and a libcuda.so stub; running needs a GPU.
-    cargo check --release -p lean-cli --features lean-cli/cuda
+    # nccl (GPU data-parallel training) needs the mpi feature: Open MPI and libclang installed.
+    cargo check --release -p lean-cli --features lean-cli/cuda,lean-cli/nccl
     ;;
   env)
     echo "export CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP PATH=$CUDA_HOME/bin:\$PATH"

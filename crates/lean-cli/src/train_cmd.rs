@@ -24,8 +24,8 @@ pub struct TrainArgs {
     /// Continue a run: its folder or a checkpoint file (--epochs may extend it).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Data-parallel engine: none (one process) or mpi (every rank of `mpirun -np N lean train
-    /// --dist mpi ...`; --batch-size is per rank).
+    /// Data-parallel engine: none (one process), mpi (every rank of `mpirun -np N lean train
+    /// --dist mpi ...`; --batch-size is per rank) or nccl (the same with one GPU per rank).
     #[arg(long, value_enum, default_value_t = Dist::None)]
     dist: Dist,
 }
@@ -37,6 +37,8 @@ pub enum Dist {
     None,
     /// The ranks of an MPI launch (feature `mpi`).
     Mpi,
+    /// The ranks of an MPI launch, one GPU each, gradients summed by NCCL (feature `nccl`).
+    Nccl,
 }
 
 impl TrainArgs {
@@ -74,7 +76,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
             }
             train_with(&cfg, a.resume.as_deref(), &mut RunDisplay::default())?
         }
-        Dist::Mpi => match train_mpi(&cfg, a.resume.as_deref())? {
+        dist => match train_in_world(&cfg, a.resume.as_deref(), dist)? {
             Some(s) => s,
             None => return Ok(()), // not rank 0: rank 0 reports
         },
@@ -259,16 +261,37 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// One rank of an MPI launch: trains in the world's group; rank 0 draws progress and returns
-/// the summary, the others return None. An error on any rank aborts the launch (the other ranks
-/// would wait in their next collective forever).
+/// One rank of an MPI launch (`--dist mpi`: CPU processes; `--dist nccl`: a GPU each): trains
+/// in the world's group; rank 0 draws progress and returns the summary, the others return None.
+/// An error on any rank aborts the launch (the other ranks would wait in their next collective
+/// forever).
 #[cfg(feature = "mpi")]
-fn train_mpi(cfg: &TrainConfig, resume: Option<&std::path::Path>) -> Result<Option<lean_train::RunSummary>> {
+fn train_in_world(
+    cfg: &TrainConfig,
+    resume: Option<&std::path::Path>,
+    dist: Dist,
+) -> Result<Option<lean_train::RunSummary>> {
     use lean_train::dist::{mpi::MpiGroup, Collective};
-    let group = std::sync::Arc::new(MpiGroup::init().context("cannot join the MPI world")?);
+    use std::sync::Arc;
+    #[cfg_attr(not(feature = "nccl"), allow(unused_mut))]
+    let mut cfg = cfg.clone();
+    let (group, abort): (Arc<dyn Collective>, Box<dyn Fn(i32)>) = match dist {
+        #[cfg(feature = "nccl")]
+        Dist::Nccl => {
+            let g = Arc::new(lean_train::dist::nccl::NcclGroup::init().context("cannot set up NCCL")?);
+            cfg.device = DeviceSpec::Cuda(0); // this rank's GPU (NcclGroup::init)
+            (g.clone(), Box::new(move |code| g.abort(code)))
+        }
+        #[cfg(not(feature = "nccl"))]
+        Dist::Nccl => bail!("--dist nccl needs a lean built with NCCL: cargo build --release -p lean-cli --features nccl (README, data-parallel training)"),
+        _ => {
+            let g = Arc::new(MpiGroup::init().context("cannot join the MPI world")?);
+            (g.clone(), Box::new(move |code| g.abort(code)))
+        }
+    };
     let rank = group.rank();
     let run = || -> Result<lean_train::RunSummary> {
-        let trainer = lean_train::Trainer::new_in_group(cfg, resume, group.clone())?;
+        let trainer = lean_train::Trainer::new_in_group(&cfg, resume, group.clone())?;
         Ok(if rank == 0 {
             trainer.run(&mut RunDisplay::default())?
         } else {
@@ -279,13 +302,17 @@ fn train_mpi(cfg: &TrainConfig, resume: Option<&std::path::Path>) -> Result<Opti
         Ok(s) => Ok((rank == 0).then_some(s)),
         Err(e) => {
             eprintln!("error: rank {rank} of {}: {e:#}", group.world_size());
-            group.abort(1);
+            abort(1);
             Err(e)
         }
     }
 }
 
 #[cfg(not(feature = "mpi"))]
-fn train_mpi(_: &TrainConfig, _: Option<&std::path::Path>) -> Result<Option<lean_train::RunSummary>> {
-    bail!("--dist mpi needs a lean built with MPI: cargo build --release -p lean-cli --features mpi (Open MPI and libclang installed; README, data-parallel training)")
+fn train_in_world(_: &TrainConfig, _: Option<&std::path::Path>, dist: Dist) -> Result<Option<lean_train::RunSummary>> {
+    bail!(
+        "--dist {} needs a lean built with MPI: cargo build --release -p lean-cli --features {} (Open MPI and libclang installed; README, data-parallel training)",
+        if dist == Dist::Nccl { "nccl" } else { "mpi" },
+        if dist == Dist::Nccl { "nccl" } else { "mpi" }
+    )
 }

@@ -11,7 +11,7 @@
 //! PyTorch's DistributedDataParallel does with its buffers. Rank 0 alone writes the run folder.
 //!
 //! The engines: [`Local`] and [`ThreadGroup`] here, MPI ([`mpi`], feature `mpi`) for
-//! processes on one or several machines.
+//! processes on one or several machines, NCCL ([`nccl`], feature `nccl`) for a GPU per rank.
 
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
@@ -20,6 +20,8 @@ pub use lean_ops::dist::{Collective, Local, ThreadGroup};
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// The (rank, number of ranks) an MPI launcher (`mpirun`, `srun`) gave this process, read from
 /// its environment (Open MPI's, MPICH's / Intel MPI's or PMIx's variables); None outside one.
