@@ -174,6 +174,9 @@ pub fn lean_conv2d(
         let op = LeanOp(cfg.geometry(n, h, w, true), Shape::from((n, cfg.out_channels, ho, wo)));
         x.contiguous()?
             .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, OnCpu(op))?
+    } else if x.device().is_cuda() {
+        // candle's (cuBLAS) 1x1 convolution plus our stencil kernels.
+        (x.conv2d(pointwise, 0, cfg.stride, 1, 1)? + stencil_on_device(x, stencil, cfg)?)?
     } else {
         reference::lean_conv2d(x, pointwise, stencil, None, cfg)?
     };
@@ -189,8 +192,17 @@ pub fn grouped_stencil_conv2d(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConf
         let op = StencilOp(cfg.geometry(n, h, w, false), Shape::from((n, cfg.out_channels, ho, wo)));
         Ok(x.contiguous()?.apply_op2(&stencil.contiguous()?, OnCpu(op))?)
     } else {
-        reference::grouped_stencil_conv2d(x, stencil, cfg)
+        stencil_on_device(x, stencil, cfg)
     }
+}
+
+/// The stencil branch on a non-CPU device: our CUDA kernels where built in, else the composite.
+fn stencil_on_device(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
+        return crate::cuda::grouped_stencil_conv2d(x, stencil, cfg);
+    }
+    reference::grouped_stencil_conv2d(x, stencil, cfg)
 }
 
 /// A lean convolution layer, a drop-in for a 3x3 `Conv2d`.

@@ -28,7 +28,9 @@
 //!
 //! Every operator here has a fast CPU kernel (f32 and f64) written as a candle `CustomOp` with a
 //! backward pass, and a composite implementation from candle primitives in [`reference`] that is
-//! used on other devices (CUDA, Metal) and as the tests' second implementation.
+//! used on other devices and as the tests' second implementation. With the `cuda` feature the
+//! lean convolution's stencil branch runs our own CUDA kernels (forward and both gradients on
+//! the device) and its pointwise branch candle's cuBLAS convolution.
 #![deny(missing_docs)]
 
 /// Builder-style setters of a config struct: `field: Type;` gives
@@ -51,6 +53,8 @@ pub mod channels_last;
 mod conv;
 pub mod cost;
 mod cpu_op;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod depthwise;
 pub mod dist;
 mod error;
