@@ -4,6 +4,7 @@
 #
 #   scripts/cuda-toolchain.sh            # install (once) and print the environment to export
 #   scripts/cuda-toolchain.sh check      # install, then `cargo check` the CLI with --features cuda,nccl
+#   scripts/cuda-toolchain.sh build      # install, then build (and link) target/release/lean with cuda
 #
 # Why these versions: candle 0.11.1's cudarc accepts CUDA 11.4-12.9 and 13.0-13.4 (its build
 # script panics on newer ones); the meta-package pins matching compiler, headers and libraries
@@ -34,11 +35,32 @@ case "${1:-env}" in
     # nccl (GPU data-parallel training) needs the mpi feature: Open MPI and libclang installed.
     cargo check --release -p lean-cli --features lean-cli/cuda,lean-cli/nccl
     ;;
+  build)
+    # The wheels ship versioned libraries only (libcublas.so.13) and no driver: give the linker
+    # plain-named symlinks, and stubs of the driver (libcuda) and NCCL built from cudarc's own
+    # declarations. The stubs carry the real libraries' sonames (libcuda.so.1, libnccl.so.2),
+    # so on a GPU machine the binary loads the installed driver and NCCL, never the stubs.
+    lib="$cuda_home/lib"
+    for f in "$lib"/lib*.so.*; do
+      base="${f##*/}"; plain="$lib/${base%%.so.*}.so"
+      [ -e "$plain" ] || ln -s "$base" "$plain"
+    done
+    cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)"
+    for pair in "cuda:driver:libcuda.so.1" "nccl:nccl:libnccl.so.2"; do
+      IFS=: read -r name dir soname <<<"$pair"
+      if [ ! -e "$lib/lib$name.so" ]; then
+        grep -ho 'fn [A-Za-z0-9_]*(' "$cudarc/src/$dir/sys/mod.rs" | sed 's/fn \(.*\)(/void \1(void) {}/' | sort -u > "$venv/stub-$name.c"
+        cc -shared -fPIC -Wl,-soname,"$soname" -o "$lib/lib$name.so" "$venv/stub-$name.c"
+      fi
+    done
+    cargo build --release -p lean-cli --features lean-cli/cuda
+    echo "built target/release/lean with CUDA; on a GPU machine run it with LD_LIBRARY_PATH=$lib"
+    ;;
   env)
     echo "export CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP PATH=$CUDA_HOME/bin:\$PATH"
     ;;
   *)
-    echo "usage: scripts/cuda-toolchain.sh [env|check]" >&2
+    echo "usage: scripts/cuda-toolchain.sh [env|check|build]" >&2
     exit 2
     ;;
 esac

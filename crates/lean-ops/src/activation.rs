@@ -190,6 +190,10 @@ pub fn add_activation(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor>
     if a.device().is_cpu() {
         Ok(a.contiguous()?.apply_op2(&b.contiguous()?, OnCpu(AddActOp(act)))?)
     } else {
+        #[cfg(feature = "cuda")]
+        if a.device().is_cuda() && a.dims() == b.dims() {
+            return crate::cuda::norm::add_activation(a, b, act);
+        }
         act.apply_tensor(&(a + b)?)
     }
 }

@@ -218,8 +218,7 @@ impl BatchNorm2d {
             } else {
                 x.clone()
             };
-            let (y, mean, var) =
-                crate::reference::batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act)?;
+            let (y, mean, var) = device_batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act)?;
             let y = if last {
                 crate::channels_last::to_channels_last(&y)?
             } else {
@@ -251,6 +250,22 @@ impl BatchNorm2d {
         nbt.set(&next)?;
         Ok(())
     }
+}
+
+/// Train-mode BatchNorm + activation of an NCHW tensor on a non-CPU device: our CUDA kernels
+/// where built in, else the composite.
+fn device_batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    act: Activation,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return crate::cuda::norm::batch_norm_train(x, weight, bias, eps, act);
+    }
+    crate::reference::batch_norm_train(x, weight, bias, eps, act)
 }
 
 impl ModuleT for BatchNorm2d {

@@ -200,7 +200,7 @@ pub fn grouped_stencil_conv2d(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConf
 fn stencil_on_device(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
-        return crate::cuda::grouped_stencil_conv2d(x, stencil, cfg);
+        return crate::cuda::stencil::grouped_stencil_conv2d(x, stencil, cfg);
     }
     reference::grouped_stencil_conv2d(x, stencil, cfg)
 }

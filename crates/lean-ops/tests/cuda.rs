@@ -70,3 +70,53 @@ fn cuda_stencil_matches_the_cpu_path_forward_and_backward() {
         }
     }
 }
+
+#[test]
+fn cuda_batch_norm_and_residual_activation_match_the_cpu_path() {
+    use candle_nn::{VarBuilder, VarMap};
+    use lean_ops::{add_activation, Activation, BatchNorm2d, BatchNormConfig};
+    let Some(gpu) = gpu() else { return };
+    for dt in [DType::F32, DType::F64] {
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            let x = rand(&[3, 5, 4, 6], 1, dt).affine(3.0, 0.5).unwrap();
+            let skip = rand(&[3, 5, 4, 6], 2, dt);
+            let r = rand(&[3, 5, 4, 6], 3, dt);
+            let on = |dev: &Device| -> Vec<Tensor> {
+                let vm = VarMap::new();
+                let bn =
+                    BatchNorm2d::new(5, BatchNormConfig::default(), VarBuilder::from_varmap(&vm, dt, dev)).unwrap();
+                let (xv, sv) = (var(&x.to_device(dev).unwrap()), var(&skip.to_device(dev).unwrap()));
+                let y = bn.forward_act(xv.as_tensor(), true, act).unwrap();
+                let z = add_activation(&y, sv.as_tensor(), act).unwrap();
+                let params: Vec<_> = {
+                    let data = vm.data().lock().unwrap();
+                    ["weight", "bias"].iter().map(|k| data[*k].clone()).collect()
+                };
+                let mut vars = vec![xv, sv];
+                vars.extend(params);
+                let mut out = vec![
+                    y.clone(),
+                    z.clone(),
+                    bn.running_mean().clone(),
+                    bn.running_var().clone(),
+                ];
+                out.extend(grads_of(&vars, &z, &r.to_device(dev).unwrap()));
+                out.into_iter().map(|t| t.to_device(&Device::Cpu).unwrap()).collect()
+            };
+            let (cpu, cuda) = (on(&Device::Cpu), on(&gpu));
+            let names = [
+                "bn y",
+                "add+act",
+                "running mean",
+                "running var",
+                "gx",
+                "g skip",
+                "g weight",
+                "g bias",
+            ];
+            for ((a, b), name) in cuda.iter().zip(&cpu).zip(names) {
+                assert_close(a, b, tol(dt), &format!("{name} ({dt:?}, {act:?})"));
+            }
+        }
+    }
+}

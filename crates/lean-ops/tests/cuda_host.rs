@@ -1,4 +1,4 @@
-//! The CUDA stencil kernels (src/cuda/stencil.cu) compiled for the host by the system C++
+//! The CUDA kernels (src/cuda/stencil.cu, src/cuda/norm.cu) compiled for the host by the system C++
 //! compiler and run against a dense oracle and the gradients' adjoint identities
 //! (tests/cuda_host/harness.cpp): their index arithmetic is checked on every machine, a GPU or
 //! not. tests/cuda.rs runs them on a GPU against the CPU path.
@@ -24,5 +24,6 @@ fn cuda_stencil_kernels_compute_the_operator_on_the_host() {
     let _ = std::fs::remove_file(&exe);
     let report = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{report}");
-    assert_eq!(report.lines().filter(|l| l.ends_with(" ok")).count(), 9, "{report}");
+    // 9 stencil cases, 3 BatchNorm cases, 3 residual-add activations.
+    assert_eq!(report.lines().filter(|l| l.ends_with(" ok")).count(), 15, "{report}");
 }

@@ -3,7 +3,10 @@
 // that share no code with them: a dense 3x3 convolution with the stencil scattered into its
 // kernel (the spec's definition of the operator), and for the two gradients the adjoint
 // identities <gx, x> = <gy, y(x)> and <gq, q> = <gy, y(q)> (the op is linear in each).
-// Exercises the index arithmetic, not the parallel reduction (tests/cuda.rs does that on a GPU).
+// The BatchNorm kernels of src/cuda/norm.cu go against a plain double-precision BatchNorm and,
+// for their gradients, central differences of a random linear loss; the residual add against
+// its definition. Exercises the index arithmetic, not the parallel reductions (tests/cuda.rs
+// does that on a GPU).
 // Prints one line per case and exits non-zero on the first mismatch.
 #include <cmath>
 #include <cstdio>
@@ -17,8 +20,10 @@ static Dim3 blockIdx{0}, threadIdx{0}, blockDim{1}, gridDim{1};
 #define __shared__
 static inline void __syncthreads() {}
 unsigned char smem[1 << 16];
+double red[2];
 
 #include "../../src/cuda/stencil.cu"
+#include "../../src/cuda/norm.cu"
 
 static unsigned long long rng = 88172645463325252ull;
 static double uniform() {
@@ -78,6 +83,88 @@ static bool run(const Case& k) {
     return ok;
 }
 
+// BatchNorm (train mode) + activation: forward against a plain implementation, the gradients
+// of L = Σ r·y against central differences.
+static bool run_bn(const char* name, int n, int c, int hw, int act) {
+    const double eps = 1e-5, m = (double)n * hw;
+    std::vector<double> x((size_t)n * c * hw), w(c), b(c), r(x.size());
+    for (auto& v : x) v = 3.0 * uniform() + 0.5;
+    for (auto& v : w) v = 1.5 + uniform();
+    for (auto& v : b) v = uniform();
+    for (auto& v : r) v = uniform();
+    auto forward = [&](const std::vector<double>& x, const std::vector<double>& w, const std::vector<double>& b,
+                       std::vector<double>& y, std::vector<double>& stats) {
+        stats.assign(3 * c, 0.0);
+        y.assign(x.size(), 0.0);
+        bn_stats_f64(x.data(), stats.data(), n, c, hw, eps);
+        bn_apply_f64(x.data(), w.data(), b.data(), stats.data(), y.data(), n, c, hw, act);
+    };
+    auto loss = [&](const std::vector<double>& x, const std::vector<double>& w, const std::vector<double>& b) {
+        std::vector<double> y, st;
+        forward(x, w, b, y, st);
+        return dot(r, y);
+    };
+    std::vector<double> y, stats;
+    forward(x, w, b, y, stats);
+    double e_fwd = 0;
+    for (int ch = 0; ch < c; ++ch) {
+        double mean = 0, var = 0;
+        for (int i = 0; i < n; ++i) for (int p = 0; p < hw; ++p) mean += x[((size_t)i * c + ch) * hw + p];
+        mean /= m;
+        for (int i = 0; i < n; ++i) for (int p = 0; p < hw; ++p) var += std::pow(x[((size_t)i * c + ch) * hw + p] - mean, 2);
+        var /= m;
+        e_fwd = std::fmax(e_fwd, std::fabs(stats[ch] - mean) + std::fabs(stats[c + ch] - var));
+        for (int i = 0; i < n; ++i)
+            for (int p = 0; p < hw; ++p) {
+                const size_t at = ((size_t)i * c + ch) * hw + p;
+                double v = (x[at] - mean) / std::sqrt(var + eps) * w[ch] + b[ch];
+                if (act >= 1) v = std::fmax(v, 0.0);
+                if (act == 2) v = std::fmin(v, 6.0);
+                e_fwd = std::fmax(e_fwd, std::fabs(y[at] - v));
+            }
+    }
+    std::vector<double> sums(2 * c), gx(x.size());
+    bn_grad_sums_f64(r.data(), y.data(), x.data(), stats.data(), sums.data(), n, c, hw, act);
+    bn_grad_input_f64(r.data(), y.data(), x.data(), w.data(), stats.data(), sums.data(), gx.data(), n, c, hw, act);
+    // The module's parameter gradients: Σ gz·xhat and Σ gz (cuda.rs forms them from `sums`).
+    std::vector<double> gw(c), gb(c);
+    for (int ch = 0; ch < c; ++ch) { gw[ch] = sums[c + ch] * stats[2 * c + ch]; gb[ch] = sums[ch]; }
+    const double h = 1e-6;
+    double e_grad = 0;
+    auto fd = [&](std::vector<double>& v, size_t i) {
+        const double keep = v[i];
+        v[i] = keep + h; const double up = loss(x, w, b);
+        v[i] = keep - h; const double down = loss(x, w, b);
+        v[i] = keep;
+        return (up - down) / (2 * h);
+    };
+    for (size_t i = 0; i < x.size(); i += 7) e_grad = std::fmax(e_grad, std::fabs(fd(x, i) - gx[i]));
+    for (int ch = 0; ch < c; ++ch) {
+        e_grad = std::fmax(e_grad, std::fabs(fd(w, ch) - gw[ch]));
+        e_grad = std::fmax(e_grad, std::fabs(fd(b, ch) - gb[ch]));
+    }
+    const bool ok = e_fwd < 1e-12 && e_grad < 1e-5;
+    std::printf("%-28s forward %.1e  gradients vs differences %.1e  %s\n", name, e_fwd, e_grad, ok ? "ok" : "MISMATCH");
+    return ok;
+}
+
+static bool run_add_act(int act) {
+    const long long total = 37;
+    std::vector<double> a(total), b(total), y(total), gy(total), gz(total);
+    for (long long i = 0; i < total; ++i) { a[i] = 4 * uniform(); b[i] = 4 * uniform(); gy[i] = uniform(); }
+    add_act_f64(a.data(), b.data(), y.data(), total, act);
+    act_backward_f64(gy.data(), y.data(), gz.data(), total, act);
+    bool ok = true;
+    for (long long i = 0; i < total; ++i) {
+        const double s = a[i] + b[i];
+        const double want = act == 0 ? s : act == 1 ? std::fmax(s, 0.0) : std::fmin(std::fmax(s, 0.0), 6.0);
+        const double pass = act == 0 || (s > 0 && (act == 1 || s < 6));
+        ok = ok && y[i] == want && gz[i] == (pass ? gy[i] : 0.0);
+    }
+    std::printf("add + activation %-11d %s\n", act, ok ? "ok" : "MISMATCH");
+    return ok;
+}
+
 int main() {
     const std::vector<int> five{-1, 0, 0, -1, 0, 0, 0, 1, 1, 0}, four{-1, 0, 0, -1, 0, 1, 1, 0},
         full{-1, -1, -1, 0, -1, 1, 0, -1, 0, 0, 0, 1, 1, -1, 1, 0, 1, 1}, h3{0, -1, 0, 0, 0, 1};
@@ -93,5 +180,9 @@ int main() {
         {"one pixel", 3, 2, 1, 1, 4, 2, 1, 1, five},
     };
     for (const auto& c : cases) if (!run(c)) return 1;
+    if (!run_bn("batch norm", 3, 4, 5, 0) || !run_bn("batch norm + relu", 2, 3, 7, 1) ||
+        !run_bn("batch norm + relu6 1x1", 5, 2, 1, 2))
+        return 1;
+    for (int act = 0; act < 3; ++act) if (!run_add_act(act)) return 1;
     return 0;
 }

@@ -1,36 +1,15 @@
-//! The grouped sparse-stencil convolution on CUDA (feature `cuda`): forward, input gradient and
-//! weight gradient as candle ops whose backward stays on the device. The pointwise branch of a
-//! lean convolution uses candle's cuBLAS-backed 1x1 convolution.
-//!
-//! The kernels (cuda/stencil.cu) are compiled at run time by NVRTC, once per process, for the
-//! GPU at hand: no build step beyond candle's own, PTX for exactly the device's architecture,
-//! and the same source is compiled on the host by the tests (tests/cuda_host) to check its
-//! index arithmetic against a dense oracle on machines without a GPU.
+//! The grouped sparse-stencil convolution on CUDA: forward, input gradient and weight gradient
+//! as candle ops whose backward stays on the device (kernels in stencil.cu).
 
+use super::{contiguous_view, Kernels, THREADS};
 use crate::error::Result;
 use crate::lean_conv_config::LeanConv2dConfig;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use std::sync::OnceLock;
 
-const SOURCE: &str = include_str!("cuda/stencil.cu");
-const MODULE: &str = "lean_stencil";
-const THREADS: u32 = 256;
-
-fn ptx() -> candle_core::Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        nvrtc::compile_ptx(SOURCE)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile the lean stencil kernels: {e:?}"))
-    })
-    .as_ref()
-    .map(String::as_str)
-    .map_err(|e| candle_core::Error::Msg(e.clone()))
-}
+static KERNELS: Kernels = Kernels::new("lean_stencil", include_str!("stencil.cu"));
 
 /// The sizes every kernel takes, in its argument order.
 #[derive(Clone, Debug)]
@@ -134,7 +113,7 @@ impl StencilCuda {
             Kernel::GradInput => format!("stencil_grad_input_{suffix}"),
             Kernel::GradWeight => format!("stencil_grad_weight_{suffix}"),
         };
-        let func = dev.get_or_load_custom_func(&name, MODULE, ptx()?)?;
+        let (func, stream) = (KERNELS.function(dev, &name)?, dev.cuda_stream());
         let (a, b) = (contiguous_view::<T>(a, la)?, contiguous_view::<T>(b, lb)?);
         let out = dev.alloc_zeros::<T>(self.out_len())?;
         let taps = dev.clone_htod(&self.geo.taps)?;
@@ -149,7 +128,7 @@ impl StencilCuda {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: shared,
         };
-        let mut builder = func.builder();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(&a);
         builder.arg(&b);
         builder.arg(&out);
@@ -164,16 +143,6 @@ impl StencilCuda {
         // as the weight-gradient reduction requires, with its shared memory sized to match.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-    }
-}
-
-fn contiguous_view<'a, T: candle_core::cuda_backend::CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
-        None => candle_core::bail!("lean stencil CUDA kernels: inputs must be contiguous"),
     }
 }
 
