@@ -204,21 +204,15 @@ impl BatchNorm2d {
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {
-            if crate::dist::sync_group().is_some_and(|g| g.world_size() > 1) {
-                return Err(config_err(
-                    OP,
-                    format!(
-                        "synchronised BatchNorm runs on the CPU only; this input is on {:?}",
-                        x.device().location()
-                    ),
-                ));
-            }
+            let sync = crate::dist::sync_group().filter(|g| g.world_size() > 1);
             let nchw = if last {
                 crate::channels_last::to_channels_first(x)?
             } else {
                 x.clone()
             };
-            let (y, mean, var) = device_batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act)?;
+            let (y, mean, var, count) =
+                device_batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act, sync)?;
+            m = count;
             let y = if last {
                 crate::channels_last::to_channels_last(&y)?
             } else {
@@ -252,20 +246,33 @@ impl BatchNorm2d {
     }
 }
 
-/// Train-mode BatchNorm + activation of an NCHW tensor on a non-CPU device: our CUDA kernels
-/// where built in, else the composite.
+/// Train-mode BatchNorm + activation of an NCHW tensor on a non-CPU device, synchronised over
+/// `sync` if given: our CUDA kernels where built in, else the composite (which cannot
+/// synchronise). Returns (y, mean, var, values per channel the statistics span).
 fn device_batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
     act: Activation,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    sync: Option<std::sync::Arc<dyn crate::dist::Collective>>,
+) -> Result<(Tensor, Tensor, Tensor, usize)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return crate::cuda::norm::batch_norm_train(x, weight, bias, eps, act);
+        return crate::cuda::norm::batch_norm_train(x, weight, bias, eps, act, sync);
     }
-    crate::reference::batch_norm_train(x, weight, bias, eps, act)
+    if sync.is_some() {
+        return Err(config_err(
+            "batch_norm",
+            format!(
+                "synchronised BatchNorm runs on the CPU and, with the cuda feature, on CUDA; this input is on {:?}",
+                x.device().location()
+            ),
+        ));
+    }
+    let (y, mean, var) = crate::reference::batch_norm_train(x, weight, bias, eps, act)?;
+    let count = x.elem_count() / x.dim(1)?.max(1);
+    Ok((y, mean, var, count))
 }
 
 impl ModuleT for BatchNorm2d {

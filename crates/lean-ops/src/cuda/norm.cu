@@ -101,11 +101,11 @@ __device__ void bn_grad_sums(const T* gy, const T* y, const T* x, const double* 
 }
 
 // gx = w·invstd · (gz - Σgz/m - xhat · invstd·Σgz(x-mean)/m), xhat = (x - mean)·invstd.
+// m: the number of values per channel the statistics span (n·hw, or more under SyncBN).
 template <typename T>
 __device__ void bn_grad_input(const T* gy, const T* y, const T* x, const T* w, const double* stats, const double* sums,
-                              T* gx, int n, int c, int hw, int act) {
+                              T* gx, int n, int c, int hw, int act, double m) {
     const long total = (long)n * c * hw;
-    const double m = (double)n * hw;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         const int ch = (i / hw) % c;
         const double mean = stats[ch], is = stats[2 * c + ch];
@@ -141,8 +141,8 @@ __device__ void act_backward(const T* gy, const T* y, T* gz, long long total, in
     }                                                                                                          \
     extern "C" __global__ void bn_grad_input_##SUFFIX(const T* gy, const T* y, const T* x, const T* w,         \
                                                       const double* stats, const double* sums, T* gx, int n,   \
-                                                      int c, int hw, int act) {                                \
-        bn_grad_input<T>(gy, y, x, w, stats, sums, gx, n, c, hw, act);                                         \
+                                                      int c, int hw, int act, double m) {                      \
+        bn_grad_input<T>(gy, y, x, w, stats, sums, gx, n, c, hw, act, m);                                      \
     }                                                                                                          \
     extern "C" __global__ void add_act_##SUFFIX(const T* a, const T* b, T* y, long long total, int act) {            \
         add_act<T>(a, b, y, total, act);                                                                       \

@@ -3,6 +3,7 @@
 
 use super::{contiguous_view, grid_for, with_view, Kernels, THREADS};
 use crate::activation::Activation;
+use crate::dist::{combine_moments, sum_over_group, Collective};
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
@@ -10,6 +11,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType,
 };
+use std::sync::Arc;
 
 static KERNELS: Kernels = Kernels::new("lean_norm", include_str!("norm.cu"));
 
@@ -105,10 +107,13 @@ impl BnStats {
     }
 }
 
-/// (x, weight, bias) -> act(BatchNorm(x)) with the batch statistics `stats`.
+/// (x, weight, bias) -> act(BatchNorm(x)) with the batch statistics `stats`, which span
+/// `count` values per channel (more than x's under SyncBN, over `sync`).
 struct BnApply {
     stats: Tensor,
     act: Activation,
+    count: usize,
+    sync: Option<Arc<dyn Collective>>,
 }
 
 impl BnApply {
@@ -191,26 +196,25 @@ impl CustomOp3 for BnApply {
         gy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gy = gy.contiguous()?;
-        let sums = gy.apply_op3_no_bwd(
-            y,
-            x,
-            &BnGrad {
-                stats: self.stats.clone(),
-                sums: None,
-                weight: None,
-                act: self.act,
-            },
-        )?;
-        let gx = gy.apply_op3_no_bwd(
-            y,
-            x,
-            &BnGrad {
-                stats: self.stats.clone(),
-                sums: Some(sums.clone()),
-                weight: Some(w.contiguous()?),
-                act: self.act,
-            },
-        )?;
+        let grad = |sums: Option<Tensor>, weight: Option<Tensor>| BnGrad {
+            stats: self.stats.clone(),
+            sums,
+            weight,
+            act: self.act,
+            count: self.count,
+        };
+        let sums = gy.apply_op3_no_bwd(y, x, &grad(None, None))?;
+        // SyncBN: the input gradient needs the sums over every rank's batch; γ's and β's
+        // gradients stay local (the data-parallel gradient sum adds them up).
+        let input_sums = match &self.sync {
+            Some(g) => {
+                let local = sums.to_vec2::<f64>()?;
+                let [s, sx] = sum_over_group(g.as_ref(), [&local[0], &local[1]])?;
+                Tensor::new(vec![s, sx], x.device())?
+            }
+            None => sums.clone(),
+        };
+        let gx = gy.apply_op3_no_bwd(y, x, &grad(Some(input_sums), Some(w.contiguous()?)))?;
         // γ's gradient Σ gz·xhat = invstd · Σ gz·(x - mean); β's Σ gz.
         let gw = (sums.i(1)? * self.stats.i(2)?)?.to_dtype(x.dtype())?;
         let gb = sums.i(0)?.to_dtype(x.dtype())?;
@@ -218,12 +222,14 @@ impl CustomOp3 for BnApply {
     }
 }
 
-/// (gy, y, x) -> the per-channel sums (2, C) f64 (`sums` None), or the input gradient.
+/// (gy, y, x) -> the per-channel sums (2, C) f64 (`sums` None), or the input gradient (the
+/// statistics spanning `count` values per channel).
 struct BnGrad {
     stats: Tensor,
     sums: Option<Tensor>,
     weight: Option<Tensor>,
     act: Activation,
+    count: usize,
 }
 
 impl BnGrad {
@@ -263,6 +269,8 @@ impl BnGrad {
                         a.arg(&c);
                         a.arg(&hw);
                         a.arg(&act);
+                        let m = self.count as f64;
+                        a.arg(&m);
                         // SAFETY: arguments as bn_grad_input_* declares them; gy, y, x and gx
                         // hold N·C·H·W elements, the weight C, stats 3·C and sums 2·C doubles.
                         unsafe { a.launch(elementwise(total)) }.w()?;
@@ -331,7 +339,9 @@ impl CustomOp3 for BnGrad {
     }
 }
 
-/// Train-mode BatchNorm + `act` of a contiguous NCHW CUDA tensor: (y, mean, biased variance),
+/// Train-mode BatchNorm + `act` of a contiguous NCHW CUDA tensor, over the batches of every
+/// rank of `sync` when given (SyncBN: the small per-channel statistics and gradient sums travel
+/// through the group on the host): (y, mean, biased variance, values per channel they span),
 /// the statistics as f64 (C,) tensors for the running averages.
 pub(crate) fn batch_norm_train(
     x: &Tensor,
@@ -339,18 +349,31 @@ pub(crate) fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
     act: Activation,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    sync: Option<Arc<dyn Collective>>,
+) -> Result<(Tensor, Tensor, Tensor, usize)> {
     let x = x.contiguous()?;
+    let local = x.elem_count() / x.dim(1)?.max(1);
     let stats = x.apply_op1_no_bwd(&BnStats { eps })?;
+    let (stats, count) = match &sync {
+        Some(g) => {
+            let host = stats.to_vec2::<f64>()?;
+            let (mean, var, count) = combine_moments(g.as_ref(), &host[0], &host[1], local)?;
+            let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+            (Tensor::new(vec![mean, var, invstd], x.device())?, count)
+        }
+        None => (stats, local),
+    };
     let y = x.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
         BnApply {
             stats: stats.clone(),
             act,
+            count,
+            sync,
         },
     )?;
-    Ok((y, stats.i(0)?, stats.i(1)?))
+    Ok((y, stats.i(0)?, stats.i(1)?, count))
 }
 
 /// act(a + b) (forward), or the gradient before the activation (backward: gy, y -> gz).

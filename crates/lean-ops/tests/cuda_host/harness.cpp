@@ -125,7 +125,7 @@ static bool run_bn(const char* name, int n, int c, int hw, int act) {
     }
     std::vector<double> sums(2 * c), gx(x.size());
     bn_grad_sums_f64(r.data(), y.data(), x.data(), stats.data(), sums.data(), n, c, hw, act);
-    bn_grad_input_f64(r.data(), y.data(), x.data(), w.data(), stats.data(), sums.data(), gx.data(), n, c, hw, act);
+    bn_grad_input_f64(r.data(), y.data(), x.data(), w.data(), stats.data(), sums.data(), gx.data(), n, c, hw, act, m);
     // The module's parameter gradients: Σ gz·xhat and Σ gz (cuda.rs forms them from `sums`).
     std::vector<double> gw(c), gb(c);
     for (int ch = 0; ch < c; ++ch) { gw[ch] = sums[c + ch] * stats[2 * c + ch]; gb[ch] = sums[ch]; }
