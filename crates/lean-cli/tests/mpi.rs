@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -153,15 +152,7 @@ fn a_killed_and_resumed_two_rank_run_ends_as_the_uninterrupted_one() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !b.join("last.safetensors").is_file() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be stopped"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lean_test_support::wait_for_file(&mut child, &b.join("last.safetensors"));
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

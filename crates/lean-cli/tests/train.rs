@@ -2,7 +2,6 @@
 //! that ends with exactly the weights of an uninterrupted one, and clear errors.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -71,15 +70,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !b.join("last.safetensors").is_file() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lean_test_support::wait_for_file(&mut child, &b.join("last.safetensors"));
     child.kill().unwrap();
     child.wait().unwrap();
     let before = std::fs::read_to_string(b.join("summary.csv")).unwrap();

@@ -4,6 +4,7 @@
 //!   (`CI=true`), so a golden test can never pass vacuously there.
 //! - [`program`]: an external program a test needs (e.g. `mpirun`), skipped with a message
 //!   where it is not installed and a failure under CI.
+//! - [`wait_for_file`]: polls until a running command has written a file (to stop it mid-run).
 //! - [`http::serve`]: a bounded HTTP/1.1 server on 127.0.0.1 for download code (the data
 //!   fetcher, the Hugging Face Hub client), with `Range` requests parsed.
 #![deny(missing_docs)]
@@ -68,6 +69,28 @@ pub fn program(name: &str, install_hint: &str) -> Option<PathBuf> {
         eprintln!("skipping: `{name}` not found ({install_hint})");
     }
     found
+}
+
+/// Waits until `path` exists while `child` keeps running (checked every 20 ms, for at most
+/// two minutes): the moment to stop a run mid-way, once its first checkpoint is written.
+///
+/// # Panics
+/// When the time runs out, or the child ends first (it could then not be stopped mid-run).
+pub fn wait_for_file(child: &mut std::process::Child, path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !path.is_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        assert!(
+            child.try_wait().expect("child status").is_none(),
+            "the run ended before {} appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 pub mod http {

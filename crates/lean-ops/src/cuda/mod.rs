@@ -8,6 +8,20 @@
 //! architecture. The same sources are compiled for the host by the tests (tests/cuda_host) to
 //! check their arithmetic against oracles on machines without a GPU.
 
+/// The `cpu_fwd` of a CUDA-only custom op of 1, 2 or 3 inputs: an error (the public functions
+/// send CPU tensors to the CPU ops before any of these is built).
+macro_rules! no_cpu_fwd {
+    ($($arg:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, _: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let _ = $arg;)+
+            candle_core::bail!("{}: a CUDA op was given CPU tensors", self.name())
+        }
+    };
+}
+
 pub(crate) mod norm;
 pub(crate) mod stencil;
 

@@ -8,9 +8,7 @@ use crate::error::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType,
-};
+use candle_core::{CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType};
 use std::sync::Arc;
 
 static KERNELS: Kernels = Kernels::new("lean_norm", include_str!("norm.cu"));
@@ -65,9 +63,7 @@ impl CustomOp1 for BnStats {
     fn name(&self) -> &'static str {
         "batch-norm-stats-cuda"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: a CUDA op was given a CPU tensor", self.name())
-    }
+    no_cpu_fwd!(a);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let c = nchw(l)?[1] as usize;
         let out = match s.dtype() {
@@ -161,17 +157,7 @@ impl CustomOp3 for BnApply {
     fn name(&self) -> &'static str {
         "batch-norm-train-cuda"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: a CUDA op was given CPU tensors", self.name())
-    }
+    no_cpu_fwd!(a, b, c);
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -312,17 +298,7 @@ impl CustomOp3 for BnGrad {
     fn name(&self) -> &'static str {
         "batch-norm-grad-cuda"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: a CUDA op was given CPU tensors", self.name())
-    }
+    no_cpu_fwd!(a, b, c);
     fn cuda_fwd(
         &self,
         gy: &CudaStorage,
@@ -390,15 +366,7 @@ impl CustomOp2 for AddAct {
             "add-activation-cuda"
         }
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: a CUDA op was given CPU tensors", self.name())
-    }
+    no_cpu_fwd!(a, b);
     fn cuda_fwd(
         &self,
         a: &CudaStorage,

@@ -7,7 +7,7 @@ use crate::lean_conv_config::LeanConv2dConfig;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 static KERNELS: Kernels = Kernels::new("lean_stencil", include_str!("stencil.cu"));
 
@@ -155,15 +155,7 @@ impl CustomOp2 for StencilCuda {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{}: a CUDA op was given CPU tensors", self.name())
-    }
+    no_cpu_fwd!(a, b);
 
     fn cuda_fwd(
         &self,
