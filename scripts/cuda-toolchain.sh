@@ -4,7 +4,8 @@
 #
 #   scripts/cuda-toolchain.sh            # install (once) and print the environment to export
 #   scripts/cuda-toolchain.sh check      # install, then `cargo check` the CLI with --features cuda,nccl
-#   scripts/cuda-toolchain.sh build      # install, then build (and link) target/release/lean with cuda
+#   scripts/cuda-toolchain.sh build [FEATURES]   # install, then build (and link) target/release/lean
+#                                        with FEATURES (default lean-cli/cuda; lean-cli/nccl adds NCCL)
 #
 # Why these versions: candle 0.11.1's cudarc accepts CUDA 11.4-12.9 and 13.0-13.4 (its build
 # script panics on newer ones); the meta-package pins matching compiler, headers and libraries
@@ -53,8 +54,8 @@ case "${1:-env}" in
         cc -shared -fPIC -Wl,-soname,"$soname" -o "$lib/lib$name.so" "$venv/stub-$name.c"
       fi
     done
-    cargo build --release -p lean-cli --features lean-cli/cuda
-    echo "built target/release/lean with CUDA; on a GPU machine run it with LD_LIBRARY_PATH=$lib"
+    cargo build --release -p lean-cli --features "${2:-lean-cli/cuda}"
+    echo "built target/release/lean with ${2:-lean-cli/cuda}; on a GPU machine run it with LD_LIBRARY_PATH=$lib"
     ;;
   env)
     echo "export CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP PATH=$CUDA_HOME/bin:\$PATH"

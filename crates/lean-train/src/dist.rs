@@ -141,11 +141,13 @@ pub fn check_in_step(group: &dyn Collective, vars: &[Var]) -> Result<()> {
     if group.world_size() <= 1 {
         return Ok(());
     }
+    // One sequential pass on the host: the same bits on every rank whatever its thread count.
     let mut sum = [0f64; 2];
     for v in vars {
-        let t = v.as_tensor().to_dtype(DType::F64)?.flatten_all()?;
-        sum[0] += t.sum_all()?.to_scalar::<f64>()?;
-        sum[1] += t.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        for x in v.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()? {
+            sum[0] += x;
+            sum[1] += x * x;
+        }
     }
     let all = group.all_gather_f64(&sum).map_err(dist_err)?;
     if let Some((r, _)) = all.chunks_exact(2).enumerate().find(|(_, c)| *c != sum) {
