@@ -175,6 +175,8 @@ impl BatchNorm2d {
                 ),
             ));
         }
+        // SyncBN (lean_ops::dist): the group this thread's BatchNorms normalise over, if any.
+        let sync = crate::dist::sync_group().filter(|g| g.world_size() > 1);
         let (y, mean, var) = if x.device().is_cpu() {
             let (_, hw) = channel_dims(x.dims(), last);
             let x = x.contiguous()?;
@@ -186,7 +188,6 @@ impl BatchNorm2d {
                 })))
             };
             let (mean, var) = stats()?;
-            let sync = crate::dist::sync_group().filter(|g| g.world_size() > 1);
             let (mean, var, count) = match &sync {
                 Some(g) => crate::dist::combine_moments(g.as_ref(), &mean, &var, m)?,
                 None => (mean, var, m),
@@ -204,7 +205,6 @@ impl BatchNorm2d {
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {
-            let sync = crate::dist::sync_group().filter(|g| g.world_size() > 1);
             let nchw = if last {
                 crate::channels_last::to_channels_first(x)?
             } else {

@@ -280,19 +280,26 @@ pub(crate) fn combine_moments(
     Ok((gmean, gvar, total as usize))
 }
 
-/// Element-wise sums over the group of per-channel vectors (rank order, the same on every rank).
+/// Element-wise sums over the ranks of each rank's `local` values (the same length on every
+/// rank), taken in rank order: the same bits on every rank. The identity in a group of one.
+pub fn sum_over_ranks(group: &dyn Collective, local: &[f64]) -> Result<Vec<f64>> {
+    if group.world_size() <= 1 {
+        return Ok(local.to_vec());
+    }
+    let all = group.all_gather_f64(local)?;
+    let mut sum = vec![0.0; local.len()];
+    for part in all.chunks_exact(local.len().max(1)) {
+        sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+    }
+    Ok(sum)
+}
+
+/// [`sum_over_ranks`] of two per-channel vectors of the same length.
 pub(crate) fn sum_over_group(group: &dyn Collective, parts: [&[f64]; 2]) -> Result<[Vec<f64>; 2]> {
     let c = parts[0].len();
-    let local: Vec<f64> = parts[0].iter().chain(parts[1]).copied().collect();
-    let all = group.all_gather_f64(&local)?;
-    let mut sums = [vec![0.0; c], vec![0.0; c]];
-    for r in all.chunks_exact(2 * c) {
-        for ch in 0..c {
-            sums[0][ch] += r[ch];
-            sums[1][ch] += r[c + ch];
-        }
-    }
-    Ok(sums)
+    let mut sums = sum_over_ranks(group, &[parts[0], parts[1]].concat())?;
+    let second = sums.split_off(c);
+    Ok([sums, second])
 }
 
 #[cfg(test)]

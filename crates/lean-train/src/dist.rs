@@ -16,7 +16,7 @@
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-pub use lean_ops::dist::{Collective, Local, ThreadGroup};
+pub use lean_ops::dist::{sum_over_ranks, Collective, Local, ThreadGroup};
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -120,19 +120,6 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
         DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         d => return Err(Error::Distributed(format!("cannot broadcast a {d:?} variable"))),
     })
-}
-
-/// Element-wise sums over the ranks of host values (counts, loss sums), the same on every rank.
-pub fn sum_f64(group: &dyn Collective, local: &[f64]) -> Result<Vec<f64>> {
-    if group.world_size() <= 1 {
-        return Ok(local.to_vec());
-    }
-    let all = group.all_gather_f64(local).map_err(dist_err)?;
-    let mut sum = vec![0.0; local.len()];
-    for part in all.chunks_exact(local.len().max(1)) {
-        sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
-    }
-    Ok(sum)
 }
 
 /// Fails unless every rank holds the same `vars` (compared by a checksum of their values):

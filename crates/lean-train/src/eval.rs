@@ -1,7 +1,7 @@
 //! Evaluation per task: top-1/top-5 for classifiers, mIoU, pixel accuracy and per-class IoU
 //! for segmentation models. Each task carries only its own metrics.
 
-use crate::dist::{sum_f64, Collective, Local};
+use crate::dist::{sum_over_ranks, Collective, Local};
 use crate::metrics::{topk_correct, Confusion};
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -155,7 +155,7 @@ pub fn evaluate_sharded(model: &dyn Model, loader: &Loader, group: &dyn Collecti
     if group.world_size() > 1 {
         let mut local = vec![loss, c1 as f64, c5 as f64, n as f64];
         local.extend(conf.counts.iter().map(|&v| v as f64));
-        let all = sum_f64(group, &local)?;
+        let all = sum_over_ranks(group, &local)?;
         (loss, c1, c5, n) = (all[0], all[1] as usize, all[2] as usize, all[3] as usize);
         conf.counts = all[4..].iter().map(|&v| v as u64).collect();
     }

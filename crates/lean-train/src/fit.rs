@@ -316,7 +316,7 @@ impl Trainer {
             });
         }
         let group = self.group.as_ref();
-        let totals = dist::sum_f64(group, &[loss_sum, seen as f64])?;
+        let totals = dist::sum_over_ranks(group, &[loss_sum, seen as f64])?;
         let (loss_sum, seen) = (totals[0], totals[1] as usize);
         let train_time = t0.elapsed().as_secs_f64();
         if !self.cfg.sync_bn {
