@@ -5,9 +5,10 @@
 use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
+use lean_ops::fused::{conv_affine_act_nhwc, ChannelAffine, ConvWeights};
 use lean_ops::{
-    activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d, Conv2dConfig, Cost,
-    CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
+    activation, add_activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
+    Conv2dConfig, Cost, CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
 };
 
 pub use crate::trace::{LayerRow, Trace};
@@ -182,6 +183,28 @@ impl Conv {
         }
     }
 
+    /// The weights as the channels-last ops take them; `None` where there is no channels-last
+    /// path ([`Conv::supports_nhwc`]).
+    pub fn nhwc_weights(&self) -> Option<ConvWeights<'_>> {
+        match self {
+            Conv::Lean(c) => Some(ConvWeights::Lean {
+                pointwise: c.pointwise_weight(),
+                stencil: c.stencil_weight(),
+                cfg: c.config(),
+            }),
+            Conv::Dense(c) if self.supports_nhwc() => Some(ConvWeights::Pointwise {
+                weight: c.weight(),
+                stride: c.config().stride,
+            }),
+            Conv::Depthwise(c) => Some(ConvWeights::Depthwise {
+                weight: c.weight(),
+                stride: c.stride(),
+                dilation: c.dilation(),
+            }),
+            Conv::Dense(_) => None,
+        }
+    }
+
     /// The convolution of a channels-last (N, H, W, C) input, output channels-last.
     pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_nhwc_bias(x, true)
@@ -297,6 +320,11 @@ impl ConvBnAct {
     /// [`ConvBnAct::forward_t`] on a channels-last (N, H, W, C) input; see
     /// [`Conv::supports_nhwc`].
     pub fn forward_t_nhwc(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            if let Some(y) = self.forward_eval_fused(x, None, self.act)? {
+                return Ok(y);
+            }
+        }
         Ok(match (&self.bn, self.conv.bias()) {
             (Some(bn), _) => bn.forward_act_nhwc(&self.conv.forward_nhwc(x)?, train, self.act)?,
             // Folded: the bias and the activation in one pass.
@@ -307,6 +335,34 @@ impl ConvBnAct {
             }
             (None, None) => activation(&self.conv.forward_nhwc(x)?, self.act)?,
         })
+    }
+
+    /// The end of a residual block on channels-last tensors: act(layer(x) + residual), for a
+    /// layer without an activation of its own. At inference one fused pass
+    /// ([`lean_ops::fused`]).
+    pub fn forward_residual_nhwc(&self, x: &Tensor, train: bool, residual: &Tensor, act: Activation) -> Result<Tensor> {
+        if !train && self.act == Activation::None {
+            if let Some(y) = self.forward_eval_fused(x, Some(residual), act)? {
+                return Ok(y);
+            }
+        }
+        Ok(add_activation(&self.forward_t_nhwc(x, train)?, residual, act)?)
+    }
+
+    /// Eval mode on channels-last tensors as one fused op: act(affine(conv(x)) + residual), the
+    /// affine map being the BatchNorm's or the folded bias; `None` for a layer it does not
+    /// cover (a convolution with both a bias and a BatchNorm, or no channels-last path).
+    fn forward_eval_fused(&self, x: &Tensor, residual: Option<&Tensor>, act: Activation) -> Result<Option<Tensor>> {
+        let affine = match (&self.bn, self.conv.bias()) {
+            (Some(bn), None) => ChannelAffine::BatchNorm(bn),
+            (None, Some(b)) => ChannelAffine::Bias(b),
+            (None, None) => ChannelAffine::Identity,
+            (Some(_), Some(_)) => return Ok(None),
+        };
+        match self.conv.nhwc_weights() {
+            Some(w) => Ok(Some(conv_affine_act_nhwc(x, w, affine, residual, act)?)),
+            None => Ok(None),
+        }
     }
 
     /// [`ConvBnAct::forward_t_nhwc`] with `nhwc`, else [`ConvBnAct::forward_t`]: for blocks that

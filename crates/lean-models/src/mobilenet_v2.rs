@@ -105,10 +105,16 @@ impl InvertedResidual {
 
     /// The block on an NCHW input, or on a channels-last one with `nhwc`.
     fn forward_layout(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
+        let (last, first) = self.layers.split_last().expect("a block has layers");
         let mut h = x.clone();
-        for l in &self.layers {
+        for l in first {
             h = l.forward_in(&h, train, nhwc)?;
         }
+        if self.residual && nhwc {
+            // bn(project(h)) + x as one op (fused at inference).
+            return last.forward_residual_nhwc(&h, train, x, Activation::None);
+        }
+        h = last.forward_in(&h, train, nhwc)?;
         // Our fused op, not candle's add: one rayon pass each way (candle's elementwise ops run on
         // a second thread pool that competes with ours for the cores).
         Ok(if self.residual {

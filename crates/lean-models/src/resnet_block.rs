@@ -86,17 +86,29 @@ impl Block {
         mut probe: Option<&mut Vec<LeanBranchStats>>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
-        for c in &self.convs {
+        let (last, first) = self.convs.split_last().expect("a block has convolutions");
+        for c in first {
             if let Some(stats) = probe.as_deref_mut() {
                 stats.extend(c.lean_branch_stats(&h)?);
             }
             h = c.forward_in(&h, train, nhwc)?;
         }
+        if let Some(stats) = probe {
+            stats.extend(last.lean_branch_stats(&h)?);
+        }
         let shortcut = match &self.downsample {
             Some(d) => d.forward_in(x, train, nhwc)?,
             None => x.clone(),
         };
-        Ok(add_activation(&h, &shortcut, Activation::Relu)?)
+        if nhwc {
+            // relu(bn(conv(h)) + shortcut) as one op (fused at inference).
+            return last.forward_residual_nhwc(&h, train, &shortcut, Activation::Relu);
+        }
+        Ok(add_activation(
+            &last.forward_t(&h, train)?,
+            &shortcut,
+            Activation::Relu,
+        )?)
     }
 
     pub(crate) fn supports_nhwc(&self) -> bool {

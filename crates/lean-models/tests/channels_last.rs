@@ -1,17 +1,23 @@
 //! Networks that run channels-last inside compute what their NCHW versions compute: logits,
 //! every parameter gradient, the running statistics after a training step, eval-mode logits,
 //! stage features and the BatchNorm-folded network, with the same parameters. (The golden and
-//! zoo tests run the default, channels-last path.)
+//! zoo tests run the default, channels-last path.) On plain tensors, where nothing asks for
+//! gradients, eval mode takes the fused inference path (`lean_ops::fused`): checked the same way.
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lean_models::*;
 use lean_ops::{LeanInit, Stencil};
+use std::collections::HashMap;
 
 fn vb(vm: &VarMap) -> VarBuilder<'_> {
     VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu)
 }
 
 fn lean_resnet(layers: Vec<usize>, group_size: usize, bottleneck: bool, vm: &VarMap) -> ResNet {
+    ResNet::new(&lean_resnet_config(layers, group_size, bottleneck), vb(vm)).unwrap()
+}
+
+fn lean_resnet_config(layers: Vec<usize>, group_size: usize, bottleneck: bool) -> ResNetConfig {
     let mut cfg = ResNetConfig::torchvision(if bottleneck { 50 } else { 18 }).unwrap();
     cfg.layers = layers;
     cfg.widths = vec![16, 32, 48, 64];
@@ -24,7 +30,7 @@ fn lean_resnet(layers: Vec<usize>, group_size: usize, bottleneck: bool, vm: &Var
         dense_downsample: false,
         init: LeanInit::Balanced,
     };
-    ResNet::new(&cfg, vb(vm)).unwrap()
+    cfg
 }
 
 /// max |a - b| relative to max(max |b|, 1): values here are of order one, and some running
@@ -113,6 +119,95 @@ fn check_layouts<M: Model>(net: &mut M, vm: &VarMap, x: &Tensor, set: fn(&mut M,
     let folded = net.forward_t(x, false).unwrap();
     assert!(max_rel(&folded, &folded_ref) < TOL, "{what}: folded logits");
     assert!(max_rel(&folded, &e_ref) < GRAD_TOL, "{what}: folded vs unfolded");
+}
+
+/// Every BatchNorm of `vm` gets random γ, β and running statistics (rank-1 tensors; conv and
+/// linear weights have rank 4 and 2), so that the eval-mode map is not the identity.
+fn randomise_batch_norms(vm: &VarMap) {
+    for (name, v) in vm.data().lock().unwrap().iter() {
+        if v.rank() != 1 {
+            continue;
+        }
+        let r = Tensor::rand(0f64, 1., v.dims(), &Device::Cpu).unwrap();
+        let new = if name.ends_with("running_var") || name.ends_with("weight") {
+            (r + 0.5).unwrap()
+        } else {
+            (r - 0.5).unwrap()
+        };
+        v.set(&new.to_dtype(v.dtype()).unwrap()).unwrap();
+    }
+}
+
+/// Eval mode of the network built on plain (detached) tensors, channels-last — the fused
+/// inference path — against the NCHW network on the same parameters: logits, features and the
+/// BatchNorm-folded network.
+fn check_fused_inference<M: Model>(build: &dyn Fn(VarBuilder) -> M, x: &Tensor, set: fn(&mut M, bool), what: &str) {
+    let vm = VarMap::new();
+    let mut reference = build(vb(&vm));
+    randomise_batch_norms(&vm);
+    set(&mut reference, false);
+    let frozen: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let mut net = build(VarBuilder::from_tensors(frozen, DType::F64, &Device::Cpu));
+    set(&mut net, true);
+    let y = net.forward_t(x, false).unwrap();
+    assert!(!y.track_op(), "{what}: inference on plain tensors built a graph");
+    assert!(
+        max_rel(&y, &reference.forward_t(x, false).unwrap()) < TOL,
+        "{what}: eval logits"
+    );
+    let (f, f_ref) = (
+        net.forward_features(x, false).unwrap(),
+        reference.forward_features(x, false).unwrap(),
+    );
+    assert_eq!(f.len(), f_ref.len(), "{what}: number of features");
+    for (a, b) in f.iter().zip(&f_ref) {
+        assert!(max_rel(a, b) < TOL, "{what}: features");
+    }
+    net.fold_batchnorm().unwrap();
+    reference.fold_batchnorm().unwrap();
+    let folded = net.forward_t(x, false).unwrap();
+    assert!(!folded.track_op(), "{what}: folded inference built a graph");
+    assert!(
+        max_rel(&folded, &reference.forward_t(x, false).unwrap()) < TOL,
+        "{what}: folded logits"
+    );
+    assert!(max_rel(&folded, &y) < GRAD_TOL, "{what}: folded vs unfolded");
+}
+
+#[test]
+fn fused_channels_last_inference_matches_nchw() {
+    let x = Tensor::randn(0f64, 1., (3, 3, 13, 11), &Device::Cpu).unwrap();
+    for (layers, g, bottleneck) in [(vec![2, 1, 1, 1], 1, false), (vec![1, 1, 1, 1], 4, true)] {
+        let what = format!("lean resnet {layers:?} g={g} bottleneck={bottleneck}");
+        let cfg = lean_resnet_config(layers, g, bottleneck);
+        let build = |vb: VarBuilder| ResNet::new(&cfg, vb).unwrap();
+        check_fused_inference(&build, &x, |n, on| n.set_channels_last(on).unwrap(), &what);
+    }
+    let cfg = MobileNetV2Config {
+        width: 0.35,
+        stem_stride: 1,
+        dropout: 0.0,
+        num_classes: 5,
+        ..Default::default()
+    };
+    let x = Tensor::randn(0f64, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let build = |vb: VarBuilder| MobileNetV2::new(&cfg, vb).unwrap();
+    check_fused_inference(&build, &x, MobileNetV2::set_channels_last, "mobilenet_v2");
+    let cfg = ShuffleNetV2Config {
+        stages_out_channels: [8, 16, 24, 32, 40],
+        stages_repeats: [2, 1, 2],
+        small_stem: true,
+        in_channels: 3,
+        num_classes: 6,
+    };
+    let build = |vb: VarBuilder| ShuffleNetV2::new(&cfg, vb).unwrap();
+    check_fused_inference(&build, &x, ShuffleNetV2::set_channels_last, "shufflenet_v2");
 }
 
 #[test]

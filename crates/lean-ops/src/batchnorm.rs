@@ -118,11 +118,14 @@ impl BatchNorm2d {
     }
 
     /// The eval-mode map as per-channel (scale, shift): y = x · scale + shift. Used to fold the
-    /// BatchNorm into the preceding convolution for inference.
+    /// BatchNorm into the preceding convolution for inference. The running statistics enter as
+    /// constants (buffers, never differentiated): the map tracks gradients only through γ and β.
     pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
-        let invstd = (self.running_var.as_tensor() + self.cfg.eps)?.sqrt()?.recip()?;
+        let invstd = (self.running_var.as_tensor().detach() + self.cfg.eps)?
+            .sqrt()?
+            .recip()?;
         let scale = (&self.weight * invstd)?;
-        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
         Ok((scale, shift))
     }
 

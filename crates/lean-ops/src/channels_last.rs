@@ -23,7 +23,7 @@ use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Checks a rank-4 (N, H, W, C) input and returns its dims.
-fn dims_nhwc(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+pub(crate) fn dims_nhwc(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     match x.dims() {
         &[n, h, w, c] if h > 0 && w > 0 => Ok((n, h, w, c)),
         d => Err(shape_err(
@@ -114,7 +114,7 @@ impl CpuOp3 for NhwcLeanOp {
         q: &[T],
         _l3: &Layout,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let y = self.0.forward(x, Some(p), Some(q));
+        let y = self.0.forward(x, Some(p), Some(q), None);
         Ok((y, self.1.clone()))
     }
     fn bwd(
@@ -167,7 +167,7 @@ impl CpuOp2 for NhwcOneBranchOp {
     }
     fn fwd<T: Real>(&self, s1: &[T], _l1: &Layout, s2: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let (p, q) = self.weights(s2);
-        let y = self.0.forward(s1, p, q);
+        let y = self.0.forward(s1, p, q, None);
         Ok((y, self.1.clone()))
     }
     fn bwd(
@@ -214,7 +214,7 @@ pub fn channel_affine_nhwc(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Acti
 }
 
 /// The geometry of `cfg` on an (n, h, w, Cin) input, with or without the pointwise branch.
-fn geometry(cfg: &LeanConv2dConfig, n: usize, h: usize, w: usize, pointwise: bool) -> NhwcConv {
+pub(crate) fn geometry(cfg: &LeanConv2dConfig, n: usize, h: usize, w: usize, pointwise: bool) -> NhwcConv {
     let (ho, wo) = cfg.output_hw(h, w);
     NhwcConv {
         n,
@@ -235,7 +235,7 @@ fn geometry(cfg: &LeanConv2dConfig, n: usize, h: usize, w: usize, pointwise: boo
 }
 
 /// Checks a channels-last input against `cfg` and the weights; returns (N, H, W).
-fn check_lean_input(
+pub(crate) fn check_lean_input(
     op: &'static str,
     cfg: &LeanConv2dConfig,
     x: &Tensor,
@@ -316,50 +316,9 @@ pub fn lean_conv2d_nhwc(
 /// (Cout, Cin, 1, 1), stride `stride`, no padding.
 pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize) -> Result<Tensor> {
     const OP: &str = "pointwise_conv2d_nhwc";
-    let (n, h, w, c) = dims_nhwc(OP, x)?;
-    let (cout, cin) = match weight.dims() {
-        &[o, i, 1, 1] => (o, i),
-        d => {
-            return Err(shape_err(
-                OP,
-                format!("weight must have shape (Cout, Cin, 1, 1), got {d:?}"),
-            ))
-        }
-    };
-    if c != cin {
-        return Err(shape_err(
-            OP,
-            format!("input has {c} channels (last dim), the weight expects {cin}"),
-        ));
-    }
-    if stride == 0 {
-        return Err(config_err(OP, "stride must be >= 1, got 0"));
-    }
-    check_float(OP, x)?;
-    if weight.dtype() != x.dtype() {
-        return Err(shape_err(
-            OP,
-            format!(
-                "weight dtype {:?} differs from input dtype {:?}",
-                weight.dtype(),
-                x.dtype()
-            ),
-        ));
-    }
-    let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+    let geom = pointwise_geometry(OP, x, weight, stride)?;
+    let (n, ho, wo, cout) = (geom.n, geom.ho, geom.wo, geom.cout);
     let y = if x.device().is_cpu() {
-        let geom = NhwcConv {
-            n,
-            h,
-            w,
-            cin,
-            cout,
-            stride,
-            ho,
-            wo,
-            pointwise: true,
-            stencil: None,
-        };
         x.contiguous()?.apply_op2(
             &weight.contiguous()?,
             OnCpu(NhwcOneBranchOp(geom, Shape::from((n, ho, wo, cout)))),
@@ -368,6 +327,54 @@ pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>,
         to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)?
     };
     add_last_dim_bias(OP, y, bias)
+}
+
+/// Checks a channels-last input and a (Cout, Cin, 1, 1) weight; returns the geometry of the
+/// unpadded strided 1x1 convolution.
+pub(crate) fn pointwise_geometry(op: &'static str, x: &Tensor, weight: &Tensor, stride: usize) -> Result<NhwcConv> {
+    let (n, h, w, c) = dims_nhwc(op, x)?;
+    let (cout, cin) = match weight.dims() {
+        &[o, i, 1, 1] => (o, i),
+        d => {
+            return Err(shape_err(
+                op,
+                format!("weight must have shape (Cout, Cin, 1, 1), got {d:?}"),
+            ))
+        }
+    };
+    if c != cin {
+        return Err(shape_err(
+            op,
+            format!("input has {c} channels (last dim), the weight expects {cin}"),
+        ));
+    }
+    if stride == 0 {
+        return Err(config_err(op, "stride must be >= 1, got 0"));
+    }
+    check_float(op, x)?;
+    if weight.dtype() != x.dtype() {
+        return Err(shape_err(
+            op,
+            format!(
+                "weight dtype {:?} differs from input dtype {:?}",
+                weight.dtype(),
+                x.dtype()
+            ),
+        ));
+    }
+    let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+    Ok(NhwcConv {
+        n,
+        h,
+        w,
+        cin,
+        cout,
+        stride,
+        ho,
+        wo,
+        pointwise: true,
+        stencil: None,
+    })
 }
 
 /// Interleaves the channels of two equally shaped channels-last tensors: out[.., 2j] = a[.., j],

@@ -58,6 +58,7 @@ mod cuda;
 mod depthwise;
 pub mod dist;
 mod error;
+pub mod fused;
 pub mod isa;
 mod kernels;
 mod lean_conv;

@@ -11,6 +11,7 @@
 //! nest belong side by side, so a change to one is seen against the others.)
 
 use super::gemm_conv::{gemm_new, valid_range};
+use super::rows::Epilogue;
 use crate::real::Real;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -101,8 +102,9 @@ impl NhwcConv {
         qt
     }
 
-    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q).
-    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
+    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q), then `epi` (inference)
+    /// applied in the same pass over each output row.
+    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, epi: Option<&Epilogue<T>>) -> Vec<T> {
         let (rows, cout) = (self.rows_out(), self.cout);
         let mut y = match (self.pointwise, p) {
             (true, Some(p)) => {
@@ -115,9 +117,17 @@ impl NhwcConv {
         };
         if let (Some(st), Some(q)) = (&self.stencil, q) {
             let qt = self.taps_major(st, q);
-            y.par_chunks_mut(self.wo * cout)
-                .enumerate()
-                .for_each(|(r, yrow)| crate::isa::isa_dispatch!(self.stencil_row(st, r, x, &qt, yrow)));
+            let row_len = self.wo * cout;
+            y.par_chunks_mut(row_len).enumerate().for_each(|(r, yrow)| {
+                crate::isa::isa_dispatch!({
+                    self.stencil_row(st, r, x, &qt, yrow);
+                    if let Some(e) = epi {
+                        e.apply(yrow, r * row_len);
+                    }
+                })
+            });
+        } else if let Some(e) = epi {
+            e.apply_all(&mut y);
         }
         y
     }

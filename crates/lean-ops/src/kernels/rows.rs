@@ -3,6 +3,7 @@
 //! reductions accumulate in f64 per fixed chunk of rows and then in chunk order, so results do
 //! not depend on the number of threads.
 
+use crate::activation::{with_act, Activation};
 use crate::isa::isa_dispatch;
 use crate::real::Real;
 use rayon::prelude::*;
@@ -129,5 +130,52 @@ fn bn_input_grad_chunk<T: Real>(gx: &mut [T], gz: &[T], x: &[T], coef: &[[f64; 5
             let xhat = (x.f() - mu) * is;
             *o = T::from_f64(k * (g.f() - a - xhat * bsum));
         }
+    }
+}
+
+/// What an inference-fused convolution does to each output value in its own output pass
+/// (`crate::fused`): y = act(v · scale[c] + shift[c] + residual) over channels-last rows of C.
+/// The same operations in the same order as the separate affine map and residual add, so the
+/// fused path gives the same values as the composite one.
+pub(crate) struct Epilogue<'a, T> {
+    pub scale: &'a [T],
+    pub shift: &'a [T],
+    /// Same shape as the whole output.
+    pub residual: Option<&'a [T]>,
+    pub act: Activation,
+}
+
+impl<T: Real> Epilogue<'_, T> {
+    /// Applies the epilogue in place to `y`, whose first value is element `offset` of the
+    /// output (a whole number of rows).
+    #[inline(always)]
+    pub fn apply(&self, y: &mut [T], offset: usize) {
+        let (scale, shift) = (self.scale, self.shift);
+        let c = scale.len();
+        with_act!(self.act, |f| match self.residual {
+            None => {
+                for yr in y.chunks_exact_mut(c) {
+                    for ((o, a), b) in yr.iter_mut().zip(scale).zip(shift) {
+                        *o = f(*o * *a + *b);
+                    }
+                }
+            }
+            Some(r) => {
+                let r = &r[offset..offset + y.len()];
+                for (yr, rr) in y.chunks_exact_mut(c).zip(r.chunks_exact(c)) {
+                    for (((o, a), b), v) in yr.iter_mut().zip(scale).zip(shift).zip(rr) {
+                        *o = f((*o * *a + *b) + *v);
+                    }
+                }
+            }
+        })
+    }
+
+    /// [`Self::apply`] over a whole output, in parallel chunks of [`ROWS`] rows.
+    pub fn apply_all(&self, y: &mut [T]) {
+        let step = ROWS * self.scale.len().max(1);
+        y.par_chunks_mut(step)
+            .enumerate()
+            .for_each(|(i, chunk)| isa_dispatch!(self.apply(chunk, i * step)));
     }
 }

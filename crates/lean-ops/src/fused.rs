@@ -1,0 +1,248 @@
+//! Fused inference for channels-last networks: a convolution, the per-channel affine map after
+//! it (a BatchNorm's eval-mode map, or a folded bias), a residual add and the activation, all
+//! in the convolution's own output pass.
+//!
+//! Unfused, each of those is a pass over the whole output with a fresh, zero-filled buffer; at
+//! inference nothing needs the intermediate tensors, so the CPU path applies them to each output
+//! row while the convolution has it in cache (the lean convolution's stencil runs row by row
+//! after its GEMM; a pointwise convolution's GEMM output is finished in place). The fused path
+//! builds no autograd graph, so it runs only when nothing asks for gradients: no input tracks an
+//! op or is a variable. Otherwise, and on other devices, the same result comes from the
+//! composite ops with their backward. Both compute the same operations in the same order:
+//! y = act((conv(x) · scale + shift) + residual).
+
+use crate::activation::{activation, add_activation, Activation};
+use crate::channels_last::{
+    channel_affine_nhwc, check_lean_input, depthwise_conv2d_nhwc, dims_nhwc, geometry, lean_conv2d_nhwc,
+    pointwise_conv2d_nhwc, pointwise_geometry,
+};
+use crate::error::{shape_err, Result};
+use crate::kernels::rows::Epilogue;
+use crate::lean_conv::LeanConv2dConfig;
+use crate::real::{dispatch_dtype, tensor, with_data, Real};
+use crate::BatchNorm2d;
+use candle_core::Tensor;
+
+/// The convolution of [`conv_affine_act_nhwc`], with the weights in their NCHW (torchvision)
+/// shapes, as the channels-last ops take them.
+#[derive(Clone, Copy, Debug)]
+pub enum ConvWeights<'a> {
+    /// A lean convolution ([`crate::lean_conv2d`]'s weights).
+    Lean {
+        /// (Cout, Cin, 1, 1).
+        pointwise: &'a Tensor,
+        /// (Cout, g, |S|).
+        stencil: &'a Tensor,
+        /// Its configuration.
+        cfg: &'a LeanConv2dConfig,
+    },
+    /// An unpadded 1x1 convolution, weight (Cout, Cin, 1, 1).
+    Pointwise {
+        /// The weight.
+        weight: &'a Tensor,
+        /// The stride.
+        stride: usize,
+    },
+    /// A depthwise 3x3 convolution, weight (C·m, 1, 3, 3), padding = dilation.
+    Depthwise {
+        /// The weight.
+        weight: &'a Tensor,
+        /// The stride.
+        stride: usize,
+        /// The dilation.
+        dilation: usize,
+    },
+}
+
+/// The per-channel affine map after the convolution.
+#[derive(Clone, Copy, Debug)]
+pub enum ChannelAffine<'a> {
+    /// None.
+    Identity,
+    /// A bias (Cout,) (a convolution whose BatchNorm was folded into it).
+    Bias(&'a Tensor),
+    /// A BatchNorm's eval-mode map (running statistics).
+    BatchNorm(&'a BatchNorm2d),
+}
+
+/// y = act((conv(x) · scale + shift) + residual) for a channels-last x (N, H, W, Cin): the end
+/// of a `Conv2dNormActivation`, or of a residual block when `residual` (the output's shape) is
+/// given. The BatchNorm runs in eval mode. One pass over the output on the CPU when no input
+/// asks for gradients (see the module docs); the composite ops otherwise.
+pub fn conv_affine_act_nhwc(
+    x: &Tensor,
+    conv: ConvWeights<'_>,
+    affine: ChannelAffine<'_>,
+    residual: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    const OP: &str = "conv_affine_act_nhwc";
+    let (geom, p, q) = match conv {
+        ConvWeights::Lean {
+            pointwise,
+            stencil,
+            cfg,
+        } => {
+            let (n, h, w) = check_lean_input(OP, cfg, x, Some(pointwise), stencil)?;
+            (
+                geometry(cfg, n, h, w, true),
+                Some(pointwise.clone()),
+                Some(stencil.clone()),
+            )
+        }
+        ConvWeights::Pointwise { weight, stride } => {
+            (pointwise_geometry(OP, x, weight, stride)?, Some(weight.clone()), None)
+        }
+        ConvWeights::Depthwise {
+            weight,
+            stride,
+            dilation,
+        } => {
+            let (_, _, _, c) = dims_nhwc(OP, x)?;
+            let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
+            let (n, h, w) = check_lean_input(OP, &cfg, x, None, &q)?;
+            (geometry(&cfg, n, h, w, false), None, Some(q))
+        }
+    };
+    let out_shape = [geom.n, geom.ho, geom.wo, geom.cout];
+    let cout = geom.cout;
+    let mut grads_wanted = x.track_op() || p.iter().chain(&q).any(|t| t.track_op());
+    match affine {
+        ChannelAffine::Identity => {}
+        ChannelAffine::Bias(b) => {
+            if b.dims() != [cout] {
+                return Err(shape_err(
+                    OP,
+                    format!("bias must have shape [{cout}], got {:?}", b.dims()),
+                ));
+            }
+            grads_wanted |= b.track_op();
+        }
+        ChannelAffine::BatchNorm(bn) => {
+            if bn.num_features() != cout {
+                return Err(shape_err(
+                    OP,
+                    format!(
+                        "the BatchNorm has {} channels, the convolution {cout}",
+                        bn.num_features()
+                    ),
+                ));
+            }
+            // The running statistics are buffers (never differentiated); γ and β may be trained.
+            grads_wanted |= bn.weight().track_op() || bn.bias().track_op();
+        }
+    }
+    if let Some(r) = residual {
+        if r.dims() != out_shape || r.dtype() != x.dtype() {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "residual must be {:?} {:?} like the output, got {:?} {:?}",
+                    out_shape,
+                    x.dtype(),
+                    r.dims(),
+                    r.dtype()
+                ),
+            ));
+        }
+        grads_wanted |= r.track_op();
+    }
+    let on_cpu = x.device().is_cpu() && residual.is_none_or(|r| r.device().is_cpu());
+    if grads_wanted || !on_cpu {
+        return composite(x, conv, affine, residual, act);
+    }
+    let run = || -> candle_core::Result<Tensor> {
+        dispatch_dtype!(OP, x.dtype(), |T| {
+            let (scale, shift) = host_affine::<T>(affine, cout)?;
+            with_data::<T, _>(x, |xs| {
+                with_opt::<T, _>(p.as_ref(), |ps| {
+                    with_opt::<T, _>(q.as_ref(), |qs| {
+                        with_opt::<T, _>(residual, |rs| {
+                            let epi = Epilogue {
+                                scale: &scale,
+                                shift: &shift,
+                                residual: rs,
+                                act,
+                            };
+                            tensor(geom.forward(xs, ps, qs, Some(&epi)), &out_shape)
+                        })
+                    })
+                })
+            })
+        })
+    };
+    Ok(run()?)
+}
+
+/// The same result from the composite channels-last ops (autograd, any device).
+fn composite(
+    x: &Tensor,
+    conv: ConvWeights<'_>,
+    affine: ChannelAffine<'_>,
+    residual: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    let y = match conv {
+        ConvWeights::Lean {
+            pointwise,
+            stencil,
+            cfg,
+        } => lean_conv2d_nhwc(x, pointwise, stencil, None, cfg)?,
+        ConvWeights::Pointwise { weight, stride } => pointwise_conv2d_nhwc(x, weight, None, stride)?,
+        ConvWeights::Depthwise {
+            weight,
+            stride,
+            dilation,
+        } => depthwise_conv2d_nhwc(x, weight, None, stride, dilation)?,
+    };
+    // The activation goes after the residual add when there is one.
+    let inner = if residual.is_some() { Activation::None } else { act };
+    let y = match affine {
+        ChannelAffine::Identity => activation(&y, inner)?,
+        ChannelAffine::Bias(b) => channel_affine_nhwc(&y, &Tensor::ones(b.dims1()?, y.dtype(), y.device())?, b, inner)?,
+        ChannelAffine::BatchNorm(bn) => bn.forward_act_nhwc(&y, false, inner)?,
+    };
+    match residual {
+        Some(r) => add_activation(&y, r, act),
+        None => Ok(y),
+    }
+}
+
+/// (scale, shift) of the affine map on the host, in `T` and with the same operations as the
+/// composite path (BatchNorm: invstd = 1 / sqrt(var + eps), scale = γ · invstd,
+/// shift = β - mean · scale).
+fn host_affine<T: Real>(affine: ChannelAffine<'_>, c: usize) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    let host = |t: &Tensor| with_data::<T, _>(&t.to_dtype(T::DTYPE)?, |v| Ok(v.to_vec()));
+    Ok(match affine {
+        ChannelAffine::Identity => (vec![T::one(); c], vec![T::zero(); c]),
+        ChannelAffine::Bias(b) => (vec![T::one(); c], host(b)?),
+        ChannelAffine::BatchNorm(bn) => {
+            let eps = T::from_f64(bn.config().eps);
+            let (w, b) = (host(bn.weight())?, host(bn.bias())?);
+            let (mean, var) = (host(bn.running_mean())?, host(bn.running_var())?);
+            let scale: Vec<T> = w
+                .iter()
+                .zip(&var)
+                .map(|(w, v)| *w * ((*v * T::one() + eps).sqrt()).recip())
+                .collect();
+            let shift = b
+                .iter()
+                .zip(&mean)
+                .zip(&scale)
+                .map(|((b, m), s)| *b - *m * *s)
+                .collect();
+            (scale, shift)
+        }
+    })
+}
+
+/// [`with_data`] for an optional tensor.
+fn with_opt<T: Real, R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match t {
+        Some(t) => with_data::<T, _>(t, |s| f(Some(s))),
+        None => f(None),
+    }
+}

@@ -1,0 +1,266 @@
+//! The fused inference path (`lean_ops::fused`): convolution, affine map, residual add and
+//! activation in one pass give exactly what the composite ops give, and what an independent
+//! NCHW reference built from plain candle ops gives; with inputs that ask for gradients the
+//! same call builds the autograd graph instead.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use common::*;
+use lean_ops::channels_last::{to_channels_first, to_channels_last};
+use lean_ops::fused::{conv_affine_act_nhwc, ChannelAffine, ConvWeights};
+use lean_ops::{depthwise_conv2d, lean_conv2d, Activation, BatchNorm2d, BatchNormConfig, LeanConv2dConfig, Stencil};
+use std::collections::HashMap;
+
+/// A BatchNorm with random γ, β and running statistics.
+fn batch_norm(c: usize, seed: u64, dt: DType) -> BatchNorm2d {
+    let t = |s: u64| rand(&[c], seed * 10 + s, dt);
+    let map = HashMap::from([
+        ("weight".to_string(), t(1).affine(0.5, 1.0).unwrap()),
+        ("bias".to_string(), t(2)),
+        ("running_mean".to_string(), (t(3) * 0.3).unwrap()),
+        ("running_var".to_string(), (t(4).abs().unwrap() + 0.2).unwrap()),
+    ]);
+    BatchNorm2d::new(
+        c,
+        BatchNormConfig::default(),
+        VarBuilder::from_tensors(map, dt, &Device::Cpu),
+    )
+    .unwrap()
+}
+
+/// One convolution of each kind the fused path covers, with its NCHW reference.
+enum Case {
+    Lean(LeanConv2dConfig, Tensor, Tensor),
+    Pointwise(Tensor, usize),
+    Depthwise(Tensor, usize, usize),
+}
+
+impl Case {
+    fn weights(&self) -> ConvWeights<'_> {
+        match self {
+            Case::Lean(cfg, p, q) => ConvWeights::Lean {
+                pointwise: p,
+                stencil: q,
+                cfg,
+            },
+            Case::Pointwise(w, s) => ConvWeights::Pointwise { weight: w, stride: *s },
+            Case::Depthwise(w, s, d) => ConvWeights::Depthwise {
+                weight: w,
+                stride: *s,
+                dilation: *d,
+            },
+        }
+    }
+    /// The same weights as variables (so the call must take the composite, autograd path).
+    fn as_vars(&self) -> (Case, Vec<candle_core::Var>) {
+        match self {
+            Case::Lean(cfg, p, q) => {
+                let (vp, vq) = (var(p), var(q));
+                let c = Case::Lean(*cfg, vp.as_tensor().clone(), vq.as_tensor().clone());
+                (c, vec![vp, vq])
+            }
+            Case::Pointwise(w, s) => {
+                let v = var(w);
+                (Case::Pointwise(v.as_tensor().clone(), *s), vec![v])
+            }
+            Case::Depthwise(w, s, d) => {
+                let v = var(w);
+                (Case::Depthwise(v.as_tensor().clone(), *s, *d), vec![v])
+            }
+        }
+    }
+    /// The convolution of an NCHW input by candle's and our NCHW ops.
+    fn nchw(&self, x: &Tensor) -> Tensor {
+        match self {
+            Case::Lean(cfg, p, q) => lean_conv2d(x, p, q, None, cfg).unwrap(),
+            Case::Pointwise(w, s) => x.conv2d(w, 0, *s, 1, 1).unwrap(),
+            Case::Depthwise(w, s, d) => depthwise_conv2d(x, w, None, *s, *d).unwrap(),
+        }
+    }
+    fn name(&self) -> String {
+        match self {
+            Case::Lean(cfg, ..) => format!(
+                "lean {}->{} {} g={} stride {} dilation {}",
+                cfg.in_channels, cfg.out_channels, cfg.stencil, cfg.group_size, cfg.stride, cfg.dilation
+            ),
+            Case::Pointwise(w, s) => format!("pointwise {:?} stride {s}", w.dims()),
+            Case::Depthwise(w, s, d) => format!("depthwise {:?} stride {s} dilation {d}", w.dims()),
+        }
+    }
+}
+
+fn cases(cin: usize, dt: DType) -> Vec<Case> {
+    let mut out = vec![];
+    for (stencil, g, cout, stride, dil) in [
+        (Stencil::Five, 1, cin, 1, 1),
+        (Stencil::Five, 1, 2 * cin, 2, 1),
+        (Stencil::Four, 2, cin, 1, 2),
+        (Stencil::Full, 1, cin, 2, 1),
+    ] {
+        let cfg = LeanConv2dConfig::new(cin, cout)
+            .stencil(stencil)
+            .group_size(g)
+            .stride(stride)
+            .dilation(dil);
+        let p = rand(&[cout, cin, 1, 1], 11 + stride as u64, dt);
+        let q = rand(&[cout, g, stencil.len()], 12 + g as u64, dt);
+        out.push(Case::Lean(cfg, p, q));
+    }
+    for stride in [1, 2] {
+        out.push(Case::Pointwise(rand(&[24, cin, 1, 1], 20 + stride as u64, dt), stride));
+    }
+    for (m, stride, dil) in [(1, 1, 1), (1, 2, 1), (2, 1, 2)] {
+        out.push(Case::Depthwise(
+            rand(&[cin * m, 1, 3, 3], 30 + m as u64, dt),
+            stride,
+            dil,
+        ));
+    }
+    out
+}
+
+/// act((y · scale + shift) + residual) on NCHW tensors from candle's broadcast ops.
+fn reference_epilogue(y: &Tensor, affine: ChannelAffine<'_>, residual: Option<&Tensor>, act: Activation) -> Tensor {
+    let c = y.dim(1).unwrap();
+    let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1)).unwrap();
+    let y = match affine {
+        ChannelAffine::Identity => y.clone(),
+        ChannelAffine::Bias(b) => y.broadcast_add(&per_channel(b)).unwrap(),
+        ChannelAffine::BatchNorm(bn) => {
+            let (scale, shift) = bn.eval_scale_shift().unwrap();
+            y.broadcast_mul(&per_channel(&scale))
+                .unwrap()
+                .broadcast_add(&per_channel(&shift))
+                .unwrap()
+        }
+    };
+    let y = match residual {
+        Some(r) => (y + r).unwrap(),
+        None => y,
+    };
+    match act {
+        Activation::None => y,
+        Activation::Relu => y.relu().unwrap(),
+        Activation::Relu6 => y.clamp(0.0, 6.0).unwrap(),
+    }
+}
+
+#[test]
+fn the_fused_pass_equals_the_composite_ops_and_an_nchw_reference() {
+    for dt in [DType::F64, DType::F32] {
+        let cin = 20; // not a multiple of the kernels' 16-channel register block
+        let x_nchw = (rand(&[2, cin, 9, 7], 1, dt) * 2.0).unwrap();
+        let x = to_channels_last(&x_nchw).unwrap();
+        let mut checked = 0;
+        for case in cases(cin, dt) {
+            let y_nchw = case.nchw(&x_nchw);
+            let cout = y_nchw.dim(1).unwrap();
+            let bias = rand(&[cout], 40, dt);
+            let bn = batch_norm(cout, 41, dt);
+            let residual_nchw = rand(y_nchw.dims(), 42, dt);
+            let residual = to_channels_last(&residual_nchw).unwrap();
+            for affine in [
+                ChannelAffine::Identity,
+                ChannelAffine::Bias(&bias),
+                ChannelAffine::BatchNorm(&bn),
+            ] {
+                for (res, res_nchw) in [(None, None), (Some(&residual), Some(&residual_nchw))] {
+                    for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+                        let what = format!("{} {affine:?} residual={} {act:?} {dt:?}", case.name(), res.is_some())
+                            .chars()
+                            .take(160)
+                            .collect::<String>();
+                        let fused = conv_affine_act_nhwc(&x, case.weights(), affine, res, act).unwrap();
+                        assert!(!fused.track_op(), "{what}: the fused output tracks an op");
+                        // The weights as variables: the composite path, with its graph.
+                        let (vcase, _vars) = case.as_vars();
+                        let composite = conv_affine_act_nhwc(&x, vcase.weights(), affine, res, act).unwrap();
+                        assert!(composite.track_op(), "{what}: the composite output builds no graph");
+                        assert_close(&fused, &composite, 0.0, &what);
+                        let reference = reference_epilogue(&y_nchw, affine, res_nchw, act);
+                        assert_close(&to_channels_first(&fused).unwrap(), &reference, tol(dt), &what);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 9 * 3 * 2 * 3);
+    }
+}
+
+#[test]
+fn with_inputs_that_ask_for_gradients_the_call_is_differentiable() {
+    let dt = DType::F64;
+    let x = var(&to_channels_last(&rand(&[2, 8, 6, 5], 1, dt)).unwrap());
+    let cfg = LeanConv2dConfig::new(8, 8);
+    let p = var(&rand(&[8, 8, 1, 1], 2, dt));
+    let q = var(&rand(&[8, 1, 5], 3, dt));
+    let r = var(&rand(&[2, 6, 5, 8], 4, dt));
+    let bn = batch_norm(8, 5, dt);
+    let weights = ConvWeights::Lean {
+        pointwise: p.as_tensor(),
+        stencil: q.as_tensor(),
+        cfg: &cfg,
+    };
+    let f = |x: &Tensor, r: &Tensor| {
+        conv_affine_act_nhwc(x, weights, ChannelAffine::BatchNorm(&bn), Some(r), Activation::Relu).unwrap()
+    };
+    let y = f(x.as_tensor(), r.as_tensor());
+    let w = rand(y.dims(), 6, dt);
+    let g = grads_of(&[x.clone(), p.clone(), q.clone(), r.clone()], &y, &w);
+    // d/dr of sum(relu(z + r) · w) is w where the output is positive.
+    let mask = y.gt(0.0).unwrap().to_dtype(dt).unwrap();
+    assert_close(&g[3], &(&w * &mask).unwrap(), 0.0, "residual gradient");
+    // The input gradient against central differences.
+    let xs = x.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let loss = |xs: &[f64]| -> f64 {
+        let xt = Tensor::from_vec(xs.to_vec(), x.dims(), &Device::Cpu).unwrap();
+        let y = f(&xt, &r.as_tensor().detach());
+        (y * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let gx = g[0].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for i in [0, 7, 100, 333, xs.len() - 1] {
+        let h = 1e-6;
+        let (mut a, mut b) = (xs.clone(), xs.clone());
+        a[i] += h;
+        b[i] -= h;
+        let fd = (loss(&a) - loss(&b)) / (2.0 * h);
+        assert!(
+            (fd - gx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "d/dx[{i}]: {fd} vs {}",
+            gx[i]
+        );
+    }
+}
+
+#[test]
+fn bad_shapes_are_refused_with_the_tensor_named() {
+    let dt = DType::F32;
+    let x = to_channels_last(&rand(&[1, 8, 5, 5], 1, dt)).unwrap();
+    let w = rand(&[16, 8, 1, 1], 2, dt);
+    let conv = ConvWeights::Pointwise { weight: &w, stride: 1 };
+    let wrong_residual = rand(&[1, 5, 5, 8], 3, dt);
+    let e = conv_affine_act_nhwc(
+        &x,
+        conv,
+        ChannelAffine::Identity,
+        Some(&wrong_residual),
+        Activation::Relu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("residual") && e.contains("[1, 5, 5, 16]"), "{e}");
+    let bn = batch_norm(8, 4, dt);
+    let e = conv_affine_act_nhwc(&x, conv, ChannelAffine::BatchNorm(&bn), None, Activation::None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("BatchNorm has 8 channels") && e.contains("16"), "{e}");
+    let b = rand(&[8], 5, dt);
+    let e = conv_affine_act_nhwc(&x, conv, ChannelAffine::Bias(&b), None, Activation::None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bias must have shape [16]"), "{e}");
+    let nchw = rand(&[1, 8, 5, 5], 1, dt);
+    assert!(conv_affine_act_nhwc(&nchw, conv, ChannelAffine::Identity, None, Activation::None).is_err());
+}
