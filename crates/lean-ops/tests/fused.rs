@@ -264,3 +264,39 @@ fn bad_shapes_are_refused_with_the_tensor_named() {
     let nchw = rand(&[1, 8, 5, 5], 1, dt);
     assert!(conv_affine_act_nhwc(&nchw, conv, ChannelAffine::Identity, None, Activation::None).is_err());
 }
+
+/// Outputs large enough that the forward pass splits into tasks of output rows (each with its
+/// own GEMM, stencil and epilogue) against the NCHW ops: stride 1 and 2, lean, pointwise and
+/// depthwise, with and without the epilogue (the training forward takes the same split).
+#[test]
+fn outputs_split_into_row_tasks_match_the_nchw_ops() {
+    let dt = DType::F64;
+    let (n, c) = (8, 64);
+    let x_nchw = rand(&[n, c, 32, 32], 1, dt);
+    let x = to_channels_last(&x_nchw).unwrap();
+    let five = LeanConv2dConfig::new(c, c);
+    let down = LeanConv2dConfig::new(c, 2 * c).stride(2);
+    let cases = [
+        Case::Lean(five, rand(&[c, c, 1, 1], 2, dt), rand(&[c, 1, 5], 3, dt)),
+        Case::Lean(down, rand(&[2 * c, c, 1, 1], 4, dt), rand(&[2 * c, 1, 5], 5, dt)),
+        Case::Pointwise(rand(&[96, c, 1, 1], 6, dt), 1),
+        Case::Depthwise(rand(&[c, 1, 3, 3], 7, dt), 1, 1),
+    ];
+    for case in cases {
+        let y_nchw = case.nchw(&x_nchw);
+        let (cout, what) = (y_nchw.dim(1).unwrap(), case.name());
+        let plain = match &case {
+            Case::Lean(cfg, p, q) => lean_ops::channels_last::lean_conv2d_nhwc(&x, p, q, None, cfg).unwrap(),
+            Case::Pointwise(w, s) => lean_ops::channels_last::pointwise_conv2d_nhwc(&x, w, None, *s).unwrap(),
+            Case::Depthwise(w, s, d) => lean_ops::channels_last::depthwise_conv2d_nhwc(&x, w, None, *s, *d).unwrap(),
+        };
+        assert_close(&to_channels_first(&plain).unwrap(), &y_nchw, tol(dt), &what);
+        let bn = batch_norm(cout, 8, dt);
+        let r_nchw = rand(y_nchw.dims(), 9, dt);
+        let r = to_channels_last(&r_nchw).unwrap();
+        let affine = ChannelAffine::BatchNorm(&bn);
+        let fused = conv_affine_act_nhwc(&x, case.weights(), affine, Some(&r), Activation::Relu6).unwrap();
+        let reference = reference_epilogue(&y_nchw, affine, Some(&r_nchw), Activation::Relu6);
+        assert_close(&to_channels_first(&fused).unwrap(), &reference, tol(dt), &what);
+    }
+}

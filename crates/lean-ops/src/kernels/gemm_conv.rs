@@ -5,6 +5,7 @@
 
 use crate::real::Real;
 use gemm::Parallelism;
+use std::mem::MaybeUninit;
 
 /// The geometry of a dense (groups = 1) 2-d convolution over one sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +261,47 @@ pub(crate) fn gemm_new<T: Real>(
         dst.set_len(m * n);
     }
     dst
+}
+
+/// lhs (m x k) · rhs (k x n) written into the uninitialised dense row-major `dst` (m·n values),
+/// which is initialised afterwards and returned as such.
+pub(crate) fn gemm_write<'a, T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &'a mut [MaybeUninit<T>],
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+    par: Parallelism,
+) -> &'a mut [T] {
+    assert_eq!(dst.len(), m * n, "gemm: destination size");
+    if k == 0 {
+        return zeroed(dst);
+    }
+    // SAFETY: `dst` is an exclusively borrowed slice of m·n elements (valid for those writes, no
+    // overlap with the shared operands); with `accumulate = false` and k > 0 the GEMM writes every
+    // element without reading any, so all m·n are initialised afterwards and the cast from
+    // `MaybeUninit<T>` (same layout) to `T` is sound.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr().cast::<T>(),
+            false,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            par,
+        );
+        &mut *(dst as *mut [MaybeUninit<T>] as *mut [T])
+    }
+}
+
+/// Fills `dst` with zeros and returns it initialised.
+pub(crate) fn zeroed<T: Real>(dst: &mut [MaybeUninit<T>]) -> &mut [T] {
+    dst.fill(MaybeUninit::new(T::zero()));
+    // SAFETY: every element was just written; `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n), with (row, column) strides for the operands;

@@ -10,7 +10,7 @@
 //! (Longer than our usual file: forward, input gradient and weight gradient of the same loop
 //! nest belong side by side, so a change to one is seen against the others.)
 
-use super::gemm_conv::{gemm_new, valid_range};
+use super::gemm_conv::{gemm_new, gemm_write, valid_range, zeroed};
 use super::rows::Epilogue;
 use crate::real::Real;
 use gemm::Parallelism;
@@ -58,6 +58,18 @@ const MAX_TAPS: usize = 9;
 const WGRAD_ROWS: usize = 4;
 /// Pixels per chunk of the pointwise weight gradient's split reduction.
 const PGRAD_PIXELS: usize = 4096;
+/// Output values per task of the forward pass (128 KiB of f32: the task's GEMM output stays in
+/// the core's L2 for the stencil and the epilogue that follow it).
+const FWD_TASK_VALUES: usize = 32 << 10;
+/// The fewest output values of a task of the row pass (rayon's per-task cost is of the order
+/// of a few thousand multiply-adds).
+const FWD_TASK_MIN_VALUES: usize = 8 << 10;
+/// The fewest pixel rows of a task's GEMM (its micro-kernel is 16 rows tall).
+const FWD_TASK_MIN_PIXELS: usize = 64;
+/// Below this many tasks the forward pass runs one GEMM over the whole output instead (parallel
+/// inside the GEMM); a constant, so that the choice, and the results, do not depend on the
+/// number of threads.
+const FWD_MIN_TASKS: usize = 8;
 
 impl NhwcConv {
     fn rows_in(&self) -> usize {
@@ -102,33 +114,72 @@ impl NhwcConv {
         qt
     }
 
-    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q), then `epi` (inference)
-    /// applied in the same pass over each output row.
+    /// The output (rows_out x Cout): pointwise(x; P) + stencil(x; Q), then `epi` (inference).
+    ///
+    /// Work is split into tasks of whole output image rows: each computes its rows' GEMM into
+    /// fresh memory, adds the stencil and applies the epilogue while they are in cache (one pass
+    /// over the output, no zero-filled buffer). Outputs too small for that many tasks take one
+    /// GEMM over all rows (parallel inside) and then the row pass.
     pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, epi: Option<&Epilogue<T>>) -> Vec<T> {
-        let (rows, cout) = (self.rows_out(), self.cout);
-        let mut y = match (self.pointwise, p) {
-            (true, Some(p)) => {
-                let xs = self.subsampled(x);
-                let a = xs.as_deref().unwrap_or(x);
-                // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
-                gemm_new((rows, cout, self.cin), a, (self.cin, 1), p, (1, self.cin), Self::par())
-            }
-            _ => vec![T::zero(); rows * cout],
-        };
-        if let (Some(st), Some(q)) = (&self.stencil, q) {
-            let qt = self.taps_major(st, q);
-            let row_len = self.wo * cout;
-            y.par_chunks_mut(row_len).enumerate().for_each(|(r, yrow)| {
-                crate::isa::isa_dispatch!({
-                    self.stencil_row(st, r, x, &qt, yrow);
-                    if let Some(e) = epi {
-                        e.apply(yrow, r * row_len);
+        let (rows, cout, cin) = (self.rows_out(), self.cout, self.cin);
+        let p = p.filter(|_| self.pointwise);
+        let xs = p.and_then(|_| self.subsampled(x));
+        let a = xs.as_deref().unwrap_or(x);
+        let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| (st, self.taps_major(st, q)));
+        let row_len = self.wo * cout;
+        let image_rows = self.n * self.ho;
+        let per_task = (FWD_TASK_VALUES / row_len.max(1)).max(FWD_TASK_MIN_PIXELS.div_ceil(self.wo.max(1)));
+        // The stencil and the epilogue of output image rows r0.. (already holding the GEMM).
+        let finish = |r0: usize, out: &mut [T]| {
+            crate::isa::isa_dispatch!({
+                if let Some((st, qt)) = &stencil {
+                    for (j, yrow) in out.chunks_exact_mut(row_len).enumerate() {
+                        self.stencil_row(st, r0 + j, x, qt, yrow);
                     }
-                })
-            });
-        } else if let Some(e) = epi {
-            e.apply_all(&mut y);
+                }
+                if let Some(e) = epi {
+                    e.apply(out, r0 * row_len);
+                }
+            })
+        };
+        if image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS || row_len == 0 {
+            let mut y = match p {
+                // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
+                Some(p) => gemm_new((rows, cout, cin), a, (cin, 1), p, (1, cin), Self::par()),
+                None => vec![T::zero(); rows * cout],
+            };
+            if stencil.is_some() || epi.is_some() {
+                // A few tasks per thread, none tiny (rows are independent: the split does not
+                // change values).
+                let group = per_task
+                    .min(image_rows.div_ceil(2 * rayon::current_num_threads()))
+                    .max(FWD_TASK_MIN_VALUES.div_ceil(row_len.max(1)));
+                y.par_chunks_mut(group * row_len.max(1))
+                    .enumerate()
+                    .for_each(|(i, rows)| finish(i * group, rows));
+            }
+            return y;
         }
+        let mut y: Vec<T> = Vec::with_capacity(rows * cout);
+        y.spare_capacity_mut()[..rows * cout]
+            .par_chunks_mut(per_task * row_len)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let r0 = i * per_task;
+                let pixels = chunk.len() / cout;
+                let out = match p {
+                    Some(p) => {
+                        let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
+                        gemm_write((pixels, cout, cin), chunk, a, (cin, 1), p, (1, cin), Parallelism::None)
+                    }
+                    None => zeroed(chunk),
+                };
+                finish(r0, out);
+            });
+        // SAFETY: the chunks cover the first rows·Cout values of the capacity, and each task
+        // initialised its whole chunk (`gemm_write` / `zeroed` return it initialised); a panic
+        // in a task propagates out of the loop above before this line.
+        unsafe { y.set_len(rows * cout) };
         y
     }
 

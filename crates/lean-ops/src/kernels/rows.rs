@@ -170,12 +170,4 @@ impl<T: Real> Epilogue<'_, T> {
             }
         })
     }
-
-    /// [`Self::apply`] over a whole output, in parallel chunks of [`ROWS`] rows.
-    pub fn apply_all(&self, y: &mut [T]) {
-        let step = ROWS * self.scale.len().max(1);
-        y.par_chunks_mut(step)
-            .enumerate()
-            .for_each(|(i, chunk)| isa_dispatch!(self.apply(chunk, i * step)));
-    }
 }
