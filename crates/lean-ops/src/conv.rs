@@ -209,6 +209,11 @@ pub(crate) fn add_channel_bias(op: &'static str, y: Tensor, bias: Option<&Tensor
             if b.dims() != [c] {
                 return Err(shape_err(op, format!("bias must have shape [{c}], got {:?}", b.dims())));
             }
+            if y.device().is_cpu() {
+                // One pass of ours (candle's broadcast add splits onto a second thread pool).
+                let ones = Tensor::ones(c, y.dtype(), y.device())?;
+                return crate::norm::channel_affine_layout(&y, &ones, b, crate::Activation::None, false);
+            }
             Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
         }
     }

@@ -169,34 +169,45 @@ fn fused<T: WithDType + std::ops::Add<Output = T> + std::ops::Sub<Output = T> + 
     let n = pv.len();
     let mut new_p = vec![zero; n];
     let mut new_b = vec![zero; if momentum { n } else { 0 }];
-    let update = |i: usize, b_out: Option<&mut T>| -> T {
-        let mut d = if decay { gv[i] + (pv[i] * wd + zero) } else { gv[i] };
-        if let Some(bo) = b_out {
-            let b = match bv {
+    // One element: (new p, new buffer). The flags are loop-invariant (the compiler unswitches
+    // them) and the chunks are zipped, not indexed, so the loop vectorises.
+    let update = |p: T, g: T, b: Option<T>| -> (T, T) {
+        let mut d = if decay { g + (p * wd + zero) } else { g };
+        let mut b_new = zero;
+        if momentum {
+            b_new = match b {
                 None => d,
-                Some(b) => (b[i] * m + zero) + (d * damp + zero),
+                Some(b) => (b * m + zero) + (d * damp + zero),
             };
-            *bo = b;
-            d = if c.nesterov { d + (b * m + zero) } else { b };
+            d = if c.nesterov { d + (b_new * m + zero) } else { b_new };
         }
-        pv[i] - (d * lr + zero)
+        (p - (d * lr + zero), b_new)
     };
-    if momentum {
-        new_p
+    let inputs = pv.par_chunks(STEP_CHUNK).zip(gv.par_chunks(STEP_CHUNK));
+    match (momentum, bv) {
+        (true, Some(bv)) => new_p
             .par_chunks_mut(STEP_CHUNK)
             .zip(new_b.par_chunks_mut(STEP_CHUNK))
-            .enumerate()
-            .for_each(|(ci, (pc, bc))| {
-                for (j, (po, bo)) in pc.iter_mut().zip(bc.iter_mut()).enumerate() {
-                    *po = update(ci * STEP_CHUNK + j, Some(bo));
+            .zip(inputs.zip(bv.par_chunks(STEP_CHUNK)))
+            .for_each(|((po, bo), ((pc, gc), bc))| {
+                for ((((po, bo), p), g), b) in po.iter_mut().zip(bo.iter_mut()).zip(pc).zip(gc).zip(bc) {
+                    (*po, *bo) = update(*p, *g, Some(*b));
                 }
-            });
-    } else {
-        new_p.par_chunks_mut(STEP_CHUNK).enumerate().for_each(|(ci, pc)| {
-            for (j, po) in pc.iter_mut().enumerate() {
-                *po = update(ci * STEP_CHUNK + j, None);
+            }),
+        (true, None) => new_p
+            .par_chunks_mut(STEP_CHUNK)
+            .zip(new_b.par_chunks_mut(STEP_CHUNK))
+            .zip(inputs)
+            .for_each(|((po, bo), (pc, gc))| {
+                for (((po, bo), p), g) in po.iter_mut().zip(bo.iter_mut()).zip(pc).zip(gc) {
+                    (*po, *bo) = update(*p, *g, None);
+                }
+            }),
+        (false, _) => new_p.par_chunks_mut(STEP_CHUNK).zip(inputs).for_each(|(po, (pc, gc))| {
+            for ((po, p), g) in po.iter_mut().zip(pc).zip(gc) {
+                *po = update(*p, *g, None).0;
             }
-        });
+        }),
     }
     let dev = p.device();
     let new_p = Tensor::from_vec(new_p, p.shape(), dev)?;
