@@ -71,6 +71,32 @@ const FWD_TASK_MIN_PIXELS: usize = 64;
 /// number of threads.
 const FWD_MIN_TASKS: usize = 8;
 
+/// Runs `$body` for every tap `$t` of output row `$r` = (sample, yo) and every output column
+/// `$xo` whose tap input lies inside the image, with `$px` that input pixel as a row index of the
+/// (N·H·W) x C input. A macro, not a method taking a closure: the body must be compiled inside
+/// the caller's instruction-set wrapper (`isa_dispatch!`), and a closure too large to inline
+/// would be emitted as a baseline-ISA function of its own.
+macro_rules! for_each_tap_pixel {
+    ($conv:expr, $st:expr, $r:expr, |$t:ident, $xo:ident, $px:ident| $body:block) => {{
+        let (conv, st, r) = (&$conv, &$st, $r);
+        let s = conv.stride;
+        let (ni, yo) = (r / conv.ho, r % conv.ho);
+        for ($t, &(dy, dx)) in st.taps.iter().enumerate() {
+            let yi = (yo * s) as isize + dy * st.dil as isize;
+            if yi < 0 || yi >= conv.h as isize {
+                continue;
+            }
+            let ox = dx * st.dil as isize;
+            let (xlo, xhi) = valid_range(ox, s, conv.w, conv.wo);
+            let base = (ni * conv.h + yi as usize) * conv.w;
+            for $xo in xlo..xhi {
+                let $px = base + (($xo * s) as isize + ox) as usize;
+                $body
+            }
+        }
+    }};
+}
+
 impl NhwcConv {
     fn rows_in(&self) -> usize {
         self.n * self.h * self.w
@@ -192,7 +218,7 @@ impl NhwcConv {
             return self.depthwise_row(st, r, x, qt, yrow);
         }
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
-        self.for_each_tap_pixel(st, r, |t, xo, px| {
+        for_each_tap_pixel!(self, st, r, |t, xo, px| {
             let xp = &x[px * cin..(px + 1) * cin];
             let yp = &mut yrow[xo * cout..(xo + 1) * cout];
             if g == 1 {
@@ -211,27 +237,6 @@ impl NhwcConv {
                 }
             }
         });
-    }
-
-    /// Calls `f(tap, xo, input pixel)` for every tap of output row `r` = (sample, yo) and every
-    /// output column `xo` whose tap input lies inside the image (the pixel as a row index of the
-    /// (N·H·W) x C input).
-    #[inline(always)]
-    fn for_each_tap_pixel(&self, st: &NhwcStencil, r: usize, mut f: impl FnMut(usize, usize, usize)) {
-        let s = self.stride;
-        let (ni, yo) = (r / self.ho, r % self.ho);
-        for (t, &(dy, dx)) in st.taps.iter().enumerate() {
-            let yi = (yo * s) as isize + dy * st.dil as isize;
-            if yi < 0 || yi >= self.h as isize {
-                continue;
-            }
-            let ox = dx * st.dil as isize;
-            let (xlo, xhi) = valid_range(ox, s, self.w, self.wo);
-            let base = (ni * self.h + yi as usize) * self.w;
-            for xo in xlo..xhi {
-                f(t, xo, base + ((xo * s) as isize + ox) as usize);
-            }
-        }
     }
 
     /// The depthwise case of [`Self::stencil_row`], register-blocked: each block of `LANES`
@@ -453,7 +458,7 @@ impl NhwcConv {
         let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
-        self.for_each_tap_pixel(st, r, |t, xo, px| {
+        for_each_tap_pixel!(self, st, r, |t, xo, px| {
             let xp = &x[px * cin..(px + 1) * cin];
             let gp = &gy[(r * self.wo + xo) * cout..(r * self.wo + xo + 1) * cout];
             if g == 1 {
