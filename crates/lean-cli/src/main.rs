@@ -70,7 +70,9 @@ fn main() {
             tracing::Level::INFO
         })
         .init();
-    let result: Result<()> = match cli.command {
+    // On a thread of the kernels' pool: parallel ops then cost no sleep/wake-up of this thread
+    // (lean_ops::runtime::in_pool).
+    let result: Result<()> = lean_ops::runtime::in_pool(|| match cli.command {
         Command::Bench(args) => bench_ops::run(&args, tuned),
         Command::Models(args) => models_cmd::models(&args),
         Command::Info(args) => models_cmd::info(&args),
@@ -80,7 +82,7 @@ fn main() {
         Command::Eval(args) => train_cmd::run_eval(&args),
         Command::Export(args) => export_cmd::run(&args),
         Command::Compare(args) => compare_cmd::run(&args),
-    };
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -5,16 +5,25 @@
 /// With glibc's defaults every buffer above the dynamic mmap threshold (a few MB) is mapped and
 /// unmapped on each op, and every page is faulted in again each time: backward passes run about
 /// half as fast (docs/benchmarks.md, "The allocator"). Raising the mmap threshold to 32 MiB and the trim threshold to
-/// 1 GiB keeps those buffers in the heap for reuse. Call once at program start, before other
-/// threads allocate. Returns whether the settings were applied (false off glibc).
+/// 1 GiB keeps those buffers in the heap for reuse. One arena for all threads: glibc gives other
+/// threads (rayon's, where [`in_pool`] runs a program) heaps of at most 64 MiB that it unmaps as
+/// soon as they are empty, so their large buffers were page-faulted in again on every op; the
+/// main heap is never trimmed below the threshold (threads allocate few, large buffers, so the
+/// one lock costs nothing measurable). Call once at program start, before other threads
+/// allocate. Returns whether the settings were applied (false off glibc).
 pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
+        const M_ARENA_MAX: i32 = -8;
         // SAFETY: mallopt only changes allocator tuning parameters; it takes plain integers and
         // touches no memory of ours. glibc documents it as safe to call at any time.
-        unsafe { mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 }
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+                && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+                && mallopt(M_ARENA_MAX, 1) == 1
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
@@ -25,4 +34,17 @@ pub fn tune_allocator() -> bool {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 extern "C" {
     fn mallopt(param: i32, value: i32) -> i32;
+}
+
+/// Runs `f` on a thread of rayon's global pool (the one our kernels use) and returns its result.
+///
+/// Every kernel here splits its work with rayon. Called from a thread outside the pool (a
+/// program's main thread), each parallel op hands its work to the pool and puts the caller to
+/// sleep until it is done: two context switches per op, which at batch 1 (hundreds of ops of a
+/// few microseconds each) cost more than the work. Inside the pool the calling thread takes part
+/// in the work and waits by stealing, not sleeping. Wrap a whole inference or training loop in
+/// it (`lean` runs every command this way). `f` must not block on work that only rayon tasks
+/// would complete (it occupies one of the pool's threads).
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
