@@ -33,6 +33,26 @@ fn lean_resnet_config(layers: Vec<usize>, group_size: usize, bottleneck: bool) -
     cfg
 }
 
+fn small_mobilenet() -> MobileNetV2Config {
+    MobileNetV2Config {
+        width: 0.35,
+        stem_stride: 1,
+        dropout: 0.0,
+        num_classes: 5,
+        ..Default::default()
+    }
+}
+
+fn small_shufflenet(small_stem: bool) -> ShuffleNetV2Config {
+    ShuffleNetV2Config {
+        stages_out_channels: [8, 16, 24, 32, 40],
+        stages_repeats: [2, 1, 2],
+        small_stem,
+        in_channels: 3,
+        num_classes: 6,
+    }
+}
+
 /// max |a - b| relative to max(max |b|, 1): values here are of order one, and some running
 /// means and BatchNorm bias gradients are zero up to rounding (a BatchNorm's zero-mean output,
 /// or zero-sum input gradient, through a 1x1 conv), where a plain relative difference would
@@ -189,23 +209,11 @@ fn fused_channels_last_inference_matches_nchw() {
         let build = |vb: VarBuilder| ResNet::new(&cfg, vb).unwrap();
         check_fused_inference(&build, &x, |n, on| n.set_channels_last(on).unwrap(), &what);
     }
-    let cfg = MobileNetV2Config {
-        width: 0.35,
-        stem_stride: 1,
-        dropout: 0.0,
-        num_classes: 5,
-        ..Default::default()
-    };
+    let cfg = small_mobilenet();
     let x = Tensor::randn(0f64, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
     let build = |vb: VarBuilder| MobileNetV2::new(&cfg, vb).unwrap();
     check_fused_inference(&build, &x, MobileNetV2::set_channels_last, "mobilenet_v2");
-    let cfg = ShuffleNetV2Config {
-        stages_out_channels: [8, 16, 24, 32, 40],
-        stages_repeats: [2, 1, 2],
-        small_stem: true,
-        in_channels: 3,
-        num_classes: 6,
-    };
+    let cfg = small_shufflenet(true);
     let build = |vb: VarBuilder| ShuffleNetV2::new(&cfg, vb).unwrap();
     check_fused_inference(&build, &x, ShuffleNetV2::set_channels_last, "shufflenet_v2");
 }
@@ -228,13 +236,7 @@ fn channels_last_lean_resnets_match_nchw() {
 
 #[test]
 fn channels_last_mobilenet_v2_matches_nchw() {
-    let cfg = MobileNetV2Config {
-        width: 0.35,
-        stem_stride: 1,
-        dropout: 0.0,
-        num_classes: 5,
-        ..Default::default()
-    };
+    let cfg = small_mobilenet();
     let vm = VarMap::new();
     let mut net = MobileNetV2::new(&cfg, vb(&vm)).unwrap();
     // 32 values per channel in the deepest BatchNorms (see TOL).
@@ -245,13 +247,7 @@ fn channels_last_mobilenet_v2_matches_nchw() {
 #[test]
 fn channels_last_shufflenet_v2_matches_nchw() {
     for small_stem in [true, false] {
-        let cfg = ShuffleNetV2Config {
-            stages_out_channels: [8, 16, 24, 32, 40],
-            stages_repeats: [2, 1, 2],
-            small_stem,
-            in_channels: 3,
-            num_classes: 6,
-        };
+        let cfg = small_shufflenet(small_stem);
         let vm = VarMap::new();
         let mut net = ShuffleNetV2::new(&cfg, vb(&vm)).unwrap();
         let x = Tensor::randn(0f64, 1., (4, 3, 48, 44), &Device::Cpu).unwrap();

@@ -240,26 +240,18 @@ pub(crate) fn gemm_new<T: Real>(
     rhs_strides: (usize, usize),
     par: Parallelism,
 ) -> Vec<T> {
-    if m == 0 || n == 0 || k == 0 {
-        return vec![T::zero(); m * n];
-    }
     let mut dst: Vec<T> = Vec::with_capacity(m * n);
-    // SAFETY: `dst` has capacity m·n and is a fresh allocation (no overlap); with
-    // `accumulate = false` the GEMM writes every one of the m·n elements (dst = lhs·rhs, k > 0)
-    // without reading any, so afterwards all m·n are initialised and `set_len(m·n)` is sound.
-    unsafe {
-        gemm_raw(
-            (m, n, k),
-            dst.as_mut_ptr(),
-            false,
-            lhs,
-            lhs_strides,
-            rhs,
-            rhs_strides,
-            par,
-        );
-        dst.set_len(m * n);
-    }
+    gemm_write(
+        (m, n, k),
+        &mut dst.spare_capacity_mut()[..m * n],
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        par,
+    );
+    // SAFETY: `gemm_write` initialised the first m·n values of the capacity.
+    unsafe { dst.set_len(m * n) };
     dst
 }
 
