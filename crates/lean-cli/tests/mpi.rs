@@ -126,7 +126,7 @@ fn a_killed_and_resumed_two_rank_run_ends_as_the_uninterrupted_one() {
         "--epochs",
         "3",
         "--limit-train",
-        "384",
+        "1536",
         "--limit-val",
         "64",
         "--batch-size",
@@ -144,7 +144,8 @@ fn a_killed_and_resumed_two_rank_run_ends_as_the_uninterrupted_one() {
     );
 
     // The same run, stopped once its first checkpoint exists (it is then in epoch 2). SIGTERM
-    // to mpirun, which takes its ranks down with it.
+    // to mpirun, which takes its ranks down with it. The epochs are ~2 s each so that the
+    // signal lands well before the end (at 0.5 s an epoch the ranks sometimes finished all 3).
     let mut child = killed
         .args(args)
         .args(["--output", b.to_str().unwrap()])
