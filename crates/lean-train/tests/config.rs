@@ -94,3 +94,22 @@ fn validation_names_each_bad_value() {
     }
     TrainConfig::default().validate().unwrap();
 }
+
+#[test]
+fn a_recipe_written_before_the_stencil_and_sync_bn_options_still_reads() {
+    // A published model's recipe as the November 2026 code wrote it: no `no_decay_stencil`, no
+    // `sync_bn`; the options and device were plain strings then as now.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/recipe-before-sync-bn.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(v.get("sync_bn").is_none() && v.get("no_decay_stencil").is_none());
+    let recipe: TrainConfig = serde_json::from_value(v).unwrap();
+    assert_eq!(recipe.opt, OptimizerKind::Sgd);
+    assert_eq!(recipe.sched, ScheduleKind::Cosine);
+    assert_eq!(recipe.device, DeviceSpec::Cpu);
+    assert_eq!(
+        (recipe.epochs, recipe.batch_size, recipe.limit_train, recipe.seed),
+        (3, 64, Some(15000), 42)
+    );
+    assert!(!recipe.sync_bn && !recipe.no_decay_stencil);
+    assert_eq!(recipe.model.name, "lean_resnet18_cifar");
+}

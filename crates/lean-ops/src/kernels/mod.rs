@@ -4,6 +4,7 @@
 
 pub(crate) mod conv_sum;
 pub(crate) mod gemm_conv;
+pub(crate) mod gemm_small;
 pub(crate) mod nhwc;
 pub(crate) mod rows;
 pub(crate) mod stencil;

@@ -11,6 +11,7 @@
 //! nest belong side by side, so a change to one is seen against the others.)
 
 use super::gemm_conv::{gemm_new, gemm_write, valid_range, zeroed};
+use super::gemm_small::{gemm_small_m, prefers_small_m};
 use super::rows::Epilogue;
 use crate::real::Real;
 use gemm::Parallelism;
@@ -170,7 +171,9 @@ impl NhwcConv {
         };
         if image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS || row_len == 0 {
             let mut y = match p {
-                // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin).
+                // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin): with few
+                // rows, dot products of P's rows as stored (no repacking of the weights).
+                Some(p) if prefers_small_m(rows, cout, cin) => gemm_small_m(rows, cout, cin, a, p),
                 Some(p) => gemm_new((rows, cout, cin), a, (cin, 1), p, (1, cin), Self::par()),
                 None => vec![T::zero(); rows * cout],
             };
