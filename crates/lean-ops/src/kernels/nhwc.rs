@@ -189,6 +189,9 @@ impl NhwcConv {
             }
             return y;
         }
+        // Pᵀ (Cin x Cout), once for all tasks: with the weight contiguous along output channels
+        // each task's GEMM uses it in place, where P as stored would be repacked by every task.
+        let pt = p.map(|p| transpose_samples(p, 1, cout, cin));
         let mut y: Vec<T> = Vec::with_capacity(rows * cout);
         y.spare_capacity_mut()[..rows * cout]
             .par_chunks_mut(per_task * row_len)
@@ -196,10 +199,10 @@ impl NhwcConv {
             .for_each(|(i, chunk)| {
                 let r0 = i * per_task;
                 let pixels = chunk.len() / cout;
-                let out = match p {
-                    Some(p) => {
+                let out = match &pt {
+                    Some(pt) => {
                         let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
-                        gemm_write((pixels, cout, cin), chunk, a, (cin, 1), p, (1, cin), Parallelism::None)
+                        gemm_write((pixels, cout, cin), chunk, a, (cin, 1), pt, (cout, 1), Parallelism::None)
                     }
                     None => zeroed(chunk),
                 };
