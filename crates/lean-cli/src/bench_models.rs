@@ -138,10 +138,10 @@ pub fn bench_model(
 /// Prints the results.
 pub fn print(rows: &[ModelBench], format: Format, csv: bool) -> Result<()> {
     if csv {
-        println!("model,batch_size,img_size,param_count,macs,infer_step_time,infer_samples_per_sec,train_step_time,train_samples_per_sec");
+        outln!("model,batch_size,img_size,param_count,macs,infer_step_time,infer_samples_per_sec,train_step_time,train_samples_per_sec");
         for r in rows {
             let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
-            println!(
+            outln!(
                 "{},{},{}x{}x{},{},{},{:.3},{:.1},{},{}",
                 r.model,
                 r.batch_size,
@@ -159,7 +159,7 @@ pub fn print(rows: &[ModelBench], format: Format, csv: bool) -> Result<()> {
         return Ok(());
     }
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(rows)?),
         Format::Table => {
             let body: Vec<Vec<String>> = rows
                 .iter()
@@ -178,7 +178,7 @@ pub fn print(rows: &[ModelBench], format: Format, csv: bool) -> Result<()> {
                     ]
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 table(
                     &[

@@ -247,7 +247,7 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
     }
     let cases = measure_ops(&shapes, args.reps, &args.ops)?;
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&cases)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&cases)?),
         Format::Table => {
             let rows: Vec<Vec<String>> = cases
                 .iter()
@@ -263,19 +263,19 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
                     ]
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 table(
                     &["op", "stencil", "g", "stride", "shape", "fwd_ms", "fwd_bwd_ms"],
                     &rows
                 )
             );
-            println!("\nspeed-up of lean (other / lean, medians of {} runs):", args.reps);
-            println!(
+            outln!("\nspeed-up of lean (other / lean, medians of {} runs):", args.reps);
+            outln!(
                 "{}",
                 table(&["shape", "stride", "vs", "fwd", "fwd+bwd"], &ratio_rows(&cases))
             );
-            println!(
+            outln!(
                 "\n{} threads, f32, CPU; glibc allocator tuned: {tuned_allocator}",
                 rayon_threads()
             );

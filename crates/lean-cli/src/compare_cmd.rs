@@ -278,8 +278,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         score_name,
         &latency,
     )?;
-    println!("{}", table(&header, &body));
-    println!(
+    outln!("{}", table(&header, &body));
+    outln!(
         "\n{recipe}\nwrote {}/compare.{{csv,md,png}} and compare-latency.png",
         out.display()
     );

@@ -88,17 +88,17 @@ fn info(a: &InfoArgs) -> Result<()> {
     match a.format {
         Format::Json => {
             let v = json!({"dataset": a.dataset, "splits": splits, "image_shape": shape, "classes": classes, "segmentation": meta.segmentation});
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         }
         Format::Table => {
-            println!(
+            outln!(
                 "{}: image shape {}, {} classes ({})",
                 a.dataset,
                 shape.map_or("varies".into(), |s| format!("{s:?}")),
                 classes.len(),
                 classes.join(", ")
             );
-            println!("{}", table(&["split", "samples", "per-class counts"], &rows));
+            outln!("{}", table(&["split", "samples", "per-class counts"], &rows));
         }
     }
     Ok(())
@@ -128,7 +128,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         rates.push(n as f64 / t.elapsed().as_secs_f64());
     }
     rates.sort_by(|x, y| x.total_cmp(y));
-    println!(
+    outln!(
         "{}: {:.0} images/s (median of {} epochs of {} images; random crop + flip + normalise, batch {}, {} workers)",
         a.dataset,
         rates[rates.len() / 2],

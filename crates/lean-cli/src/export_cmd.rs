@@ -34,7 +34,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     };
     let (config, ev) = export_run(&a.run, &a.out, &opts)
         .with_context(|| format!("cannot export {} to {}", a.run.display(), a.out.display()))?;
-    println!(
+    outln!(
         "exported {} (test {} {:.2}%) to {}",
         config.model.name,
         ev.metrics.score_name(),

@@ -5,6 +5,15 @@
 //! defaults (e.g. to measure the difference).
 #![forbid(unsafe_code)]
 
+/// `println!` that returns an error instead of panicking when stdout is gone (`lean ... | head`
+/// closes the pipe early): the calling function returns it with `?`, and `main` ends quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::StdoutError)?
+    }};
+}
+
 mod bench_models;
 mod bench_ops;
 mod compare_cmd;
@@ -84,7 +93,34 @@ fn main() {
         Command::Compare(args) => compare_cmd::run(&args),
     });
     if let Err(e) = result {
+        if stdout_closed(&e) {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// A failed write to standard output (from `outln!`).
+#[derive(Debug)]
+struct StdoutError(std::io::Error);
+
+impl std::fmt::Display for StdoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writing to standard output: {}", self.0)
+    }
+}
+
+impl std::error::Error for StdoutError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether the error is a write to a standard output whose reader has gone (a closed pipe):
+/// not a failure of the command, so nothing to report.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<StdoutError>())
+        .any(|w| w.0.kind() == std::io::ErrorKind::BrokenPipe)
 }

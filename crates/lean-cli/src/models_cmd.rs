@@ -60,7 +60,7 @@ pub fn models(args: &ModelsArgs) -> Result<()> {
         });
     }
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&rows)?),
         Format::Table => {
             let body: Vec<Vec<String>> = rows
                 .iter()
@@ -74,8 +74,8 @@ pub fn models(args: &ModelsArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            println!("{}", table(&["name", "family", "input", "params", "MACs"], &body));
-            println!("\nLean models take tags: NAME.TAG with TAG from a stencil (five|four|h3|v3|full), g<N>, dd, joined by `_`.");
+            outln!("{}", table(&["name", "family", "input", "params", "MACs"], &body));
+            outln!("\nLean models take tags: NAME.TAG with TAG from a stencil (five|four|h3|v3|full), g<N>, dd, joined by `_`.");
         }
     }
     Ok(())
@@ -139,7 +139,7 @@ pub fn info(args: &InfoArgs) -> Result<()> {
                 })
                 .collect();
             let v = serde_json::json!({"model": args.model, "input_size": [c, h, w], "layers": layers, "params": total.params, "macs": total.macs});
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         }
         Format::Table => {
             let mut body: Vec<Vec<String>> = rows
@@ -161,8 +161,8 @@ pub fn info(args: &InfoArgs) -> Result<()> {
                 total.params.to_string(),
                 total.macs.to_string(),
             ]);
-            println!("{} at input {c}x{h}x{w}", args.model);
-            println!("{}", table(&["layer", "kind", "output", "params", "MACs"], &body));
+            outln!("{} at input {c}x{h}x{w}", args.model);
+            outln!("{}", table(&["layer", "kind", "output", "params", "MACs"], &body));
         }
     }
     Ok(())
@@ -289,7 +289,7 @@ pub fn predict(args: &PredictArgs) -> Result<()> {
                 let tensors = std::collections::HashMap::from([("output".to_string(), logits)]);
                 lean_models::fs::write_atomic_with(out, |tmp| candle_core::safetensors::save(&tensors, tmp))
                     .map_err(|(p, msg)| anyhow::anyhow!("cannot write {}: {msg}", p.display()))?;
-                println!("wrote logits to {}", out.display());
+                outln!("wrote logits to {}", out.display());
             }
             None => print_topk(&logits, args.topk, &[t.display().to_string()], &labels)?,
         }
@@ -356,7 +356,7 @@ fn predict_masks(model: &dyn Model, images: &[PathBuf], channels: usize, mean: &
         for c in &pred {
             *counts.entry(*c).or_insert(0usize) += 1;
         }
-        println!(
+        outln!(
             "{}: wrote {} and {} (pixels per class {counts:?})",
             path.display(),
             mp.display(),
@@ -380,7 +380,7 @@ fn print_topk(logits: &Tensor, k: usize, names: &[String], labels: &[String]) ->
                 None => format!("class {c} ({:.1}%)", 100.0 * p[c]),
             })
             .collect();
-        println!("{name}[{i}]: {}", top.join(", "));
+        outln!("{name}[{i}]: {}", top.join(", "));
     }
     Ok(())
 }

@@ -88,13 +88,13 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     let name = &cfg.model.name;
     let dir = s.run_dir.display();
     match (last.eval_miou, last.eval_top1) {
-        (Some(miou), _) => println!(
+        (Some(miou), _) => outln!(
             "{name}: epoch {} mIoU {miou:.2}% pixel accuracy {:.2}% (best mIoU {:.2}%), run folder {dir}",
             last.epoch,
             last.eval_pixel_acc.unwrap_or(f64::NAN),
             s.best_top1,
         ),
-        (None, top1) => println!(
+        (None, top1) => outln!(
             "{name}: epoch {} top-1 {:.2}% top-5 {:.2}% (best top-1 {:.2}%), run folder {dir}",
             last.epoch,
             top1.unwrap_or(f64::NAN),
@@ -223,7 +223,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
             j["iou"] = per_class.into();
             j["model"] = model_name.into();
             j["dataset"] = dataset.into();
-            println!("{j}");
+            outln!("{j}");
         }
         (Metrics::Segmentation { miou, pixel_acc, iou }, Format::Table) => {
             let rows: Vec<Vec<String>> = names
@@ -231,19 +231,20 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
                 .zip(iou)
                 .map(|(n, v)| vec![n.clone(), v.map_or("absent".into(), |x| format!("{x:.2}"))])
                 .collect();
-            println!("{}", table(&["class", "IoU (%)"], &rows));
-            println!(
+            outln!("{}", table(&["class", "IoU (%)"], &rows));
+            outln!(
                 "\n{model_name} on {dataset} ({} images): mIoU {miou:.2}%, pixel accuracy {pixel_acc:.2}%, loss {:.4}",
-                r.samples, r.loss
+                r.samples,
+                r.loss
             );
         }
         (Metrics::Classification { .. }, Format::Json) => {
             let mut j = serde_json::to_value(&r)?;
             j["model"] = model_name.into();
             j["dataset"] = dataset.into();
-            println!("{j}");
+            outln!("{j}");
         }
-        (Metrics::Classification { top1, top5 }, Format::Table) => println!(
+        (Metrics::Classification { top1, top5 }, Format::Table) => outln!(
             "{}",
             table(
                 &["model", "dataset", "samples", "top1", "top5", "loss"],

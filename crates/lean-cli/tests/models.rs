@@ -230,3 +230,20 @@ fn predict_takes_the_model_from_an_exported_folder_and_refuses_non_finite_tensor
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nan.safetensors") && err.contains("NaN"), "{err}");
 }
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_the_command_quietly() {
+    use std::process::Stdio;
+    // `lean models | head -0`: the pipe is closed before the command writes its table.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lean"))
+        .args(["models", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status {:?}, stderr: {err}", out.status);
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+}

@@ -202,7 +202,15 @@ impl NhwcConv {
                 let out = match &pt {
                     Some(pt) => {
                         let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
-                        gemm_write((pixels, cout, cin), chunk, a, (cin, 1), pt, (cout, 1), Parallelism::None)
+                        gemm_write(
+                            (pixels, cout, cin),
+                            chunk,
+                            a,
+                            (cin, 1),
+                            pt,
+                            (cout, 1),
+                            Parallelism::None,
+                        )
                     }
                     None => zeroed(chunk),
                 };
