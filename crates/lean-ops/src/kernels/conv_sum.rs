@@ -118,6 +118,22 @@ impl ConvSum {
                 }
             }
         };
+        if let (Some(g), None, Some(p)) = (&self.dense, &self.stencil, p) {
+            let group = g.gemm_group();
+            if group > 1 && par_over_samples(self.n) {
+                let (cl, gl) = g.group_scratch_len(group.min(self.n));
+                gx.par_chunks_mut(group * il).enumerate().for_each_init(
+                    || (vec![T::zero(); cl], vec![T::zero(); gl]),
+                    |(cols, gyg), (gi, gxs)| {
+                        let gys: Vec<&[T]> = (0..gxs.len() / il)
+                            .map(|j| &gy[(gi * group + j) * ol..][..ol])
+                            .collect();
+                        g.backward_input_group(&gys, p, gxs, (cols, gyg));
+                    },
+                );
+                return gx;
+            }
+        }
         if par_over_samples(self.n) {
             gx.par_chunks_mut(il).enumerate().for_each_init(
                 || vec![T::zero(); self.cols_len()],
@@ -143,12 +159,24 @@ impl ConvSum {
             // how rayon schedules the work, so training is reproducible run to run.
             let chunk = self.n.div_ceil(rayon::current_num_threads());
             let samples: Vec<usize> = (0..self.n).collect();
+            let group = g.gemm_group();
             let partials: Vec<Vec<T>> = samples
                 .par_chunks(chunk)
                 .map(|part| {
-                    let (mut acc, mut cols) = (vec![T::zero(); wl], vec![T::zero(); self.cols_len()]);
-                    part.iter()
-                        .for_each(|&ni| one(ni, &mut acc, &mut cols, Parallelism::None));
+                    let mut acc = vec![T::zero(); wl];
+                    if group == 1 {
+                        let mut cols = vec![T::zero(); self.cols_len()];
+                        part.iter()
+                            .for_each(|&ni| one(ni, &mut acc, &mut cols, Parallelism::None));
+                        return acc;
+                    }
+                    let (cl, gl) = g.group_scratch_len(group.min(part.len()));
+                    let (mut cols, mut gyg) = (vec![T::zero(); cl], vec![T::zero(); gl]);
+                    for grp in part.chunks(group) {
+                        let xs: Vec<&[T]> = grp.iter().map(|&ni| &x[ni * il..(ni + 1) * il]).collect();
+                        let gys: Vec<&[T]> = grp.iter().map(|&ni| &gy[ni * ol..(ni + 1) * ol]).collect();
+                        g.backward_weight_group(&xs, &gys, &mut acc, (&mut cols, &mut gyg));
+                    }
                     acc
                 })
                 .collect();

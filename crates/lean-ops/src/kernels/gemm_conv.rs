@@ -58,6 +58,12 @@ impl ConvGeom {
 
     /// Fills `cols` (K x Ho·Wo, row-major) with the input patches of one sample.
     fn im2col<T: Real>(&self, x: &[T], cols: &mut [T]) {
+        self.im2col_strided(x, cols, self.out_pixels(), 0);
+    }
+
+    /// [`Self::im2col`] into columns `off..off + Ho·Wo` of a row-major matrix with rows of
+    /// `stride` values (the column matrices of several samples side by side).
+    fn im2col_strided<T: Real>(&self, x: &[T], cols: &mut [T], stride: usize, off: usize) {
         let p = self.out_pixels();
         let s = self.stride;
         for ci in 0..self.cin {
@@ -69,7 +75,7 @@ impl ConvGeom {
                     let ox = (kx * self.dil) as isize - self.pad as isize;
                     let (xlo, xhi) = self.valid(ox, self.w, self.wo);
                     let row = (ci * self.kh + ky) * self.kw + kx;
-                    let dst = &mut cols[row * p..(row + 1) * p];
+                    let dst = &mut cols[row * stride + off..row * stride + off + p];
                     for (yo, drow) in dst.chunks_exact_mut(self.wo).enumerate() {
                         if yo < ylo || yo >= yhi || xlo >= xhi {
                             drow.fill(T::zero());
@@ -95,6 +101,11 @@ impl ConvGeom {
 
     /// Adds the column matrix `cols` back onto the input grid (the adjoint of `im2col`).
     fn col2im_add<T: Real>(&self, cols: &[T], gx: &mut [T]) {
+        self.col2im_add_strided(cols, gx, self.out_pixels(), 0);
+    }
+
+    /// [`Self::col2im_add`] from columns `off..off + Ho·Wo` of rows of `stride` values.
+    fn col2im_add_strided<T: Real>(&self, cols: &[T], gx: &mut [T], stride: usize, off: usize) {
         let p = self.out_pixels();
         let s = self.stride;
         for ci in 0..self.cin {
@@ -109,7 +120,7 @@ impl ConvGeom {
                         continue;
                     }
                     let row = (ci * self.kh + ky) * self.kw + kx;
-                    let src = &cols[row * p..(row + 1) * p];
+                    let src = &cols[row * stride + off..row * stride + off + p];
                     for yo in ylo..yhi {
                         let yi = (yo as isize * s as isize + oy) as usize;
                         let dst = &mut plane[yi * self.w..(yi + 1) * self.w];
@@ -163,6 +174,86 @@ impl ConvGeom {
         let b = self.operand(x, cols);
         let (m, n, k) = (self.cout, self.k(), self.out_pixels());
         gemm_rm(m, n, k, gw, true, gy, (k, 1), b, (1, k), par);
+    }
+
+    /// Samples whose GEMMs the `*_group` methods join into one, so that it spans at least
+    /// `MIN_K` pixels: one sample at a time, the late stages (4x4 = 16 pixels) make skinny GEMMs
+    /// (the gemm crate's 16-row edge kernel) and the weight gradient reads and writes the whole
+    /// Cout x K matrix for every 16 pixels.
+    pub fn gemm_group(&self) -> usize {
+        const MIN_K: usize = 256;
+        if self.is_identity_im2col() {
+            1
+        } else {
+            MIN_K.div_ceil(self.out_pixels().max(1))
+        }
+    }
+
+    /// gxs (g samples' input gradients) += cols⁻¹(Wᵀ · gy) for the samples' output gradients
+    /// `gys`, as one GEMM over all their pixels.
+    pub fn backward_input_group<T: Real>(&self, gys: &[&[T]], w: &[T], gxs: &mut [T], scratch: (&mut [T], &mut [T])) {
+        let (p, k) = (self.out_pixels(), self.k());
+        let kk = gys.len() * p;
+        let (cols, gyg) = scratch;
+        let (cols, gyg) = (&mut cols[..k * kk], &mut gyg[..self.cout * kk]);
+        for (j, gy) in gys.iter().enumerate() {
+            for (co, row) in gy.chunks_exact(p).enumerate() {
+                gyg[co * kk + j * p..co * kk + (j + 1) * p].copy_from_slice(row);
+            }
+        }
+        gemm_rm(
+            k,
+            kk,
+            self.cout,
+            cols,
+            false,
+            w,
+            (1, k),
+            gyg,
+            (kk, 1),
+            Parallelism::None,
+        );
+        for (j, gx) in gxs.chunks_exact_mut(self.in_len()).enumerate() {
+            self.col2im_add_strided(cols, gx, kk, j * p);
+        }
+    }
+
+    /// Scratch for [`Self::backward_weight_group`] over `g` samples: (columns, output gradients).
+    pub fn group_scratch_len(&self, g: usize) -> (usize, usize) {
+        (self.k() * self.out_pixels() * g, self.cout * self.out_pixels() * g)
+    }
+
+    /// gw += Σ over the samples `xs`, `gys` (each one sample's input and output gradient) of
+    /// gy · cols(x)ᵀ, as one GEMM whose reduction runs over all their pixels.
+    pub fn backward_weight_group<T: Real>(
+        &self,
+        xs: &[&[T]],
+        gys: &[&[T]],
+        gw: &mut [T],
+        scratch: (&mut [T], &mut [T]),
+    ) {
+        let (g, p) = (xs.len(), self.out_pixels());
+        let kk = g * p;
+        let (cols, gyg) = scratch;
+        let (cols, gyg) = (&mut cols[..self.k() * kk], &mut gyg[..self.cout * kk]);
+        for (j, (x, gy)) in xs.iter().zip(gys).enumerate() {
+            self.im2col_strided(x, cols, kk, j * p);
+            for (co, row) in gy.chunks_exact(p).enumerate() {
+                gyg[co * kk + j * p..co * kk + (j + 1) * p].copy_from_slice(row);
+            }
+        }
+        gemm_rm(
+            self.cout,
+            self.k(),
+            kk,
+            gw,
+            true,
+            gyg,
+            (kk, 1),
+            cols,
+            (1, kk),
+            Parallelism::None,
+        );
     }
 }
 
