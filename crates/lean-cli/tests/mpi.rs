@@ -95,15 +95,17 @@ fn two_ranks_with_sync_bn_end_with_the_weights_of_one_process_with_the_combined_
         model_tensors(&b.join("last.safetensors")),
     );
     assert_eq!(x.len(), y.len());
-    // Tolerance 1e-4 of each tensor's scale: the same 16 images each step, summed per rank and
+    // Tolerance 1e-3 of each tensor's scale: the same 16 images each step, summed per rank and
     // then over the ranks instead of in one pass, so f32 rounding (~1e-7) that the first steps
-    // of training amplify (measured after 6 steps: 1.5e-7 with seed 11, 2.8e-5 with this seed,
-    // in a running variance). A real fault is far larger: without SyncBN the weights differ by
-    // ~1e-1 (lean-train's tests/data_parallel.rs checks that control).
+    // of training amplify, by an amount that depends on the seed and on the GEMM kernels the
+    // CPU gets (measured after 6 steps: 1.5e-7 with seed 11, 2.8e-5 with this seed on an AVX2
+    // machine, 1.25e-4 in the stem's weight on an AVX-512 one, with the same code). A real
+    // fault is far larger: without SyncBN the weights differ by ~1e-1 (lean-train's
+    // tests/data_parallel.rs checks that control).
     for ((name, p), (_, q)) in x.iter().zip(&y) {
         let scale = q.iter().fold(1f32, |m, v| m.max(v.abs()));
         let d = p.iter().zip(q).fold(0f32, |m, (u, v)| m.max((u - v).abs())) / scale;
-        assert!(d < 1e-4, "{name}: 2 ranks x 8 vs 1 x 16 differ by {d:e}");
+        assert!(d < 1e-3, "{name}: 2 ranks x 8 vs 1 x 16 differ by {d:e}");
     }
     // Every rank evaluated its shard; the reported metrics are the whole set's.
     let csv = |d: &Path| std::fs::read_to_string(d.join("summary.csv")).unwrap();
