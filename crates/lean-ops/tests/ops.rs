@@ -411,7 +411,7 @@ fn dense_conv_matches_candle_and_finite_differences() {
         (3, 1, 2, 2),
         (5, 3, 1, 1),
     ] {
-        // n = 7: samples joined into one GEMM (ConvGeom::weight_group) in groups of several,
+        // n = 7: samples joined into one GEMM (ConvGeom::gemm_group, forward_group_size) in groups of several,
         // and a partial last group.
         for n in [1, 3, 7] {
             for dt in [DType::F32, DType::F64] {

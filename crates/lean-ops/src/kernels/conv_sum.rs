@@ -2,6 +2,7 @@
 //! stencil of the same input, in one pass over each sample, and the matching backward.
 
 use super::gemm_conv::ConvGeom;
+use super::nhwc::transpose_samples;
 use super::stencil::StencilGeom;
 use crate::real::{par_over_samples, Real};
 use gemm::Parallelism;
@@ -65,6 +66,20 @@ impl ConvSum {
         };
         if ol == 0 {
             return y;
+        }
+        if let (Some(g), None, Some(p)) = (&self.dense, &self.stencil, p) {
+            let group = g.forward_group_size();
+            if group > 1 && par_over_samples(self.n) {
+                let (cl, yl) = g.group_scratch_len(group.min(self.n));
+                y.par_chunks_mut(group * ol).enumerate().for_each_init(
+                    || (vec![T::zero(); cl], vec![T::zero(); yl]),
+                    |(cols, yg), (gi, ys)| {
+                        let xs: Vec<&[T]> = (0..ys.len() / ol).map(|j| &x[(gi * group + j) * il..][..il]).collect();
+                        g.forward_group(&xs, p, ys, (cols, yg));
+                    },
+                );
+                return y;
+            }
         }
         if par_over_samples(self.n) {
             y.par_chunks_mut(ol).enumerate().for_each_init(
@@ -150,6 +165,16 @@ impl ConvSum {
     }
 
     fn backward_dense_weight<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
+        let gw = self.backward_dense_weight_as_summed(g, x, gy);
+        if g.weight_grad_transposed() {
+            transpose_samples(&gw, 1, g.k(), g.cout)
+        } else {
+            gw
+        }
+    }
+
+    /// The dense weight gradient in the layout [`ConvGeom::backward_weight`] sums it in.
+    fn backward_dense_weight_as_summed<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
         let (il, ol, wl) = (self.in_len(), self.out_len(), g.cout * g.k());
         let one = |ni: usize, acc: &mut [T], cols: &mut [T], par: Parallelism| {
             g.backward_weight(&x[ni * il..(ni + 1) * il], &gy[ni * ol..(ni + 1) * ol], acc, cols, par);

@@ -169,23 +169,73 @@ impl ConvGeom {
         }
     }
 
-    /// gw += gy (Cout x P) · cols(x)ᵀ: one sample's contribution to the weight gradient.
+    /// gw += gy (Cout x P) · cols(x)ᵀ: one sample's contribution to the weight gradient, or to
+    /// its transpose (K x Cout) where [`Self::weight_grad_transposed`].
     pub fn backward_weight<T: Real>(&self, x: &[T], gy: &[T], gw: &mut [T], cols: &mut [T], par: Parallelism) {
         let b = self.operand(x, cols);
-        let (m, n, k) = (self.cout, self.k(), self.out_pixels());
-        gemm_rm(m, n, k, gw, true, gy, (k, 1), b, (1, k), par);
+        self.weight_grad_gemm(gy, b, self.out_pixels(), gw, par);
+    }
+
+    /// Whether the weight gradient is accumulated as its transpose (K x Cout), to be transposed
+    /// once at the end: measured 1.1-3x faster where the reduction is wide and Cout moderate
+    /// (64 channels at 32x32: 27 -> 80 GMAC/s), slower for 1x1 convolutions, the stem and
+    /// 512-channel layers (docs/benchmarks.md).
+    pub fn weight_grad_transposed(&self) -> bool {
+        self.cout < self.k() && self.cout <= 256
+    }
+
+    /// gw (+)= gy (Cout x kk) · colsᵀ with `cols` (K x kk), or the transpose of it.
+    fn weight_grad_gemm<T: Real>(&self, gy: &[T], cols: &[T], kk: usize, gw: &mut [T], par: Parallelism) {
+        let (co, k) = (self.cout, self.k());
+        if self.weight_grad_transposed() {
+            gemm_rm(k, co, kk, gw, true, cols, (kk, 1), gy, (1, kk), par);
+        } else {
+            gemm_rm(co, k, kk, gw, true, gy, (kk, 1), cols, (1, kk), par);
+        }
     }
 
     /// Samples whose GEMMs the `*_group` methods join into one, so that it spans at least
     /// `MIN_K` pixels: one sample at a time, the late stages (4x4 = 16 pixels) make skinny GEMMs
     /// (the gemm crate's 16-row edge kernel) and the weight gradient reads and writes the whole
-    /// Cout x K matrix for every 16 pixels.
+    /// Cout x K matrix for every 16 pixels. 128 measured faster than 256 for 512-channel layers
+    /// (the input gradient's 4608 x 256 column matrix left the cache: 50 against 100 GMAC/s).
     pub fn gemm_group(&self) -> usize {
-        const MIN_K: usize = 256;
+        const MIN_K: usize = 128;
         if self.is_identity_im2col() {
             1
         } else {
             MIN_K.div_ceil(self.out_pixels().max(1))
+        }
+    }
+
+    /// Samples whose forward GEMMs [`Self::forward_group`] joins: enough for 64 output pixels.
+    /// Per sample, the late stages' 16-pixel GEMMs run the gemm crate's 16-row edge kernel at
+    /// half its speed; 64 joined pixels run its full kernel, while the joined column matrix stays
+    /// the size of one 8x8 sample's (joining more, as the backward does, leaves L2 at inference).
+    pub fn forward_group_size(&self) -> usize {
+        const MIN_N: usize = 64;
+        if self.is_identity_im2col() {
+            1
+        } else {
+            MIN_N.div_ceil(self.out_pixels().max(1))
+        }
+    }
+
+    /// ys (the g samples' outputs, Cout x P each) = W · cols(x) for the samples `xs`, as one
+    /// GEMM over all their pixels.
+    pub fn forward_group<T: Real>(&self, xs: &[&[T]], w: &[T], ys: &mut [T], scratch: (&mut [T], &mut [T])) {
+        let (p, k) = (self.out_pixels(), self.k());
+        let kk = xs.len() * p;
+        let (cols, yg) = scratch;
+        let (cols, yg) = (&mut cols[..k * kk], &mut yg[..self.cout * kk]);
+        for (j, x) in xs.iter().enumerate() {
+            self.im2col_strided(x, cols, kk, j * p);
+        }
+        gemm_rm(self.cout, kk, k, yg, false, w, (k, 1), cols, (kk, 1), Parallelism::None);
+        for (j, y) in ys.chunks_exact_mut(self.out_len()).enumerate() {
+            for (co, row) in y.chunks_exact_mut(p).enumerate() {
+                row.copy_from_slice(&yg[co * kk + j * p..co * kk + (j + 1) * p]);
+            }
         }
     }
 
@@ -197,9 +247,7 @@ impl ConvGeom {
         let (cols, gyg) = scratch;
         let (cols, gyg) = (&mut cols[..k * kk], &mut gyg[..self.cout * kk]);
         for (j, gy) in gys.iter().enumerate() {
-            for (co, row) in gy.chunks_exact(p).enumerate() {
-                gyg[co * kk + j * p..co * kk + (j + 1) * p].copy_from_slice(row);
-            }
+            join_sample(gy, gyg, p, kk, j);
         }
         gemm_rm(
             k,
@@ -218,13 +266,14 @@ impl ConvGeom {
         }
     }
 
-    /// Scratch for [`Self::backward_weight_group`] over `g` samples: (columns, output gradients).
+    /// Scratch for the `*_group` methods over `g` samples: (joined columns, joined outputs or
+    /// output gradients).
     pub fn group_scratch_len(&self, g: usize) -> (usize, usize) {
         (self.k() * self.out_pixels() * g, self.cout * self.out_pixels() * g)
     }
 
     /// gw += Σ over the samples `xs`, `gys` (each one sample's input and output gradient) of
-    /// gy · cols(x)ᵀ, as one GEMM whose reduction runs over all their pixels.
+    /// gy · cols(x)ᵀ (or its transpose, as [`Self::backward_weight`]), as one GEMM whose reduction runs over all their pixels.
     pub fn backward_weight_group<T: Real>(
         &self,
         xs: &[&[T]],
@@ -238,22 +287,17 @@ impl ConvGeom {
         let (cols, gyg) = (&mut cols[..self.k() * kk], &mut gyg[..self.cout * kk]);
         for (j, (x, gy)) in xs.iter().zip(gys).enumerate() {
             self.im2col_strided(x, cols, kk, j * p);
-            for (co, row) in gy.chunks_exact(p).enumerate() {
-                gyg[co * kk + j * p..co * kk + (j + 1) * p].copy_from_slice(row);
-            }
+            join_sample(gy, gyg, p, kk, j);
         }
-        gemm_rm(
-            self.cout,
-            self.k(),
-            kk,
-            gw,
-            true,
-            gyg,
-            (kk, 1),
-            cols,
-            (1, kk),
-            Parallelism::None,
-        );
+        self.weight_grad_gemm(gyg, cols, kk, gw, Parallelism::None);
+    }
+}
+
+/// Copies sample `j`'s rows (each `p` values, as in a Cout x P output gradient) into columns
+/// `j·p..(j+1)·p` of `joined`, a row-major matrix with rows of `kk` values.
+fn join_sample<T: Real>(sample: &[T], joined: &mut [T], p: usize, kk: usize, j: usize) {
+    for (r, row) in sample.chunks_exact(p).enumerate() {
+        joined[r * kk + j * p..r * kk + (j + 1) * p].copy_from_slice(row);
     }
 }
 
