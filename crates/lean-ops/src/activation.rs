@@ -97,14 +97,60 @@ fn map2_chunk<T: Real>(out: &mut [T], a: &[T], b: &[T], f: &impl Fn(T, T) -> T) 
     }
 }
 
+/// g · act'(y) for the identity.
+#[inline(always)]
+pub(crate) fn identity_grad<T: Real>(g: T, _y: T) -> T {
+    g
+}
+
+/// g · relu'(y), read off ReLU's output y (a select: loops over it vectorise).
+#[inline(always)]
+pub(crate) fn relu_grad<T: Real>(g: T, y: T) -> T {
+    if y > T::zero() {
+        g
+    } else {
+        T::zero()
+    }
+}
+
+/// g · relu6'(y), read off ReLU6's output y.
+#[inline(always)]
+pub(crate) fn relu6_grad<T: Real>(g: T, y: T) -> T {
+    if y > T::zero() && y < T::from_f64(6.0) {
+        g
+    } else {
+        T::zero()
+    }
+}
+
+/// Runs `body` with `d(g, y) = g · act'(y)` as a plain function (one branch-free loop per
+/// activation, as [`with_act`]): kernels that read an activation's output gradient call it
+/// on the fly instead of materialising gy · act'(y) first.
+macro_rules! with_act_grad {
+    ($act:expr, |$d:ident| $body:expr) => {
+        match $act {
+            $crate::Activation::None => {
+                let $d = $crate::activation::identity_grad;
+                $body
+            }
+            $crate::Activation::Relu => {
+                let $d = $crate::activation::relu_grad;
+                $body
+            }
+            $crate::Activation::Relu6 => {
+                let $d = $crate::activation::relu6_grad;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_act_grad;
+
 /// gy · act'(y): the gradient before the activation, read off the activation's output.
 pub(crate) fn pre_activation_grad<T: Real>(gy: &[T], y: &[T], act: Activation) -> Vec<T> {
-    // One branch-free loop per activation (a select vectorises; a match per element does not).
-    let (zero, six) = (T::zero(), T::from_f64(6.0));
     match act {
         Activation::None => gy.to_vec(),
-        Activation::Relu => par_map2(gy, y, |g, y| if y > zero { g } else { zero }),
-        Activation::Relu6 => par_map2(gy, y, |g, y| if y > zero && y < six { g } else { zero }),
+        _ => with_act_grad!(act, |d| par_map2(gy, y, d)),
     }
 }
 

@@ -2,13 +2,13 @@
 //! activation op and its backward, and the channel-wise affine op (eval-mode BatchNorm, folded
 //! biases) — over NCHW planes or channels-last rows.
 
-use crate::activation::{pre_activation_grad, with_act, Activation};
+use crate::activation::{pre_activation_grad, with_act, with_act_grad, Activation};
 use crate::cpu_op::{CpuOp3, OnCpu};
 use crate::error::{check_float, shape_err, Result};
 use crate::isa::isa_dispatch;
 use crate::kernels::rows;
 use crate::real::{dispatch_dtype, tensor, with_data, Real};
-use candle_core::{Layout, Shape, Tensor, WithDType};
+use candle_core::{Layout, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -94,40 +94,37 @@ fn channel_moments<T: Real>(x: &[T], c: usize, hw: usize, ch: usize) -> (f64, f6
     (s.iter().sum(), q.iter().sum(), k)
 }
 
-/// Per channel `ch`, in one pass: (Σ gz·(x - centre), Σ gz) over its N planes (the first sum
-/// only when `x` is given).
+/// Per channel `ch`, in one pass over its N planes: (Σ gz·(x - m), Σ gz) with gz = d(gy, y)
+/// computed on the fly.
 #[inline(always)]
-fn channel_grad_sums<T: Real>(gz: &[T], x: Option<(&[T], f64)>, c: usize, hw: usize, ch: usize) -> (f64, f64) {
-    let n = gz.len() / (c * hw).max(1);
+fn channel_grad_sums<T: Real>(
+    (gy, y, d): (&[T], &[T], impl Fn(T, T) -> T),
+    (x, m): (&[T], f64),
+    c: usize,
+    hw: usize,
+    ch: usize,
+) -> (f64, f64) {
+    let n = gy.len() / (c * hw).max(1);
     let (mut sx, mut s) = ([0f64; LANES], [0f64; LANES]);
+    let mut add = |i: usize, g: T, y: T, x: T| {
+        let g = d(g, y).f();
+        s[i] += g;
+        sx[i] += g * (x.f() - m);
+    };
     for ni in 0..n {
         let r = (ni * c + ch) * hw..(ni * c + ch + 1) * hw;
-        let g = &gz[r.clone()];
-        let gc = g.chunks_exact(LANES);
-        match x {
-            // Both sums in the same pass over gz.
-            Some((x, m)) => {
-                let xc = x[r].chunks_exact(LANES);
-                for (i, (a, b)) in gc.remainder().iter().zip(xc.remainder()).enumerate() {
-                    s[i] += a.f();
-                    sx[i] += a.f() * (b.f() - m);
-                }
-                for (a, b) in gc.zip(xc) {
-                    for i in 0..LANES {
-                        s[i] += a[i].f();
-                        sx[i] += a[i].f() * (b[i].f() - m);
-                    }
-                }
-            }
-            None => {
-                for (i, v) in gc.remainder().iter().enumerate() {
-                    s[i] += v.f();
-                }
-                for v in gc {
-                    for i in 0..LANES {
-                        s[i] += v[i].f();
-                    }
-                }
+        let (gc, yc, xc) = (
+            gy[r.clone()].chunks_exact(LANES),
+            y[r.clone()].chunks_exact(LANES),
+            x[r].chunks_exact(LANES),
+        );
+        let rem = gc.remainder().iter().zip(yc.remainder()).zip(xc.remainder());
+        for (i, ((g, y), x)) in rem.enumerate() {
+            add(i, *g, *y, *x);
+        }
+        for ((g, y), x) in gc.zip(yc).zip(xc) {
+            for i in 0..LANES {
+                add(i, g[i], y[i], x[i]);
             }
         }
     }
@@ -181,7 +178,9 @@ impl CpuOp3 for ChannelAffineOp {
                                     });
                                 gx
                             };
-                            let (gs, gb) = channel_sums(c, hw, &gz, Some((xs, &vec![0.0; c])), last);
+                            let (gs, gb) = with_act_grad!(act, |d| {
+                                channel_sums(c, hw, (gys, ys, d), (xs, &vec![0.0; c]), last)
+                            });
                             Ok((
                                 Some(tensor(gx, x.dims())?),
                                 Some(tensor(cast::<T>(&gs), &[c])?),
@@ -195,19 +194,23 @@ impl CpuOp3 for ChannelAffineOp {
     }
 }
 
-/// Per channel, accumulated in f64: (Σ gz·(x - centre[c]), Σ gz) over all samples and pixels
-/// (the first only when `x` is given). Centring before multiplying keeps BatchNorm's weight
-/// gradient free of the cancellation that Σ gz·x - mean·Σ gz suffers in f32.
-fn channel_sums<T: Real>(c: usize, hw: usize, gz: &[T], x: Option<(&[T], &[f64])>, last: bool) -> (Vec<f64>, Vec<f64>) {
+/// Per channel, accumulated in f64: (Σ gz·(x - centre[c]), Σ gz) over all samples and pixels,
+/// with gz = d(gy, y) the gradient before the activation whose output is y. Centring before
+/// multiplying keeps BatchNorm's weight gradient free of the cancellation that
+/// Σ gz·x - mean·Σ gz suffers in f32.
+fn channel_sums<T: Real>(
+    c: usize,
+    hw: usize,
+    (gy, y, d): (&[T], &[T], impl Fn(T, T) -> T + Sync + Copy),
+    (x, centre): (&[T], &[f64]),
+    last: bool,
+) -> (Vec<f64>, Vec<f64>) {
     if last {
-        return rows::grad_sums(gz, x, c);
+        return rows::grad_sums(gy, y, d, (x, centre), c);
     }
     (0..c)
         .into_par_iter()
-        .map(|ch| {
-            let x = x.map(|(x, centre)| (x, centre[ch]));
-            isa_dispatch!(channel_grad_sums(gz, x, c, hw, ch))
-        })
+        .map(|ch| isa_dispatch!(channel_grad_sums((gy, y, d), (x, centre[ch]), c, hw, ch)))
         .unzip()
 }
 
@@ -276,13 +279,14 @@ pub(crate) fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, V
 }
 
 /// BatchNorm's input gradient over one plane, in f64:
-/// gx = k·(gz - a - xhat·bsum) with xhat = (x - mu)·is; `c` = [k, mu, is, a, bsum].
+/// gx = k·(gz - a - xhat·bsum) with xhat = (x - mu)·is and gz = d(gy, y);
+/// `c` = [k, mu, is, a, bsum].
 #[inline(always)]
-fn bn_input_grad_plane<T: Real>(gx: &mut [T], gz: &[T], x: &[T], c: [f64; 5]) {
+fn bn_input_grad_plane<T: Real>(gx: &mut [T], (gy, y, d): (&[T], &[T], impl Fn(T, T) -> T), x: &[T], c: [f64; 5]) {
     let [k, mu, is, a, bsum] = c;
-    for ((o, g), xv) in gx.iter_mut().zip(gz).zip(x) {
+    for (((o, g), y), xv) in gx.iter_mut().zip(gy).zip(y).zip(x) {
         let xhat = (xv.f() - mu) * is;
-        *o = T::from_f64(k * (g.f() - a - xhat * bsum));
+        *o = T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum));
     }
 }
 
@@ -336,41 +340,61 @@ impl CpuOp3 for BnTrainOp {
                 with_data::<T, _>(w, |ws| {
                     with_data::<T, _>(y, |ys| {
                         with_data::<T, _>(gy, |gys| {
-                            let gz = pre_activation_grad(gys, ys, self.act);
-                            // Σ gz·xhat = invstd·Σ gz·(x - mean).
-                            let (sgx, sg) = channel_sums(c, hw, &gz, Some((xs, &self.mean)), self.last);
-                            let sgxhat: Vec<f64> = (0..c).map(|ch| self.invstd[ch] * sgx[ch]).collect();
-                            // SyncBN: the input gradient needs the sums over every rank's batch;
-                            // the weight and bias gradients stay local (the data-parallel
-                            // gradient sum adds them up, as for every other parameter).
-                            let [gsg, gsgxhat] = match &self.sync {
-                                Some((g, _)) => crate::dist::sum_over_group(g.as_ref(), [&sg, &sgxhat])?,
-                                None => [sg.clone(), sgxhat.clone()],
-                            };
-                            let coef = |ch: usize| {
-                                let (mu, is) = (self.mean[ch], self.invstd[ch]);
-                                [ws[ch].f() * is, mu, is, gsg[ch] / m, gsgxhat[ch] / m]
-                            };
-                            let gx = if self.last {
-                                rows::bn_input_grad(&gz, xs, &(0..c).map(coef).collect::<Vec<_>>())
-                            } else {
-                                let mut gx = vec![T::zero(); xs.len()];
-                                gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
-                                    let r = p * hw..(p + 1) * hw;
-                                    isa_dispatch!(bn_input_grad_plane(gxp, &gz[r.clone()], &xs[r], coef(p % c)));
-                                });
-                                gx
-                            };
-                            let gw: Vec<T> = sgxhat.iter().map(|v| T::from_f64(*v)).collect();
-                            Ok((
-                                Some(tensor(gx, x.dims())?),
-                                Some(tensor(gw, &[c])?),
-                                Some(tensor(cast::<T>(&sg), &[c])?),
-                            ))
+                            with_act_grad!(self.act, |d| {
+                                // Σ gz·xhat = invstd·Σ gz·(x - mean).
+                                let sums = channel_sums(c, hw, (gys, ys, d), (xs, &self.mean), self.last);
+                                let (gx, sgxhat, sg) = self.input_grad(c, hw, m, (gys, ys, d), xs, ws, sums)?;
+                                Ok((
+                                    Some(tensor(gx, x.dims())?),
+                                    Some(tensor(cast::<T>(&sgxhat), &[c])?),
+                                    Some(tensor(cast::<T>(&sg), &[c])?),
+                                ))
+                            })
                         })
                     })
                 })
             })
         })
+    }
+}
+
+impl BnTrainOp {
+    /// The input gradient and the weight and bias gradients' sums (Σ gz·xhat, Σ gz), from the
+    /// per-channel sums (Σ gz·(x - mean), Σ gz) of this rank's batch.
+    #[allow(clippy::too_many_arguments)]
+    fn input_grad<T: Real>(
+        &self,
+        c: usize,
+        hw: usize,
+        m: f64,
+        (gys, ys, d): (&[T], &[T], impl Fn(T, T) -> T + Sync + Copy),
+        xs: &[T],
+        ws: &[T],
+        (sgx, sg): (Vec<f64>, Vec<f64>),
+    ) -> candle_core::Result<(Vec<T>, Vec<f64>, Vec<f64>)> {
+        let sgxhat: Vec<f64> = (0..c).map(|ch| self.invstd[ch] * sgx[ch]).collect();
+        // SyncBN: the input gradient needs the sums over every rank's batch; the weight and
+        // bias gradients stay local (the data-parallel gradient sum adds them up, as for every
+        // other parameter).
+        let [gsg, gsgxhat] = match &self.sync {
+            Some((g, _)) => crate::dist::sum_over_group(g.as_ref(), [&sg, &sgxhat])?,
+            None => [sg.clone(), sgxhat.clone()],
+        };
+        let coef = |ch: usize| {
+            let (mu, is) = (self.mean[ch], self.invstd[ch]);
+            [ws[ch].f() * is, mu, is, gsg[ch] / m, gsgxhat[ch] / m]
+        };
+        let gx = if self.last {
+            rows::bn_input_grad(gys, ys, d, xs, &(0..c).map(coef).collect::<Vec<_>>())
+        } else {
+            let mut gx = vec![T::zero(); xs.len()];
+            gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
+                let r = p * hw..(p + 1) * hw;
+                let (g, y) = (&gys[r.clone()], &ys[r.clone()]);
+                isa_dispatch!(bn_input_grad_plane(gxp, (g, y, d), &xs[r], coef(p % c)));
+            });
+            gx
+        };
+        Ok((gx, sgxhat, sg))
     }
 }

@@ -44,38 +44,33 @@ fn moments_chunk<T: Real>(chunk: &[T], k: &[f64]) -> [Vec<f64>; 2] {
     [s, q]
 }
 
-/// Per channel, (Σ gz·(x - centre), Σ gz) over all rows (the first sum zero when `x` is None).
-pub(crate) fn grad_sums<T: Real>(gz: &[T], x: Option<(&[T], &[f64])>, c: usize) -> (Vec<f64>, Vec<f64>) {
-    let partials: Vec<[Vec<f64>; 2]> = gz
+/// Per channel, (Σ gz·(x - centre), Σ gz) over all rows, where gz = d(gy, y) is the gradient
+/// before the activation whose output is `y` (computed on the fly, never stored).
+pub(crate) fn grad_sums<T: Real>(
+    gy: &[T],
+    y: &[T],
+    d: impl Fn(T, T) -> T + Sync + Copy,
+    (x, centre): (&[T], &[f64]),
+    c: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let partials: Vec<[Vec<f64>; 2]> = gy
         .par_chunks(ROWS * c)
-        .enumerate()
-        .map(|(i, g)| {
-            let x = x.map(|(x, centre)| (&x[i * ROWS * c..i * ROWS * c + g.len()], centre));
-            isa_dispatch!(grad_sums_chunk(g, x, c))
-        })
+        .zip(y.par_chunks(ROWS * c).zip(x.par_chunks(ROWS * c)))
+        .map(|(g, (y, x))| isa_dispatch!(grad_sums_chunk(g, y, d, x, centre)))
         .collect();
     let [sx, s] = sum_partials(partials, c);
     (sx, s)
 }
 
 #[inline(always)]
-fn grad_sums_chunk<T: Real>(gz: &[T], x: Option<(&[T], &[f64])>, c: usize) -> [Vec<f64>; 2] {
+fn grad_sums_chunk<T: Real>(gy: &[T], y: &[T], d: impl Fn(T, T) -> T, x: &[T], centre: &[f64]) -> [Vec<f64>; 2] {
+    let c = centre.len();
     let (mut sx, mut s) = (vec![0f64; c], vec![0f64; c]);
-    match x {
-        Some((x, centre)) => {
-            for (g, xr) in gz.chunks_exact(c).zip(x.chunks_exact(c)) {
-                for ((((a, b), g), x), m) in sx.iter_mut().zip(s.iter_mut()).zip(g).zip(xr).zip(centre) {
-                    *a += g.f() * (x.f() - *m);
-                    *b += g.f();
-                }
-            }
-        }
-        None => {
-            for g in gz.chunks_exact(c) {
-                for (b, g) in s.iter_mut().zip(g) {
-                    *b += g.f();
-                }
-            }
+    for ((g, y), xr) in gy.chunks_exact(c).zip(y.chunks_exact(c)).zip(x.chunks_exact(c)) {
+        for (((((a, b), g), y), x), m) in sx.iter_mut().zip(s.iter_mut()).zip(g).zip(y).zip(xr).zip(centre) {
+            let g = d(*g, *y).f();
+            *a += g * (x.f() - *m);
+            *b += g;
         }
     }
     [sx, s]
@@ -112,23 +107,32 @@ fn affine_chunk<T: Real>(y: &mut [T], x: &[T], scale: &[T], shift: &[T], f: impl
 }
 
 /// BatchNorm's input gradient in f64, per channel i:
-/// gx = k[i]·(gz - a[i] - (x - mu[i])·is[i]·bsum[i]); `coef` holds [k, mu, is, a, bsum] per channel.
-pub(crate) fn bn_input_grad<T: Real>(gz: &[T], x: &[T], coef: &[[f64; 5]]) -> Vec<T> {
+/// gx = k[i]·(gz - a[i] - (x - mu[i])·is[i]·bsum[i]) with gz = d(gy, y) computed on the fly;
+/// `coef` holds [k, mu, is, a, bsum] per channel.
+pub(crate) fn bn_input_grad<T: Real>(
+    gy: &[T],
+    y: &[T],
+    d: impl Fn(T, T) -> T + Sync + Copy,
+    x: &[T],
+    coef: &[[f64; 5]],
+) -> Vec<T> {
     let c = coef.len();
     let mut gx = vec![T::zero(); x.len()];
     gx.par_chunks_mut(ROWS * c)
-        .zip(gz.par_chunks(ROWS * c).zip(x.par_chunks(ROWS * c)))
-        .for_each(|(o, (g, x))| isa_dispatch!(bn_input_grad_chunk(o, g, x, coef)));
+        .zip(gy.par_chunks(ROWS * c).zip(y.par_chunks(ROWS * c)))
+        .zip(x.par_chunks(ROWS * c))
+        .for_each(|((o, (g, y)), x)| isa_dispatch!(bn_input_grad_chunk(o, g, y, d, x, coef)));
     gx
 }
 
 #[inline(always)]
-fn bn_input_grad_chunk<T: Real>(gx: &mut [T], gz: &[T], x: &[T], coef: &[[f64; 5]]) {
+fn bn_input_grad_chunk<T: Real>(gx: &mut [T], gy: &[T], y: &[T], d: impl Fn(T, T) -> T, x: &[T], coef: &[[f64; 5]]) {
     let c = coef.len();
-    for ((o, g), x) in gx.chunks_exact_mut(c).zip(gz.chunks_exact(c)).zip(x.chunks_exact(c)) {
-        for (((o, g), x), &[k, mu, is, a, bsum]) in o.iter_mut().zip(g).zip(x).zip(coef) {
+    let rows = gx.chunks_exact_mut(c).zip(gy.chunks_exact(c)).zip(y.chunks_exact(c));
+    for (((o, g), y), x) in rows.zip(x.chunks_exact(c)) {
+        for ((((o, g), y), x), &[k, mu, is, a, bsum]) in o.iter_mut().zip(g).zip(y).zip(x).zip(coef) {
             let xhat = (x.f() - mu) * is;
-            *o = T::from_f64(k * (g.f() - a - xhat * bsum));
+            *o = T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum));
         }
     }
 }
