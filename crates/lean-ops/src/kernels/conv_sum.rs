@@ -70,12 +70,14 @@ impl ConvSum {
         if let (Some(g), None, Some(p)) = (&self.dense, &self.stencil, p) {
             let group = g.forward_group_size();
             if group > 1 && par_over_samples(self.n) {
-                let (cl, yl) = g.group_scratch_len(group.min(self.n));
-                y.par_chunks_mut(group * ol).enumerate().for_each_init(
-                    || (vec![T::zero(); cl], vec![T::zero(); yl]),
-                    |(cols, yg), (gi, ys)| {
-                        let xs: Vec<&[T]> = (0..ys.len() / ol).map(|j| &x[(gi * group + j) * il..][..il]).collect();
-                        g.forward_group(&xs, p, ys, (cols, yg));
+                par_sample_groups(
+                    &mut y,
+                    ol,
+                    group,
+                    g.group_scratch_len(group.min(self.n)),
+                    |first, ys, scratch| {
+                        let xs: Vec<&[T]> = (0..ys.len() / ol).map(|j| &x[(first + j) * il..][..il]).collect();
+                        g.forward_group(&xs, p, ys, scratch);
                     },
                 );
                 return y;
@@ -136,14 +138,14 @@ impl ConvSum {
         if let (Some(g), None, Some(p)) = (&self.dense, &self.stencil, p) {
             let group = g.gemm_group();
             if group > 1 && par_over_samples(self.n) {
-                let (cl, gl) = g.group_scratch_len(group.min(self.n));
-                gx.par_chunks_mut(group * il).enumerate().for_each_init(
-                    || (vec![T::zero(); cl], vec![T::zero(); gl]),
-                    |(cols, gyg), (gi, gxs)| {
-                        let gys: Vec<&[T]> = (0..gxs.len() / il)
-                            .map(|j| &gy[(gi * group + j) * ol..][..ol])
-                            .collect();
-                        g.backward_input_group(&gys, p, gxs, (cols, gyg));
+                par_sample_groups(
+                    &mut gx,
+                    il,
+                    group,
+                    g.group_scratch_len(group.min(self.n)),
+                    |first, gxs, scratch| {
+                        let gys: Vec<&[T]> = (0..gxs.len() / il).map(|j| &gy[(first + j) * ol..][..ol]).collect();
+                        g.backward_input_group(&gys, p, gxs, scratch);
                     },
                 );
                 return gx;
@@ -233,4 +235,20 @@ impl ConvSum {
         });
         gq
     }
+}
+
+/// Runs `f(first sample, the group's values, per-thread scratch)` over consecutive groups of
+/// `group` samples of `out` (`len` values each) in parallel; the scratch holds (columns, joined
+/// matrix) of the lengths given.
+fn par_sample_groups<T: Real>(
+    out: &mut [T],
+    len: usize,
+    group: usize,
+    (cl, jl): (usize, usize),
+    f: impl Fn(usize, &mut [T], (&mut [T], &mut [T])) + Sync + Send,
+) {
+    out.par_chunks_mut(group * len).enumerate().for_each_init(
+        || (vec![T::zero(); cl], vec![T::zero(); jl]),
+        |(cols, joined), (gi, values)| f(gi * group, values, (cols, joined)),
+    );
 }

@@ -225,9 +225,7 @@ impl ConvGeom {
     /// GEMM over all their pixels.
     pub fn forward_group<T: Real>(&self, xs: &[&[T]], w: &[T], ys: &mut [T], scratch: (&mut [T], &mut [T])) {
         let (p, k) = (self.out_pixels(), self.k());
-        let kk = xs.len() * p;
-        let (cols, yg) = scratch;
-        let (cols, yg) = (&mut cols[..k * kk], &mut yg[..self.cout * kk]);
+        let (kk, cols, yg) = self.group_scratch(xs.len(), scratch);
         for (j, x) in xs.iter().enumerate() {
             self.im2col_strided(x, cols, kk, j * p);
         }
@@ -243,9 +241,7 @@ impl ConvGeom {
     /// `gys`, as one GEMM over all their pixels.
     pub fn backward_input_group<T: Real>(&self, gys: &[&[T]], w: &[T], gxs: &mut [T], scratch: (&mut [T], &mut [T])) {
         let (p, k) = (self.out_pixels(), self.k());
-        let kk = gys.len() * p;
-        let (cols, gyg) = scratch;
-        let (cols, gyg) = (&mut cols[..k * kk], &mut gyg[..self.cout * kk]);
+        let (kk, cols, gyg) = self.group_scratch(gys.len(), scratch);
         for (j, gy) in gys.iter().enumerate() {
             join_sample(gy, gyg, p, kk, j);
         }
@@ -266,6 +262,17 @@ impl ConvGeom {
         }
     }
 
+    /// The pixels of `g` joined samples and the scratch cut to them: (pixels, columns (K x
+    /// pixels), joined outputs or output gradients (Cout x pixels)).
+    fn group_scratch<'a, T>(
+        &self,
+        g: usize,
+        (cols, joined): (&'a mut [T], &'a mut [T]),
+    ) -> (usize, &'a mut [T], &'a mut [T]) {
+        let kk = g * self.out_pixels();
+        (kk, &mut cols[..self.k() * kk], &mut joined[..self.cout * kk])
+    }
+
     /// Scratch for the `*_group` methods over `g` samples: (joined columns, joined outputs or
     /// output gradients).
     pub fn group_scratch_len(&self, g: usize) -> (usize, usize) {
@@ -281,10 +288,8 @@ impl ConvGeom {
         gw: &mut [T],
         scratch: (&mut [T], &mut [T]),
     ) {
-        let (g, p) = (xs.len(), self.out_pixels());
-        let kk = g * p;
-        let (cols, gyg) = scratch;
-        let (cols, gyg) = (&mut cols[..self.k() * kk], &mut gyg[..self.cout * kk]);
+        let p = self.out_pixels();
+        let (kk, cols, gyg) = self.group_scratch(xs.len(), scratch);
         for (j, (x, gy)) in xs.iter().zip(gys).enumerate() {
             self.im2col_strided(x, cols, kk, j * p);
             join_sample(gy, gyg, p, kk, j);
