@@ -280,7 +280,8 @@ impl ConvGeom {
     }
 
     /// gw += Σ over the samples `xs`, `gys` (each one sample's input and output gradient) of
-    /// gy · cols(x)ᵀ (or its transpose, as [`Self::backward_weight`]), as one GEMM whose reduction runs over all their pixels.
+    /// gy · cols(x)ᵀ (or its transpose, as [`Self::backward_weight`]), as one GEMM whose
+    /// reduction runs over all their pixels.
     pub fn backward_weight_group<T: Real>(
         &self,
         xs: &[&[T]],

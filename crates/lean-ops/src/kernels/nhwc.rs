@@ -532,39 +532,32 @@ pub(crate) fn transpose_samples<T: Real>(x: &[T], n: usize, rows: usize, cols: u
             .par_chunks_mut(len)
             .zip(x.par_chunks(len))
             .for_each(|(yn, xn)| {
-                // A tile reads TR source rows and writes TC destination rows; with a row stride of
-                // 4 KiB or a multiple, all of them fall into one L1 set, so the tile keeps the
-                // strided side to 8 rows when the source rows are long (64 x 1024: 4 -> 13 GB/s,
-                // 1024 x 64: 15 -> 23 GB/s with 16 x 16, docs/benchmarks.md).
+                // A strip reads R source rows at once; with a row stride of 4 KiB or a multiple
+                // they all fall into one L1 set, so long source rows get strips of 8 (64 x 1024:
+                // 4 -> 13 GB/s; 1024 x 64: 15 -> 23 GB/s with 16, docs/benchmarks.md).
                 if cols >= 4 * rows {
-                    transpose_tiles::<T, 8, 16>(xn, yn, rows, cols);
+                    transpose_strips::<T, 8>(xn, yn, rows, cols);
                 } else {
-                    transpose_tiles::<T, 16, 16>(xn, yn, rows, cols);
+                    transpose_strips::<T, 16>(xn, yn, rows, cols);
                 }
             });
     }
-    // SAFETY: the tiles of `transpose_tiles` partition [0, rows) x [0, cols), so every one of
+    // SAFETY: the strips of `transpose_strips` cover [0, rows) x [0, cols), so every one of
     // the n·len values was written above (a panic in a task propagates before this line).
     unsafe { y.set_len(n * len) };
     y
 }
 
-/// yn (cols x rows) = xnᵀ, tile by tile: TR source rows by TC source columns at a time.
+/// yn (cols x rows) = xnᵀ, in strips of R source rows: each column of a strip becomes R
+/// contiguous values of the output.
 #[inline(always)]
-fn transpose_tiles<T: Real, const TR: usize, const TC: usize>(
-    xn: &[T],
-    yn: &mut [std::mem::MaybeUninit<T>],
-    rows: usize,
-    cols: usize,
-) {
-    for r0 in (0..rows).step_by(TR) {
-        let r1 = (r0 + TR).min(rows);
-        for c0 in (0..cols).step_by(TC) {
-            for c in c0..(c0 + TC).min(cols) {
-                let dst = &mut yn[c * rows + r0..c * rows + r1];
-                for (d, r) in dst.iter_mut().zip(r0..r1) {
-                    d.write(xn[r * cols + c]);
-                }
+fn transpose_strips<T: Real, const R: usize>(xn: &[T], yn: &mut [std::mem::MaybeUninit<T>], rows: usize, cols: usize) {
+    for r0 in (0..rows).step_by(R) {
+        let r1 = (r0 + R).min(rows);
+        for c in 0..cols {
+            let dst = &mut yn[c * rows + r0..c * rows + r1];
+            for (d, r) in dst.iter_mut().zip(r0..r1) {
+                d.write(xn[r * cols + c]);
             }
         }
     }
