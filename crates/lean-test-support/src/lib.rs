@@ -12,10 +12,15 @@
 
 use std::path::PathBuf;
 
-/// The folder of the PyTorch reference files: `shared/golden/` next to the checkout, where
-/// docs/golden.md says they are kept (what they hold and the tolerances are described there).
+/// The folder of the PyTorch reference files (docs/golden.md: what they hold, the tolerances,
+/// and `benches/pytorch/make_golden.py`, which writes them): `$LEAN_GOLDEN_DIR` where set, else
+/// the folder the project's CI and development machines keep them in, `shared/golden/` beside
+/// the checkout.
 pub fn golden_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden")
+    match std::env::var_os("LEAN_GOLDEN_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden"),
+    }
 }
 
 fn under_ci() -> bool {
