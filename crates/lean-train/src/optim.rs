@@ -36,8 +36,12 @@ impl Param {
 
     /// Stores state tensor `kind` of this parameter (as `<kind>.<name>`), if it has one.
     pub(crate) fn save(&self, st: &mut OptimState, kind: &str, t: Option<&Tensor>) {
+        // A copy: the CPU update runs in place, a snapshot must not follow it. (Copying a CPU
+        // tensor cannot fail short of an allocation abort; on other devices the state is
+        // replaced, not mutated, so sharing it is as good as a copy.)
         if let Some(t) = t {
-            st.tensors.insert(format!("{kind}.{}", self.name), t.clone());
+            let snapshot = t.copy().unwrap_or_else(|_| t.clone());
+            st.tensors.insert(format!("{kind}.{}", self.name), snapshot);
         }
     }
 
@@ -51,7 +55,8 @@ impl Param {
                 t.dims(),
                 self.var.dims()
             ),
-            Some(t) => Ok(Some(t.to_dtype(self.var.dtype())?)),
+            // Own storage (`to_dtype` of the same dtype shares it): the state is updated in place.
+            Some(t) => Ok(Some(t.to_dtype(self.var.dtype())?.copy()?)),
             None => Ok(None),
         }
     }

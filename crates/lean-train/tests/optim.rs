@@ -198,10 +198,11 @@ fn topk_and_segmentation_metrics() {
 
 #[test]
 fn sgd_fused_cpu_update_equals_the_composite_path_bit_for_bit() {
-    // Contiguous CPU gradients take the fused one-pass update; a transposed (non-contiguous)
+    // Contiguous CPU gradients take the in-place one-pass update; a transposed (non-contiguous)
     // gradient of the same values takes the composite tensor-op path. Three steps of every
-    // feature (decay, momentum, dampening or Nesterov) must give identical bits.
-    for (dt, cfg) in [
+    // feature (decay, momentum, dampening or Nesterov) must give identical bits, for a tensor
+    // smaller than one parallel chunk and one of several chunks.
+    for (dt, cfg, shape) in [
         (
             DType::F32,
             SgdConfig {
@@ -211,6 +212,18 @@ fn sgd_fused_cpu_update_equals_the_composite_path_bit_for_bit() {
                 weight_decay: 5e-4,
                 nesterov: true,
             },
+            (3, 5),
+        ),
+        (
+            DType::F32,
+            SgdConfig {
+                lr: 0.05,
+                momentum: 0.9,
+                dampening: 0.0,
+                weight_decay: 5e-4,
+                nesterov: true,
+            },
+            (300, 250),
         ),
         (
             DType::F64,
@@ -221,13 +234,14 @@ fn sgd_fused_cpu_update_equals_the_composite_path_bit_for_bit() {
                 weight_decay: 1e-2,
                 nesterov: false,
             },
+            (3, 5),
         ),
     ] {
-        let w = Tensor::randn(0f32, 1., (3, 5), &Device::Cpu)
+        let w = Tensor::randn(0f32, 1., shape, &Device::Cpu)
             .unwrap()
             .to_dtype(dt)
             .unwrap();
-        let init = Tensor::randn(0f32, 1., (3, 5), &Device::Cpu)
+        let init = Tensor::randn(0f32, 1., shape, &Device::Cpu)
             .unwrap()
             .to_dtype(dt)
             .unwrap();
