@@ -38,9 +38,12 @@ fn layout_conversions_are_transposes_and_inverse_with_their_gradients() {
 }
 
 /// (Cin, Cout, group sizes): depthwise, channel multiplier, grouped, channel-reducing, full;
-/// 20 channels fill one register block of the depthwise kernel and leave a remainder.
-const CHANNELS: [(usize, usize, &[usize]); 5] = [
+/// 20 channels fill one register block of the depthwise kernel and leave a remainder; so do
+/// the channel multipliers of 2 (12 -> 24) and 4 (5 -> 20), which have kernels of their own.
+const CHANNELS: [(usize, usize, &[usize]); 7] = [
     (4, 8, &[1, 2, 4]),
+    (12, 24, &[1]),
+    (5, 20, &[1]),
     (6, 3, &[2, 6]),
     (8, 8, &[1, 4]),
     (3, 6, &[1, 3]),

@@ -228,8 +228,13 @@ impl NhwcConv {
     fn stencil_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
         let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
-        if g == 1 && opg == 1 && st.taps.len() <= MAX_TAPS {
-            return self.depthwise_row(st, r, x, qt, yrow);
+        if g == 1 && st.taps.len() <= MAX_TAPS {
+            match opg {
+                1 => return self.depthwise_row::<T, 1>(st, r, x, qt, yrow),
+                2 => return self.depthwise_row::<T, 2>(st, r, x, qt, yrow),
+                4 => return self.depthwise_row::<T, 4>(st, r, x, qt, yrow),
+                _ => {}
+            }
         }
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
         for_each_tap_pixel!(self, st, r, |t, xo, px| {
@@ -253,13 +258,16 @@ impl NhwcConv {
         });
     }
 
-    /// The depthwise case of [`Self::stencil_row`], register-blocked: each block of `LANES`
+    /// The depthwise case of [`Self::stencil_row`] (with a channel multiplier of `OPG`: output
+    /// channel o reads input channel o / OPG), register-blocked: each block of `LANES`
     /// channels of an output pixel is read once, gets all its taps and is written once (instead
     /// of one read-modify-write pass per tap); pixels outer, channels inner, so every read runs
-    /// along contiguous channels.
+    /// along contiguous channels. The taps are added in the same order as the generic path's
+    /// passes, so the values are the same.
     #[inline(always)]
-    fn depthwise_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
+    fn depthwise_row<T: Real, const OPG: usize>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
         let (c, s, d) = (self.cout, self.stride, st.dil as isize);
+        let cin = c / OPG;
         let (ni, yo) = (r / self.ho, r % self.ho);
         // The taps whose input row exists: (tap index, first pixel of that input row, dx·d).
         let mut taps = [(0usize, 0usize, 0isize); MAX_TAPS];
@@ -280,7 +288,7 @@ impl NhwcConv {
             for (a, &(_, base, ox)) in at.iter_mut().zip(taps) {
                 let xi = (xo * s) as isize + ox;
                 if xi >= 0 && xi < w {
-                    *a = Some((base + xi as usize) * c);
+                    *a = Some((base + xi as usize) * cin);
                 }
             }
             let yp = &mut yrow[xo * c..(xo + 1) * c];
@@ -289,10 +297,10 @@ impl NhwcConv {
                 acc.copy_from_slice(&yp[cb..cb + LANES]);
                 for (&(t, _, _), a) in taps.iter().zip(&at) {
                     if let Some(a) = *a {
-                        let xp = &x[a + cb..a + cb + LANES];
+                        let xp = &x[a + cb / OPG..][..LANES / OPG];
                         let qk = &qt[t * c + cb..t * c + cb + LANES];
                         for l in 0..LANES {
-                            acc[l] += qk[l] * xp[l];
+                            acc[l] += qk[l] * xp[l / OPG];
                         }
                     }
                 }
@@ -303,7 +311,7 @@ impl NhwcConv {
                 let mut acc = yp[ch];
                 for (&(t, _, _), a) in taps.iter().zip(&at) {
                     if let Some(a) = *a {
-                        acc += qt[t * c + ch] * x[a + ch];
+                        acc += qt[t * c + ch] * x[a + ch / OPG];
                     }
                 }
                 yp[ch] = acc;
@@ -479,15 +487,26 @@ impl NhwcConv {
     fn stencil_weight_grad_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], gy: &[T], acc: &mut [T]) {
         let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
-        let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
+        let mut xe = vec![T::zero(); if g == 1 && !matches!(opg, 1 | 2 | 4) { cout } else { 0 }];
         for_each_tap_pixel!(self, st, r, |t, xo, px| {
             let xp = &x[px * cin..(px + 1) * cin];
             let gp = &gy[(r * self.wo + xo) * cout..(r * self.wo + xo + 1) * cout];
             if g == 1 {
-                let xv = if opg == 1 { xp } else { expand(xp, opg, &mut xe) };
                 let av = &mut acc[t * cout..(t + 1) * cout];
-                for ((a, u), v) in av.iter_mut().zip(gp).zip(xv) {
-                    *a += *u * *v;
+                match opg {
+                    1 => {
+                        for ((a, u), v) in av.iter_mut().zip(gp).zip(xp) {
+                            *a += *u * *v;
+                        }
+                    }
+                    2 => mul_add_repeat::<T, 2>(av, gp, xp),
+                    4 => mul_add_repeat::<T, 4>(av, gp, xp),
+                    _ => {
+                        let xv = expand(xp, opg, &mut xe);
+                        for ((a, u), v) in av.iter_mut().zip(gp).zip(xv) {
+                            *a += *u * *v;
+                        }
+                    }
                 }
             } else {
                 for j in 0..g {
@@ -498,6 +517,29 @@ impl NhwcConv {
                 }
             }
         });
+    }
+}
+
+/// acc[i] += u[i] · v[i / OPG] (a channel multiplier's product, `v` not expanded), in blocks
+/// of `LANES` with a constant multiplier so that the repeat becomes a register shuffle.
+#[inline(always)]
+fn mul_add_repeat<T: Real, const OPG: usize>(acc: &mut [T], u: &[T], v: &[T]) {
+    let n = acc.len();
+    debug_assert!(u.len() == n && v.len() * OPG == n && LANES % OPG == 0);
+    let full = n / LANES * LANES;
+    for cb in (0..full).step_by(LANES) {
+        // Slices of constant length: the indexing below needs no bounds checks and vectorises.
+        let (a, uu, vv) = (
+            &mut acc[cb..][..LANES],
+            &u[cb..][..LANES],
+            &v[cb / OPG..][..LANES / OPG],
+        );
+        for l in 0..LANES {
+            a[l] += uu[l] * vv[l / OPG];
+        }
+    }
+    for i in full..n {
+        acc[i] += u[i] * v[i / OPG];
     }
 }
 
