@@ -6,7 +6,6 @@ use crate::error::{check_float, check_same_float, Result};
 use crate::isa::isa_dispatch;
 use crate::real::{dispatch_dtype, tensor, with_data, Real};
 use candle_core::{Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// An activation fused into the preceding op.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,17 +82,18 @@ const MAP_CHUNK: usize = 1 << 14;
 /// out[i] = f(a[i], b[i]) in parallel over fixed chunks; the plain inner loop vectorises
 /// (a rayon map per element does not).
 pub(crate) fn par_map2<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
-    out.par_chunks_mut(MAP_CHUNK)
-        .zip(a.par_chunks(MAP_CHUNK).zip(b.par_chunks(MAP_CHUNK)))
-        .for_each(|(o, (a, b))| isa_dispatch!(map2_chunk(o, a, b, &f)));
-    out
+    assert_eq!(a.len(), b.len(), "par_map2: operand lengths");
+    // Every value written: each chunk is zipped with the same range of a and b.
+    crate::kernels::par_new(a.len(), MAP_CHUNK, |i, o| {
+        let r = i..i + o.len();
+        isa_dispatch!(map2_chunk(o, &a[r.clone()], &b[r], &f))
+    })
 }
 
 #[inline(always)]
-fn map2_chunk<T: Real>(out: &mut [T], a: &[T], b: &[T], f: &impl Fn(T, T) -> T) {
+fn map2_chunk<T: Real>(out: &mut [std::mem::MaybeUninit<T>], a: &[T], b: &[T], f: &impl Fn(T, T) -> T) {
     for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-        *o = f(*a, *b);
+        o.write(f(*a, *b));
     }
 }
 

@@ -8,3 +8,24 @@ pub(crate) mod gemm_small;
 pub(crate) mod nhwc;
 pub(crate) mod rows;
 pub(crate) mod stencil;
+
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// A new vector of `n` values, written in parallel chunks of `chunk` values by
+/// `fill(first_index, chunk)`, which must write every value of its chunk. Nothing is zeroed
+/// first: `vec![0; n]` costs a whole extra memory pass over a layer-sized output (glibc's
+/// `calloc` memsets reused memory), and the maps below overwrite every value anyway.
+pub(crate) fn par_new<T: Send>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+    let chunk = chunk.max(1);
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| fill(i * chunk, c));
+    // SAFETY: the chunks cover the first n values of the capacity and each caller's `fill`
+    // writes its whole chunk (each zips its chunk with inputs asserted to be at least as long,
+    // see the callers); a panic in a task propagates out of the loop above before this line.
+    unsafe { v.set_len(n) };
+    v
+}

@@ -116,15 +116,17 @@ impl NhwcConv {
             return None;
         }
         let (cin, s) = (self.cin, self.stride);
-        let mut xs = vec![T::zero(); self.rows_out() * cin];
-        xs.par_chunks_mut(self.wo * cin).enumerate().for_each(|(r, row)| {
+        // Every value written: each task gets whole output rows of Wo pixels x Cin.
+        Some(super::par_new(self.rows_out() * cin, self.wo * cin, |i, row| {
+            let r = i / (self.wo * cin);
             let (ni, yo) = (r / self.ho, r % self.ho);
             for (xo, px) in row.chunks_exact_mut(cin).enumerate() {
                 let src = ((ni * self.h + yo * s) * self.w + xo * s) * cin;
-                px.copy_from_slice(&x[src..src + cin]);
+                for (o, v) in px.iter_mut().zip(&x[src..src + cin]) {
+                    o.write(*v);
+                }
             }
-        });
-        Some(xs)
+        }))
     }
 
     /// (Cout, g, |S|) -> (|S|, g, Cout): each tap's weights contiguous over output channels.

@@ -5,8 +5,10 @@
 
 use crate::activation::{with_act, Activation};
 use crate::isa::isa_dispatch;
+use crate::kernels::par_new;
 use crate::real::Real;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows per task and per partial sum (also the task size of the channels-last layout ops).
 pub(crate) const ROWS: usize = 256;
@@ -89,19 +91,24 @@ fn sum_partials(partials: Vec<[Vec<f64>; 2]>, c: usize) -> [Vec<f64>; 2] {
 /// y[r, i] = f(x[r, i] · scale[i] + shift[i]).
 pub(crate) fn affine_map<T: Real>(x: &[T], scale: &[T], shift: &[T], f: impl Fn(T) -> T + Sync + Copy) -> Vec<T> {
     let c = scale.len();
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(ROWS * c)
-        .zip(x.par_chunks(ROWS * c))
-        .for_each(|(yc, xc)| isa_dispatch!(affine_chunk(yc, xc, scale, shift, f)));
-    y
+    assert!(
+        shift.len() == c && x.len() % c.max(1) == 0,
+        "affine_map: {} values, {c} channels",
+        x.len()
+    );
+    // Every value written: chunks of whole rows, each zipped with the same rows of x.
+    par_new(x.len(), ROWS * c, |i, yc| {
+        let xc = &x[i..i + yc.len()];
+        isa_dispatch!(affine_chunk(yc, xc, scale, shift, f))
+    })
 }
 
 #[inline(always)]
-fn affine_chunk<T: Real>(y: &mut [T], x: &[T], scale: &[T], shift: &[T], f: impl Fn(T) -> T) {
+fn affine_chunk<T: Real>(y: &mut [MaybeUninit<T>], x: &[T], scale: &[T], shift: &[T], f: impl Fn(T) -> T) {
     let c = scale.len();
     for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
         for (((o, v), a), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-            *o = f(*v * *a + *b);
+            o.write(f(*v * *a + *b));
         }
     }
 }
@@ -117,22 +124,35 @@ pub(crate) fn bn_input_grad<T: Real>(
     coef: &[[f64; 5]],
 ) -> Vec<T> {
     let c = coef.len();
-    let mut gx = vec![T::zero(); x.len()];
-    gx.par_chunks_mut(ROWS * c)
-        .zip(gy.par_chunks(ROWS * c).zip(y.par_chunks(ROWS * c)))
-        .zip(x.par_chunks(ROWS * c))
-        .for_each(|((o, (g, y)), x)| isa_dispatch!(bn_input_grad_chunk(o, g, y, d, x, coef)));
-    gx
+    assert!(
+        gy.len() == x.len() && y.len() == x.len() && x.len() % c.max(1) == 0,
+        "bn_input_grad: {} / {} / {} values, {c} channels",
+        gy.len(),
+        y.len(),
+        x.len()
+    );
+    // Every value written: chunks of whole rows, each zipped with the same rows of gy, y, x.
+    par_new(x.len(), ROWS * c, |i, o| {
+        let r = i..i + o.len();
+        isa_dispatch!(bn_input_grad_chunk(o, &gy[r.clone()], &y[r.clone()], d, &x[r], coef))
+    })
 }
 
 #[inline(always)]
-fn bn_input_grad_chunk<T: Real>(gx: &mut [T], gy: &[T], y: &[T], d: impl Fn(T, T) -> T, x: &[T], coef: &[[f64; 5]]) {
+fn bn_input_grad_chunk<T: Real>(
+    gx: &mut [MaybeUninit<T>],
+    gy: &[T],
+    y: &[T],
+    d: impl Fn(T, T) -> T,
+    x: &[T],
+    coef: &[[f64; 5]],
+) {
     let c = coef.len();
     let rows = gx.chunks_exact_mut(c).zip(gy.chunks_exact(c)).zip(y.chunks_exact(c));
     for (((o, g), y), x) in rows.zip(x.chunks_exact(c)) {
         for ((((o, g), y), x), &[k, mu, is, a, bsum]) in o.iter_mut().zip(g).zip(y).zip(x).zip(coef) {
             let xhat = (x.f() - mu) * is;
-            *o = T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum));
+            o.write(T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum)));
         }
     }
 }
