@@ -6,11 +6,12 @@ use crate::activation::{pre_activation_grad, with_act, with_act_grad, Activation
 use crate::cpu_op::{CpuOp3, OnCpu};
 use crate::error::{check_float, shape_err, Result};
 use crate::isa::isa_dispatch;
-use crate::kernels::rows;
+use crate::kernels::{par_new, rows};
 use crate::real::{dispatch_dtype, tensor, with_data, Real};
 use candle_core::{Layout, Shape, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Per-channel affine map and activation: y = act(x · scale[c] + shift[c]), over NCHW planes
 /// or, with `last`, over channels-last rows.
@@ -40,21 +41,21 @@ fn affine_act<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act: Activa
 /// y = act(x · scale[c] + shift[c]) over the (N·C) planes of `hw` values.
 fn affine_act_planes<T: Real>(x: &[T], scale: &[T], shift: &[T], hw: usize, act: Activation) -> Vec<T> {
     let c = scale.len();
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(hw)
-        .zip(x.par_chunks(hw))
-        .enumerate()
-        .for_each(|(p, (yp, xp))| {
-            let (a, b) = (scale[p % c], shift[p % c]);
-            isa_dispatch!(affine_act_plane(yp, xp, a, b, act));
-        });
-    y
+    // Every value written: each chunk is one whole plane, mapped from the same plane of x.
+    par_new(x.len(), hw, |i, yp| {
+        let p = i / hw;
+        let (a, b) = (scale[p % c], shift[p % c]);
+        isa_dispatch!(affine_act_plane(yp, &x[i..i + yp.len()], a, b, act));
+    })
 }
 
-/// y = act(x · a + b) over one plane.
+/// y = act(x · a + b) over one plane, into uninitialised `y` (as long as `x`: every value written).
 #[inline(always)]
-fn affine_act_plane<T: Real>(y: &mut [T], x: &[T], a: T, b: T, act: Activation) {
-    with_act!(act, |f| y.iter_mut().zip(x).for_each(|(yv, xv)| *yv = f(*xv * a + b)));
+fn affine_act_plane<T: Real>(y: &mut [MaybeUninit<T>], x: &[T], a: T, b: T, act: Activation) {
+    assert_eq!(y.len(), x.len(), "affine_act_plane: lengths");
+    with_act!(act, |f| y.iter_mut().zip(x).for_each(|(yv, xv)| {
+        yv.write(f(*xv * a + b));
+    }));
 }
 
 /// y = x · a over one plane.
@@ -282,11 +283,20 @@ pub(crate) fn batch_stats<T: Real>(c: usize, hw: usize, x: &[T]) -> (Vec<f64>, V
 /// gx = k·(gz - a - xhat·bsum) with xhat = (x - mu)·is and gz = d(gy, y);
 /// `c` = [k, mu, is, a, bsum].
 #[inline(always)]
-fn bn_input_grad_plane<T: Real>(gx: &mut [T], (gy, y, d): (&[T], &[T], impl Fn(T, T) -> T), x: &[T], c: [f64; 5]) {
+fn bn_input_grad_plane<T: Real>(
+    gx: &mut [MaybeUninit<T>],
+    (gy, y, d): (&[T], &[T], impl Fn(T, T) -> T),
+    x: &[T],
+    c: [f64; 5],
+) {
+    assert!(
+        gy.len() == gx.len() && y.len() == gx.len() && x.len() == gx.len(),
+        "bn_input_grad_plane: lengths"
+    );
     let [k, mu, is, a, bsum] = c;
     for (((o, g), y), xv) in gx.iter_mut().zip(gy).zip(y).zip(x) {
         let xhat = (xv.f() - mu) * is;
-        *o = T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum));
+        o.write(T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum)));
     }
 }
 
@@ -387,13 +397,12 @@ impl BnTrainOp {
         let gx = if self.last {
             rows::bn_input_grad(gys, ys, d, xs, &(0..c).map(coef).collect::<Vec<_>>())
         } else {
-            let mut gx = vec![T::zero(); xs.len()];
-            gx.par_chunks_mut(hw).enumerate().for_each(|(p, gxp)| {
-                let r = p * hw..(p + 1) * hw;
+            // Every value written: each chunk is one whole plane (asserted in the kernel).
+            par_new(xs.len(), hw, |i, gxp| {
+                let r = i..i + gxp.len();
                 let (g, y) = (&gys[r.clone()], &ys[r.clone()]);
-                isa_dispatch!(bn_input_grad_plane(gxp, (g, y, d), &xs[r], coef(p % c)));
-            });
-            gx
+                isa_dispatch!(bn_input_grad_plane(gxp, (g, y, d), &xs[r], coef(i / hw % c)));
+            })
         };
         Ok((gx, sgxhat, sg))
     }

@@ -1,12 +1,14 @@
 //! The driver shared by the dense and lean convolutions: y = W ⊛ x (im2col GEMM) plus a grouped
 //! stencil of the same input, in one pass over each sample, and the matching backward.
 
-use super::gemm_conv::ConvGeom;
+use super::gemm_conv::{zeroed, ConvGeom};
+use super::new_in_chunks;
 use super::nhwc::transpose_samples;
 use super::stencil::StencilGeom;
 use crate::real::{par_over_samples, Real};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// y = [dense/pointwise(x; P)] + [grouped stencil(x; Q)] over a batch of `n` samples.
 #[derive(Clone, Debug)]
@@ -45,12 +47,16 @@ impl ConvSum {
     /// The output of the whole batch, NCHW.
     pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
         let (il, ol) = (self.in_len(), self.out_len());
-        let mut y = vec![T::zero(); self.n * ol];
-        let sample = |ni: usize, yn: &mut [T], cols: &mut [T], par: Parallelism| {
+        let dense = self.dense.zip(p);
+        // The output starts uninitialised: the dense GEMM writes each sample's output whole
+        // (a zero-filled buffer would cost a memory pass), and a stencil-only sum zeroes its
+        // sample's output before adding into it.
+        let sample = |ni: usize, yn: &mut [MaybeUninit<T>], cols: &mut [T], par: Parallelism| {
             let xn = &x[ni * il..(ni + 1) * il];
-            if let (Some(g), Some(p)) = (&self.dense, p) {
-                g.forward(xn, p, yn, cols, par);
-            }
+            let yn = match dense {
+                Some((g, p)) => g.forward(xn, p, yn, cols, par),
+                None => zeroed(yn),
+            };
             if let (Some(st), Some(q)) = (&self.stencil, q) {
                 let chunk = st.opg() * st.out_plane();
                 if matches!(par, Parallelism::None) {
@@ -64,38 +70,42 @@ impl ConvSum {
                 }
             }
         };
-        if ol == 0 {
-            return y;
-        }
-        if let (Some(g), None, Some(p)) = (&self.dense, &self.stencil, p) {
-            let group = g.forward_group_size();
-            if group > 1 && par_over_samples(self.n) {
-                par_sample_groups(
-                    &mut y,
-                    ol,
-                    group,
-                    g.group_scratch_len(group.min(self.n)),
-                    |first, ys, scratch| {
+        let n = self.n * ol;
+        match (dense, &self.stencil) {
+            (Some((g, p)), None) if g.forward_group_size() > 1 && par_over_samples(self.n) => {
+                // Groups of samples joined into one GEMM (`forward_group` writes them whole).
+                let group = g.forward_group_size();
+                let (cl, jl) = g.group_scratch_len(group.min(self.n));
+                new_in_chunks(
+                    n,
+                    group * ol,
+                    true,
+                    || (vec![T::zero(); cl], vec![T::zero(); jl]),
+                    |(cols, joined), first, ys| {
+                        let first = first / ol;
                         let xs: Vec<&[T]> = (0..ys.len() / ol).map(|j| &x[(first + j) * il..][..il]).collect();
-                        g.forward_group(&xs, p, ys, scratch);
+                        g.forward_group(&xs, p, ys, (cols, joined));
                     },
-                );
-                return y;
+                )
+            }
+            _ => {
+                // One sample per task, or, for fewer samples than threads, each sample's GEMM
+                // and stencil on all threads.
+                let per_sample = par_over_samples(self.n);
+                let par = if per_sample {
+                    Parallelism::None
+                } else {
+                    Parallelism::Rayon(rayon::current_num_threads())
+                };
+                new_in_chunks(
+                    n,
+                    ol,
+                    per_sample,
+                    || vec![T::zero(); self.cols_len()],
+                    |cols, first, yn| sample(first / ol.max(1), yn, cols, par),
+                )
             }
         }
-        if par_over_samples(self.n) {
-            y.par_chunks_mut(ol).enumerate().for_each_init(
-                || vec![T::zero(); self.cols_len()],
-                |cols, (ni, yn)| sample(ni, yn, cols, Parallelism::None),
-            );
-        } else {
-            let mut cols = vec![T::zero(); self.cols_len()];
-            let par = Parallelism::Rayon(rayon::current_num_threads());
-            for (ni, yn) in y.chunks_mut(ol).enumerate() {
-                sample(ni, yn, &mut cols, par);
-            }
-        }
-        y
     }
 
     /// The gradients of x, of the dense weight (if any) and of the stencil weight (if any).

@@ -151,11 +151,19 @@ impl ConvGeom {
         }
     }
 
-    /// y (Cout x P) = W (Cout x K) · cols(x), overwriting `y`.
-    pub fn forward<T: Real>(&self, x: &[T], w: &[T], y: &mut [T], cols: &mut [T], par: Parallelism) {
+    /// y (Cout x P) = W (Cout x K) · cols(x), written into the uninitialised `y` (every value)
+    /// and returned initialised.
+    pub fn forward<'y, T: Real>(
+        &self,
+        x: &[T],
+        w: &[T],
+        y: &'y mut [MaybeUninit<T>],
+        cols: &mut [T],
+        par: Parallelism,
+    ) -> &'y mut [T] {
         let b = self.operand(x, cols);
         let (m, n, k) = (self.cout, self.out_pixels(), self.k());
-        gemm_rm(m, n, k, y, false, w, (k, 1), b, (n, 1), par);
+        gemm_write((m, n, k), y, w, (k, 1), b, (n, 1), par)
     }
 
     /// gx += cols⁻¹(Wᵀ · gy): the input gradient of one sample, accumulated into `gx`.
@@ -221,9 +229,16 @@ impl ConvGeom {
         }
     }
 
-    /// ys (the g samples' outputs, Cout x P each) = W · cols(x) for the samples `xs`, as one
-    /// GEMM over all their pixels.
-    pub fn forward_group<T: Real>(&self, xs: &[&[T]], w: &[T], ys: &mut [T], scratch: (&mut [T], &mut [T])) {
+    /// ys (the g samples' outputs, Cout x P each, uninitialised: every value is written) =
+    /// W · cols(x) for the samples `xs`, as one GEMM over all their pixels.
+    pub fn forward_group<T: Real>(
+        &self,
+        xs: &[&[T]],
+        w: &[T],
+        ys: &mut [MaybeUninit<T>],
+        scratch: (&mut [T], &mut [T]),
+    ) {
+        assert_eq!(ys.len(), xs.len() * self.out_len(), "forward_group: output size");
         let (p, k) = (self.out_pixels(), self.k());
         let (kk, cols, yg) = self.group_scratch(xs.len(), scratch);
         for (j, x) in xs.iter().enumerate() {
@@ -232,7 +247,9 @@ impl ConvGeom {
         gemm_rm(self.cout, kk, k, yg, false, w, (k, 1), cols, (kk, 1), Parallelism::None);
         for (j, y) in ys.chunks_exact_mut(self.out_len()).enumerate() {
             for (co, row) in y.chunks_exact_mut(p).enumerate() {
-                row.copy_from_slice(&yg[co * kk + j * p..co * kk + (j + 1) * p]);
+                for (d, v) in row.iter_mut().zip(&yg[co * kk + j * p..co * kk + (j + 1) * p]) {
+                    d.write(*v);
+                }
             }
         }
     }

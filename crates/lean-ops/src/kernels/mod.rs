@@ -17,15 +17,37 @@ use std::mem::MaybeUninit;
 /// first: `vec![0; n]` costs a whole extra memory pass over a layer-sized output (glibc's
 /// `calloc` memsets reused memory), and the maps below overwrite every value anyway.
 pub(crate) fn par_new<T: Send>(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+    new_in_chunks(n, chunk, true, || (), |_, i, c| fill(i, c))
+}
+
+/// [`par_new`] with per-task state (scratch buffers) made by `init` and handed to
+/// `fill(state, first_index, chunk)`; with `parallel` false the chunks are written in order on
+/// the calling thread (for work that parallelises inside each chunk instead). `fill` must write
+/// every value of its chunk.
+pub(crate) fn new_in_chunks<T: Send, S>(
+    n: usize,
+    chunk: usize,
+    parallel: bool,
+    init: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
     let chunk = chunk.max(1);
     let mut v = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| fill(i * chunk, c));
+    let out = &mut v.spare_capacity_mut()[..n];
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(&init, |s, (i, c)| fill(s, i * chunk, c));
+    } else {
+        let mut s = init();
+        for (i, c) in out.chunks_mut(chunk).enumerate() {
+            fill(&mut s, i * chunk, c);
+        }
+    }
     // SAFETY: the chunks cover the first n values of the capacity and each caller's `fill`
-    // writes its whole chunk (each zips its chunk with inputs asserted to be at least as long,
-    // see the callers); a panic in a task propagates out of the loop above before this line.
+    // writes its whole chunk (each writes through a kernel that asserts its inputs as long as
+    // the chunk, or one that returns the chunk initialised, see the callers); a panic in a
+    // task propagates out of the loops above before this line.
     unsafe { v.set_len(n) };
     v
 }

@@ -12,6 +12,7 @@
 
 use super::gemm_conv::{gemm_new, gemm_write, valid_range, zeroed};
 use super::gemm_small::{gemm_small_m, prefers_small_m};
+use super::par_new;
 use super::rows::Epilogue;
 use crate::real::Real;
 use gemm::Parallelism;
@@ -194,35 +195,28 @@ impl NhwcConv {
         // Pᵀ (Cin x Cout), once for all tasks: with the weight contiguous along output channels
         // each task's GEMM uses it in place, where P as stored would be repacked by every task.
         let pt = p.map(|p| transpose_samples(p, 1, cout, cin));
-        let mut y: Vec<T> = Vec::with_capacity(rows * cout);
-        y.spare_capacity_mut()[..rows * cout]
-            .par_chunks_mut(per_task * row_len)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                let r0 = i * per_task;
-                let pixels = chunk.len() / cout;
-                let out = match &pt {
-                    Some(pt) => {
-                        let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
-                        gemm_write(
-                            (pixels, cout, cin),
-                            chunk,
-                            a,
-                            (cin, 1),
-                            pt,
-                            (cout, 1),
-                            Parallelism::None,
-                        )
-                    }
-                    None => zeroed(chunk),
-                };
-                finish(r0, out);
-            });
-        // SAFETY: the chunks cover the first rows·Cout values of the capacity, and each task
-        // initialised its whole chunk (`gemm_write` / `zeroed` return it initialised); a panic
-        // in a task propagates out of the loop above before this line.
-        unsafe { y.set_len(rows * cout) };
-        y
+        // Every value written: each task's chunk is initialised whole by `gemm_write` or
+        // `zeroed`, which return it initialised.
+        par_new(rows * cout, per_task * row_len, |first, chunk| {
+            let r0 = first / row_len;
+            let pixels = chunk.len() / cout;
+            let out = match &pt {
+                Some(pt) => {
+                    let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
+                    gemm_write(
+                        (pixels, cout, cin),
+                        chunk,
+                        a,
+                        (cin, 1),
+                        pt,
+                        (cout, 1),
+                        Parallelism::None,
+                    )
+                }
+                None => zeroed(chunk),
+            };
+            finish(r0, out);
+        })
     }
 
     /// yrow (Wo x Cout) += the stencil branch over output row `r` = (sample, yo).
@@ -569,33 +563,26 @@ fn sum_in_order<T: Real>(partials: Vec<Vec<T>>) -> Vec<T> {
 pub(crate) fn transpose_samples<T: Real>(x: &[T], n: usize, rows: usize, cols: usize) -> Vec<T> {
     let len = rows * cols;
     assert_eq!(x.len(), n * len, "transpose: input size");
-    let mut y: Vec<T> = Vec::with_capacity(n * len);
-    if len > 0 {
-        // One task per sample (samples write disjoint outputs).
-        y.spare_capacity_mut()[..n * len]
-            .par_chunks_mut(len)
-            .zip(x.par_chunks(len))
-            .for_each(|(yn, xn)| {
-                // A strip reads R source rows at once; with a row stride of 4 KiB or a multiple
-                // they all fall into one L1 set, so long source rows get strips of 8 (64 x 1024:
-                // 4 -> 13 GB/s; 1024 x 64: 15 -> 23 GB/s with 16, docs/benchmarks.md).
-                if cols >= 4 * rows {
-                    transpose_strips::<T, 8>(xn, yn, rows, cols);
-                } else {
-                    transpose_strips::<T, 16>(xn, yn, rows, cols);
-                }
-            });
-    }
-    // SAFETY: the strips of `transpose_strips` cover [0, rows) x [0, cols), so every one of
-    // the n·len values was written above (a panic in a task propagates before this line).
-    unsafe { y.set_len(n * len) };
-    y
+    // One task per sample (samples write disjoint outputs); every value written: the strips of
+    // `transpose_strips` cover [0, rows) x [0, cols).
+    par_new(n * len, len, |first, yn| {
+        let xn = &x[first..first + len];
+        // A strip reads R source rows at once; with a row stride of 4 KiB or a multiple they
+        // all fall into one L1 set, so long source rows get strips of 8 (64 x 1024: 4 -> 13
+        // GB/s; 1024 x 64: 15 -> 23 GB/s with 16, docs/benchmarks.md).
+        if cols >= 4 * rows {
+            transpose_strips::<T, 8>(xn, yn, rows, cols);
+        } else {
+            transpose_strips::<T, 16>(xn, yn, rows, cols);
+        }
+    })
 }
 
 /// yn (cols x rows) = xnᵀ, in strips of R source rows: each column of a strip becomes R
 /// contiguous values of the output.
 #[inline(always)]
 fn transpose_strips<T: Real, const R: usize>(xn: &[T], yn: &mut [std::mem::MaybeUninit<T>], rows: usize, cols: usize) {
+    assert_eq!(yn.len(), rows * cols, "transpose: output size");
     for r0 in (0..rows).step_by(R) {
         let r1 = (r0 + R).min(rows);
         for c in 0..cols {
