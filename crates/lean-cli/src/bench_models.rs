@@ -41,12 +41,16 @@ pub struct ModelBench {
     pub train_samples_per_sec: Option<f64>,
 }
 
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
+/// The median of `reps` timed calls of `f` after one untimed call. Each call runs with the
+/// pool's threads kept awake (`with_workers_awake`), as a latency-critical caller would run it
+/// and as PyTorch's OpenMP threads and ONNX Runtime's pool spin by default.
+fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<f64> {
+    let mut call = || lean_ops::runtime::with_workers_awake(&mut f);
+    call()?;
     let mut v = vec![];
     for _ in 0..reps {
         let t = Instant::now();
-        f()?;
+        call()?;
         v.push(t.elapsed().as_secs_f64() * 1e3);
     }
     v.sort_by(|a, b| a.total_cmp(b));

@@ -48,3 +48,66 @@ extern "C" {
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
+
+/// Runs `f` on a thread of rayon's pool (as [`in_pool`]) while the pool's other threads stay
+/// awake, polling for work, instead of going to sleep between parallel ops.
+///
+/// A small-batch forward is hundreds of parallel ops of a few microseconds each, with serial
+/// work between them; an idle rayon thread soon sleeps, and waking it costs more than its share
+/// of an op, so at batch 1 a second thread made nothing faster (docs/benchmarks.md). OpenMP
+/// (PyTorch) and ONNX Runtime keep their threads spinning for the same reason. Use it around a
+/// latency-critical call (one inference, one training step), not around a whole program: the
+/// other threads take a core each while `f` runs. They yield their core to the OS now and
+/// then, so that other threads of the program (data loaders) still run. Nested calls, and
+/// calls from a thread that is already helping, just run `f`.
+pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Polls between OS yields of an idle helper: about 50-100 µs of polling.
+    const POLLS_PER_OS_YIELD: u32 = 1024;
+    thread_local! {
+        static HELPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    /// Sets the flag when dropped, so the helpers stop also when `f` panics.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let Some(owner) = rayon::current_thread_index() else {
+        return in_pool(|| with_workers_awake(f));
+    };
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    if helpers == 0 || HELPING.with(|h| h.get()) {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        for _ in 0..helpers {
+            let done = &done;
+            s.spawn(move |_| {
+                // The owner may pop a helper itself while it waits inside `f`; a thread that
+                // already runs a helper leaves a second one to the others.
+                if rayon::current_thread_index() == Some(owner) || HELPING.with(|h| h.replace(true)) {
+                    return;
+                }
+                let mut idle = 0u32;
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        idle = 0;
+                    } else {
+                        idle = idle.wrapping_add(1);
+                        if idle % POLLS_PER_OS_YIELD == 0 {
+                            std::thread::yield_now();
+                        } else {
+                            std::hint::spin_loop();
+                        }
+                    }
+                }
+                HELPING.with(|h| h.set(false));
+            });
+        }
+        let _done = Done(&done);
+        f()
+    })
+}

@@ -257,9 +257,21 @@ impl Trainer {
         self.opt.set_learning_rate(lr);
         let sync = (self.cfg.sync_bn && self.group.world_size() > 1)
             .then(|| lean_ops::dist::sync_batch_norm(self.group.clone()));
-        let logits = self.model.forward_t(images, true)?;
-        let loss = cross_entropy(&logits, targets, &self.ce)?;
-        let mut grads = loss.backward()?;
+        let (model, ce) = (&self.model, &self.ce);
+        let compute = || -> Result<_> {
+            let logits = model.forward_t(images, true)?;
+            let loss = cross_entropy(&logits, targets, ce)?;
+            let grads = loss.backward()?;
+            Ok((logits, loss, grads))
+        };
+        // One process: the pool's threads poll for work through the step's many short ops
+        // (lean_ops::runtime::with_workers_awake). Not with ranks in one process (a
+        // `ThreadGroup`): a rank must not hold a pool thread while it waits for another.
+        let (logits, loss, mut grads) = if self.group.world_size() == 1 {
+            lean_ops::runtime::with_workers_awake(compute)?
+        } else {
+            compute()?
+        };
         drop(sync);
         dist::average_gradients(self.group.as_ref(), &mut grads, &self.params, dist::BUCKET_BYTES)?;
         if let Some(max) = self.cfg.clip_grad {
