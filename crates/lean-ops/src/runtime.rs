@@ -97,7 +97,7 @@ pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                         idle = 0;
                     } else {
                         idle = idle.wrapping_add(1);
-                        if idle % POLLS_PER_OS_YIELD == 0 {
+                        if idle.is_multiple_of(POLLS_PER_OS_YIELD) {
                             std::thread::yield_now();
                         } else {
                             std::hint::spin_loop();
