@@ -39,8 +39,10 @@ fn layout_conversions_are_transposes_and_inverse_with_their_gradients() {
 
 /// (Cin, Cout, group sizes): depthwise, channel multiplier, grouped, channel-reducing, full;
 /// 20 channels fill one register block of the depthwise kernel and leave a remainder; so do
-/// the channel multipliers of 2 (12 -> 24) and 4 (5 -> 20), which have kernels of their own.
-const CHANNELS: [(usize, usize, &[usize]); 7] = [
+/// the channel multipliers of 2 (12 -> 24) and 4 (5 -> 20), which have kernels of their own;
+/// 30 channels take a block, a half block, a quarter block and two single channels.
+const CHANNELS: [(usize, usize, &[usize]); 8] = [
+    (30, 30, &[1]),
     (4, 8, &[1, 2, 4]),
     (12, 24, &[1]),
     (5, 20, &[1]),

@@ -289,21 +289,21 @@ impl NhwcConv {
             }
             let yp = &mut yrow[xo * c..(xo + 1) * c];
             for cb in (0..full).step_by(LANES) {
-                let mut acc = [T::zero(); LANES];
-                acc.copy_from_slice(&yp[cb..cb + LANES]);
-                for (&(t, _, _), a) in taps.iter().zip(&at) {
-                    if let Some(a) = *a {
-                        let xp = &x[a + cb / OPG..][..LANES / OPG];
-                        let qk = &qt[t * c + cb..t * c + cb + LANES];
-                        for l in 0..LANES {
-                            acc[l] += qk[l] * xp[l / OPG];
-                        }
-                    }
-                }
-                yp[cb..cb + LANES].copy_from_slice(&acc);
+                depthwise_block::<T, LANES, OPG>(yp, cb, x, qt, taps, &at);
             }
-            // The channels left over after the last full block.
-            for ch in full..c {
+            // The channels left over after the last full block: a half and a quarter block
+            // where they fit (MobileNetV2's 24 and ShuffleNetV2's 116 and 232 channels), then
+            // one at a time.
+            let mut rest = full;
+            if rest + LANES / 2 <= c {
+                depthwise_block::<T, { LANES / 2 }, OPG>(yp, rest, x, qt, taps, &at);
+                rest += LANES / 2;
+            }
+            if rest + LANES / 4 <= c {
+                depthwise_block::<T, { LANES / 4 }, OPG>(yp, rest, x, qt, taps, &at);
+                rest += LANES / 4;
+            }
+            for ch in rest..c {
                 let mut acc = yp[ch];
                 for (&(t, _, _), a) in taps.iter().zip(&at) {
                     if let Some(a) = *a {
@@ -556,6 +556,34 @@ fn sum_in_order<T: Real>(partials: Vec<Vec<T>>) -> Vec<T> {
         acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b);
     }
     acc
+}
+
+/// yp[cb..cb + B] += Σ over the taps whose input pixel exists of q · x, for one output pixel:
+/// the register block of [`NhwcConv::depthwise_row`] (`at[k]`: the input pixel's first value
+/// for tap `taps[k]`; output channel o reads input channel o / OPG). Taps are added in order,
+/// as on the one-channel path, so a channel's value does not depend on its block.
+#[inline(always)]
+fn depthwise_block<T: Real, const B: usize, const OPG: usize>(
+    yp: &mut [T],
+    cb: usize,
+    x: &[T],
+    qt: &[T],
+    taps: &[(usize, usize, isize)],
+    at: &[Option<usize>],
+) {
+    let c = yp.len();
+    let mut acc = [T::zero(); B];
+    acc.copy_from_slice(&yp[cb..cb + B]);
+    for (&(t, _, _), a) in taps.iter().zip(at) {
+        if let Some(a) = *a {
+            let xp = &x[a + cb / OPG..][..B / OPG];
+            let qk = &qt[t * c + cb..t * c + cb + B];
+            for l in 0..B {
+                acc[l] += qk[l] * xp[l / OPG];
+            }
+        }
+    }
+    yp[cb..cb + B].copy_from_slice(&acc);
 }
 
 /// NCHW (n, c, hw) -> NHWC (n, hw, c), or back with `(c, hw)` swapped: a transpose of each
