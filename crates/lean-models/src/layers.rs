@@ -5,7 +5,7 @@
 use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
-use lean_ops::fused::{conv_affine_act_nhwc, ChannelAffine, ConvWeights};
+use lean_ops::fused::{conv_affine_act_nhwc_prepared, transpose_pointwise, ChannelAffine, ConvWeights};
 use lean_ops::{
     activation, add_activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
     Conv2dConfig, Cost, CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
@@ -281,6 +281,10 @@ pub struct ConvBnAct {
     act: Activation,
     conv_name: String,
     bn_name: String,
+    /// After [`ConvBnAct::fold_batchnorm`] on the CPU: the pointwise weight transposed for the
+    /// fused channels-last inference (`lean_ops::fused::transpose_pointwise`), made once since
+    /// a folded layer's weights no longer change.
+    pointwise_t: Option<Tensor>,
 }
 
 impl ConvBnAct {
@@ -294,6 +298,7 @@ impl ConvBnAct {
             act,
             conv_name: conv_vb.prefix(),
             bn_name,
+            pointwise_t: None,
         })
     }
 
@@ -360,7 +365,14 @@ impl ConvBnAct {
             (Some(_), Some(_)) => return Ok(None),
         };
         match self.conv.nhwc_weights() {
-            Some(w) => Ok(Some(conv_affine_act_nhwc(x, w, affine, residual, act)?)),
+            Some(w) => Ok(Some(conv_affine_act_nhwc_prepared(
+                x,
+                w,
+                self.pointwise_t.as_ref(),
+                affine,
+                residual,
+                act,
+            )?)),
             None => Ok(None),
         }
     }
@@ -386,6 +398,15 @@ impl ConvBnAct {
             let (scale, shift) = bn.eval_scale_shift()?;
             self.conv = self.conv.folded(&scale, &shift)?;
         }
+        // The folded weights are new tensors that nothing updates: their transpose can be kept.
+        self.pointwise_t = match self.conv.nhwc_weights() {
+            Some(ConvWeights::Lean { pointwise: w, .. }) | Some(ConvWeights::Pointwise { weight: w, .. })
+                if w.device().is_cpu() =>
+            {
+                Some(transpose_pointwise(w)?)
+            }
+            _ => None,
+        };
         Ok(())
     }
 

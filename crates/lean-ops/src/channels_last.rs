@@ -114,7 +114,7 @@ impl CpuOp3 for NhwcLeanOp {
         q: &[T],
         _l3: &Layout,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let y = self.0.forward(x, Some(p), Some(q), None);
+        let y = self.0.forward(x, Some(p), Some(q), None, None);
         Ok((y, self.1.clone()))
     }
     fn bwd(
@@ -167,7 +167,7 @@ impl CpuOp2 for NhwcOneBranchOp {
     }
     fn fwd<T: Real>(&self, s1: &[T], _l1: &Layout, s2: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let (p, q) = self.weights(s2);
-        let y = self.0.forward(s1, p, q, None);
+        let y = self.0.forward(s1, p, q, None, None);
         Ok((y, self.1.clone()))
     }
     fn bwd(

@@ -76,6 +76,42 @@ pub fn conv_affine_act_nhwc(
     residual: Option<&Tensor>,
     act: Activation,
 ) -> Result<Tensor> {
+    conv_affine_act_nhwc_prepared(x, conv, None, affine, residual, act)
+}
+
+/// The pointwise weight (Cout, Cin, 1, 1) of a lean or 1x1 convolution transposed to a
+/// contiguous (Cin, Cout): what [`conv_affine_act_nhwc_prepared`] takes, made once for a model
+/// prepared for inference (its weights no longer change).
+pub fn transpose_pointwise(weight: &Tensor) -> Result<Tensor> {
+    let (cout, cin, kh, kw) = weight.dims4().map_err(|_| {
+        shape_err(
+            "transpose_pointwise",
+            format!("weight must be (Cout, Cin, 1, 1), got {:?}", weight.dims()),
+        )
+    })?;
+    if (kh, kw) != (1, 1) {
+        return Err(shape_err(
+            "transpose_pointwise",
+            format!("weight must be (Cout, Cin, 1, 1), got {:?}", weight.dims()),
+        ));
+    }
+    Ok(weight.reshape((cout, cin))?.t()?.contiguous()?)
+}
+
+/// [`conv_affine_act_nhwc`] with the convolution's pointwise weight also given transposed
+/// ([`transpose_pointwise`]), as prepared once for inference: on the CPU fast path the GEMMs
+/// read it in place, where they would otherwise transpose the weight on every call (or, for
+/// outputs of few pixel rows, take a slower kernel that reads it as stored). It must be the
+/// transpose of the weight in `conv` (the composite path, taken when anything asks for
+/// gradients, uses `conv` alone); a depthwise convolution ignores it.
+pub fn conv_affine_act_nhwc_prepared(
+    x: &Tensor,
+    conv: ConvWeights<'_>,
+    pointwise_t: Option<&Tensor>,
+    affine: ChannelAffine<'_>,
+    residual: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
     const OP: &str = "conv_affine_act_nhwc";
     let (geom, p, q) = match conv {
         ConvWeights::Lean {
@@ -106,6 +142,21 @@ pub fn conv_affine_act_nhwc(
     };
     let out_shape = [geom.n, geom.ho, geom.wo, geom.cout];
     let cout = geom.cout;
+    let pointwise_t = pointwise_t.filter(|_| p.is_some());
+    if let Some(t) = pointwise_t {
+        if t.dims() != [geom.cin, cout] || t.dtype() != x.dtype() {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "the transposed pointwise weight must be [{}, {cout}] {:?}, got {:?} {:?}",
+                    geom.cin,
+                    x.dtype(),
+                    t.dims(),
+                    t.dtype()
+                ),
+            ));
+        }
+    }
     let mut grads_wanted = x.track_op() || p.iter().chain(&q).any(|t| t.track_op());
     match affine {
         ChannelAffine::Identity => {}
@@ -147,7 +198,9 @@ pub fn conv_affine_act_nhwc(
         }
         grads_wanted |= r.track_op();
     }
-    let on_cpu = x.device().is_cpu() && residual.is_none_or(|r| r.device().is_cpu());
+    let on_cpu = x.device().is_cpu()
+        && residual.is_none_or(|r| r.device().is_cpu())
+        && pointwise_t.is_none_or(|t| t.device().is_cpu());
     if grads_wanted || !on_cpu {
         return composite(x, conv, affine, residual, act);
     }
@@ -158,13 +211,15 @@ pub fn conv_affine_act_nhwc(
                 with_opt::<T, _>(p.as_ref(), |ps| {
                     with_opt::<T, _>(q.as_ref(), |qs| {
                         with_opt::<T, _>(residual, |rs| {
-                            let epi = Epilogue {
-                                scale: &scale,
-                                shift: &shift,
-                                residual: rs,
-                                act,
-                            };
-                            tensor(geom.forward(xs, ps, qs, Some(&epi)), &out_shape)
+                            with_opt::<T, _>(pointwise_t, |pts| {
+                                let epi = Epilogue {
+                                    scale: &scale,
+                                    shift: &shift,
+                                    residual: rs,
+                                    act,
+                                };
+                                tensor(geom.forward(xs, ps, qs, Some(&epi), pts), &out_shape)
+                            })
                         })
                     })
                 })

@@ -300,3 +300,74 @@ fn outputs_split_into_row_tasks_match_the_nchw_ops() {
         assert_close(&to_channels_first(&fused).unwrap(), &reference, tol(dt), &what);
     }
 }
+
+/// With the pointwise weight also given transposed (as a model folded for inference keeps it),
+/// the fused pass gives the NCHW reference's values on both of its GEMM paths: an output of few
+/// pixel rows (batch 1, a 4x4 late stage, a weight large enough that the unprepared call would
+/// take the dot-product kernel) and one split into row tasks; a wrong transposed weight is
+/// refused with the tensor named.
+#[test]
+fn a_prepared_transposed_pointwise_weight_gives_the_same_values() {
+    for dt in [DType::F64, DType::F32] {
+        for (n, c, hw) in [(1, 256, 4), (4, 64, 32)] {
+            let x_nchw = rand(&[n, c, hw, hw], 11, dt);
+            let x = to_channels_last(&x_nchw).unwrap();
+            let cases = [
+                Case::Lean(
+                    LeanConv2dConfig::new(c, c),
+                    rand(&[c, c, 1, 1], 12, dt),
+                    rand(&[c, 1, 5], 13, dt),
+                ),
+                Case::Lean(
+                    LeanConv2dConfig::new(c, 2 * c).stride(2),
+                    rand(&[2 * c, c, 1, 1], 14, dt),
+                    rand(&[2 * c, 1, 5], 15, dt),
+                ),
+                Case::Pointwise(rand(&[2 * c, c, 1, 1], 16, dt), 1),
+            ];
+            for case in cases {
+                let (p, what) = match &case {
+                    Case::Lean(_, p, _) | Case::Pointwise(p, _) => (p, format!("{} n={n} c={c}", case.name())),
+                    Case::Depthwise(..) => unreachable!(),
+                };
+                let pt = lean_ops::fused::transpose_pointwise(p).unwrap();
+                let y_nchw = case.nchw(&x_nchw);
+                let b = rand(&[y_nchw.dim(1).unwrap()], 17, dt);
+                let affine = ChannelAffine::Bias(&b);
+                let prepared = lean_ops::fused::conv_affine_act_nhwc_prepared(
+                    &x,
+                    case.weights(),
+                    Some(&pt),
+                    affine,
+                    None,
+                    Activation::Relu,
+                )
+                .unwrap();
+                let reference = reference_epilogue(&y_nchw, affine, None, Activation::Relu);
+                assert_close(&to_channels_first(&prepared).unwrap(), &reference, tol(dt), &what);
+                let plain = conv_affine_act_nhwc(&x, case.weights(), affine, None, Activation::Relu).unwrap();
+                assert_close(&prepared, &plain, tol(dt), &what);
+                // The weight itself, not its transpose: refused (unless square, where only the
+                // values would be wrong, which is the caller's contract).
+                if p.dim(0).unwrap() != p.dim(1).unwrap() {
+                    let wrong = p.reshape((p.dim(0).unwrap(), p.dim(1).unwrap())).unwrap();
+                    let e = lean_ops::fused::conv_affine_act_nhwc_prepared(
+                        &x,
+                        case.weights(),
+                        Some(&wrong),
+                        affine,
+                        None,
+                        Activation::Relu,
+                    )
+                    .unwrap_err()
+                    .to_string();
+                    assert!(e.contains("transposed pointwise weight"), "{e}");
+                }
+            }
+        }
+    }
+    let e = lean_ops::fused::transpose_pointwise(&rand(&[4, 4, 3, 3], 1, DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(Cout, Cin, 1, 1)") && e.contains("[4, 4, 3, 3]"), "{e}");
+}

@@ -150,9 +150,23 @@ impl NhwcConv {
     /// fresh memory, adds the stencil and applies the epilogue while they are in cache (one pass
     /// over the output, no zero-filled buffer). Outputs too small for that many tasks take one
     /// GEMM over all rows (parallel inside) and then the row pass.
-    pub fn forward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, epi: Option<&Epilogue<T>>) -> Vec<T> {
+    ///
+    /// `pt`, where given, is P transposed to (Cin, Cout) (prepared once for inference): the
+    /// GEMMs read it in place, with no transpose per call and no repacking of P.
+    pub fn forward<T: Real>(
+        &self,
+        x: &[T],
+        p: Option<&[T]>,
+        q: Option<&[T]>,
+        epi: Option<&Epilogue<T>>,
+        pt: Option<&[T]>,
+    ) -> Vec<T> {
         let (rows, cout, cin) = (self.rows_out(), self.cout, self.cin);
         let p = p.filter(|_| self.pointwise);
+        let pt = pt.filter(|_| p.is_some());
+        if let Some(pt) = pt {
+            assert_eq!(pt.len(), cin * cout, "nhwc forward: transposed weight size");
+        }
         let xs = p.and_then(|_| self.subsampled(x));
         let a = xs.as_deref().unwrap_or(x);
         let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| (st, self.taps_major(st, q)));
@@ -173,12 +187,18 @@ impl NhwcConv {
             })
         };
         if image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS || row_len == 0 {
-            let mut y = match p {
-                // y (rows x Cout) = xs (rows x Cin) · Pᵀ, with P stored (Cout, Cin): with few
-                // rows, dot products of P's rows as stored (no repacking of the weights).
-                Some(p) if prefers_small_m(rows, cout, cin) => gemm_small_m(rows, cout, cin, a, p),
-                Some(p) => gemm_new((rows, cout, cin), a, (cin, 1), p, (1, cin), Self::par()),
-                None => vec![T::zero(); rows * cout],
+            // y (rows x Cout) = xs (rows x Cin) · Pᵀ.
+            let mut y = match (p, pt) {
+                // Few rows and a large weight: Pᵀ prepared is read in place (2-3x the kernel
+                // below); without it, dot products of P's rows as stored (the GEMM would repack
+                // P on every call).
+                (Some(_), Some(pt)) if prefers_small_m(rows, cout, cin) => {
+                    gemm_new((rows, cout, cin), a, (cin, 1), pt, (cout, 1), Self::par())
+                }
+                (Some(p), None) if prefers_small_m(rows, cout, cin) => gemm_small_m(rows, cout, cin, a, p),
+                // Many rows: P as stored measured faster than Pᵀ (docs/benchmarks.md).
+                (Some(p), _) => gemm_new((rows, cout, cin), a, (cin, 1), p, (1, cin), Self::par()),
+                (None, _) => vec![T::zero(); rows * cout],
             };
             if stencil.is_some() || epi.is_some() {
                 // A few tasks per thread, none tiny (rows are independent: the split does not
@@ -194,13 +214,17 @@ impl NhwcConv {
         }
         // Pᵀ (Cin x Cout), once for all tasks: with the weight contiguous along output channels
         // each task's GEMM uses it in place, where P as stored would be repacked by every task.
-        let pt = p.map(|p| transpose_samples(p, 1, cout, cin));
+        let transposed = match pt {
+            Some(_) => None,
+            None => p.map(|p| transpose_samples(p, 1, cout, cin)),
+        };
+        let pt = pt.or(transposed.as_deref());
         // Every value written: each task's chunk is initialised whole by `gemm_write` or
         // `zeroed`, which return it initialised.
         par_new(rows * cout, per_task * row_len, |first, chunk| {
             let r0 = first / row_len;
             let pixels = chunk.len() / cout;
-            let out = match &pt {
+            let out = match pt {
                 Some(pt) => {
                     let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
                     gemm_write(
