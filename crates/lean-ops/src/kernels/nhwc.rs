@@ -151,8 +151,9 @@ impl NhwcConv {
     /// over the output, no zero-filled buffer). Outputs too small for that many tasks take one
     /// GEMM over all rows (parallel inside) and then the row pass.
     ///
-    /// `pt`, where given, is P transposed to (Cin, Cout) (prepared once for inference): the
-    /// GEMMs read it in place, with no transpose per call and no repacking of P.
+    /// `pt`, where given, is P transposed to (Cin, Cout) (prepared once for inference): the row
+    /// tasks read it instead of transposing P per call, and an output of few rows takes the
+    /// GEMM on it instead of the dot-product kernel.
     pub fn forward<T: Real>(
         &self,
         x: &[T],
