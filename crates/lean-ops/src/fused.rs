@@ -83,19 +83,13 @@ pub fn conv_affine_act_nhwc(
 /// contiguous (Cin, Cout): what [`conv_affine_act_nhwc_prepared`] takes, made once for a model
 /// prepared for inference (its weights no longer change).
 pub fn transpose_pointwise(weight: &Tensor) -> Result<Tensor> {
-    let (cout, cin, kh, kw) = weight.dims4().map_err(|_| {
-        shape_err(
+    match *weight.dims() {
+        [cout, cin, 1, 1] => Ok(weight.reshape((cout, cin))?.t()?.contiguous()?),
+        ref d => Err(shape_err(
             "transpose_pointwise",
-            format!("weight must be (Cout, Cin, 1, 1), got {:?}", weight.dims()),
-        )
-    })?;
-    if (kh, kw) != (1, 1) {
-        return Err(shape_err(
-            "transpose_pointwise",
-            format!("weight must be (Cout, Cin, 1, 1), got {:?}", weight.dims()),
-        ));
+            format!("weight must be (Cout, Cin, 1, 1), got {d:?}"),
+        )),
     }
-    Ok(weight.reshape((cout, cin))?.t()?.contiguous()?)
 }
 
 /// [`conv_affine_act_nhwc`] with the convolution's pointwise weight also given transposed

@@ -58,12 +58,6 @@ fn affine_act_plane<T: Real>(y: &mut [MaybeUninit<T>], x: &[T], a: T, b: T, act:
     }));
 }
 
-/// y = x · a over one plane.
-#[inline(always)]
-fn scale_plane<T: Real>(y: &mut [T], x: &[T], a: T) {
-    y.iter_mut().zip(x).for_each(|(o, v)| *o = *v * a);
-}
-
 /// f64 lanes of the per-channel reductions: eight independent accumulators in a fixed order
 /// (deterministic, and they vectorise where one serial f64 sum waits on every add).
 const LANES: usize = 8;
@@ -166,19 +160,8 @@ impl CpuOp3 for ChannelAffineOp {
                     with_data::<T, _>(y, |ys| {
                         with_data::<T, _>(gy, |gys| {
                             let gz = pre_activation_grad(gys, ys, act);
-                            let gx = if last {
-                                rows::affine_map(&gz, scs, &vec![T::zero(); c], |v| v)
-                            } else {
-                                let mut gx = vec![T::zero(); xs.len()];
-                                gx.par_chunks_mut(hw)
-                                    .zip(gz.par_chunks(hw))
-                                    .enumerate()
-                                    .for_each(|(p, (gxp, gzp))| {
-                                        let a = scs[p % c];
-                                        isa_dispatch!(scale_plane(gxp, gzp, a));
-                                    });
-                                gx
-                            };
+                            // gx = gz · scale: the forward's map with a zero shift.
+                            let gx = affine_act(&gz, scs, &vec![T::zero(); c], hw, Activation::None, last);
                             let (gs, gb) = with_act_grad!(act, |d| {
                                 channel_sums(c, hw, (gys, ys, d), (xs, &vec![0.0; c]), last)
                             });

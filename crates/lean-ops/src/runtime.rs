@@ -67,16 +67,18 @@ pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     thread_local! {
         static HELPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
-    /// Sets the flag when dropped, so the helpers stop also when `f` panics.
+    /// Sets the flag when dropped, so the helpers stop also when `f` panics, and lets the
+    /// calling thread spawn helpers again.
     struct Done<'a>(&'a AtomicBool);
     impl Drop for Done<'_> {
         fn drop(&mut self) {
             self.0.store(true, Ordering::Release);
+            HELPING.with(|h| h.set(false));
         }
     }
-    let Some(owner) = rayon::current_thread_index() else {
+    if rayon::current_thread_index().is_none() {
         return in_pool(|| with_workers_awake(f));
-    };
+    }
     let helpers = rayon::current_num_threads().saturating_sub(1);
     if helpers == 0 || HELPING.with(|h| h.get()) {
         return f();
@@ -86,9 +88,9 @@ pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         for _ in 0..helpers {
             let done = &done;
             s.spawn(move |_| {
-                // The owner may pop a helper itself while it waits inside `f`; a thread that
-                // already runs a helper leaves a second one to the others.
-                if rayon::current_thread_index() == Some(owner) || HELPING.with(|h| h.replace(true)) {
+                // The owner may pop a helper itself while it waits inside `f` (it is marked as
+                // helping); a thread that already runs a helper leaves a second one to the others.
+                if HELPING.with(|h| h.replace(true)) {
                     return;
                 }
                 let mut idle = 0u32;
@@ -107,6 +109,9 @@ pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                 HELPING.with(|h| h.set(false));
             });
         }
+        // The calling thread counts as helping while `f` runs: a call nested in `f`, or in a
+        // task of `f` that runs on this thread, just runs its closure.
+        HELPING.with(|h| h.set(true));
         let _done = Done(&done);
         f()
     })

@@ -533,3 +533,24 @@ fn dropout_is_reproducible_from_a_seed() {
     assert!(v.iter().all(|&x| x == 0.0 || (x - 4.0 / 3.0).abs() < 1e-6));
     assert!(random::dropout(&x, 1.0).is_err());
 }
+
+/// The channel affine op (eval-mode BatchNorm, folded biases) is differentiable in x, scale and
+/// shift, in both layouts and with each activation: its own backward against finite
+/// differences (x values kept away from the activations' kinks by the shift).
+#[test]
+fn channel_affine_gradients_match_finite_differences() {
+    let x = (rand(&[2, 3, 4, 5], 21, DType::F64) * 3.0).unwrap();
+    let scale = (rand(&[3], 22, DType::F64) + 1.5).unwrap();
+    let shift = rand(&[3], 23, DType::F64);
+    for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+        let nchw = |t: &[Tensor]| channel_affine(&t[0], &t[1], &t[2], act).unwrap();
+        let nhwc = |t: &[Tensor]| {
+            let x = t[0].permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            channels_last::channel_affine_nhwc(&x, &t[1], &t[2], act).unwrap()
+        };
+        for which in 0..3 {
+            check_fd(&[x.clone(), scale.clone(), shift.clone()], which, &nchw, 20, 1e-6);
+            check_fd(&[x.clone(), scale.clone(), shift.clone()], which, &nhwc, 20, 1e-6);
+        }
+    }
+}

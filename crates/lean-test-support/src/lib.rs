@@ -12,10 +12,10 @@
 
 use std::path::PathBuf;
 
-/// The folder of the PyTorch reference files (docs/golden.md: what they hold, the tolerances,
-/// and `benches/pytorch/make_golden.py`, which writes them): `$LEAN_GOLDEN_DIR` where set, else
-/// the folder the project's CI and development machines keep them in, `shared/golden/` beside
-/// the checkout.
+/// Where the tests look for the PyTorch reference files: `$LEAN_GOLDEN_DIR` where set, else a
+/// default location (a `shared/golden/` folder beside the checkout, which the project's CI
+/// machines provide). The path is all this function knows: what the files hold, the tolerances
+/// and how to write a set with `benches/pytorch/make_golden.py` are in docs/golden.md.
 pub fn golden_root() -> PathBuf {
     match std::env::var_os("LEAN_GOLDEN_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
