@@ -344,11 +344,17 @@ impl ConvBnAct {
 
     /// The end of a residual block on channels-last tensors: act(layer(x) + residual), for a
     /// layer without an activation of its own. At inference one fused pass
-    /// ([`lean_ops::fused`]).
+    /// ([`lean_ops::fused`]); in training the BatchNorm, the add and the activation are one op
+    /// ([`BatchNorm2d::forward_add_act_nhwc`](lean_ops::BatchNorm2d::forward_add_act_nhwc)).
     pub fn forward_residual_nhwc(&self, x: &Tensor, train: bool, residual: &Tensor, act: Activation) -> Result<Tensor> {
-        if !train && self.act == Activation::None {
-            if let Some(y) = self.forward_eval_fused(x, Some(residual), act)? {
-                return Ok(y);
+        if self.act == Activation::None {
+            if !train {
+                if let Some(y) = self.forward_eval_fused(x, Some(residual), act)? {
+                    return Ok(y);
+                }
+            }
+            if let Some(bn) = &self.bn {
+                return Ok(bn.forward_add_act_nhwc(&self.conv.forward_nhwc(x)?, train, residual, act)?);
             }
         }
         Ok(add_activation(&self.forward_t_nhwc(x, train)?, residual, act)?)

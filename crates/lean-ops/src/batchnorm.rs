@@ -6,7 +6,7 @@ use crate::cost::{Cost, CostModel};
 use crate::cpu_op::OnCpu;
 use crate::error::{check_float, config_err, dims4, shape_err, Result};
 use crate::kernels::rows;
-use crate::norm::{batch_stats, channel_affine_layout, channel_dims, BnTrainOp};
+use crate::norm::{batch_stats, channel_affine_layout, channel_dims, BnAddActOp, BnTrainOp};
 use crate::real::{dispatch_dtype, with_data};
 use candle_core::{DType, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -133,7 +133,7 @@ impl BatchNorm2d {
     /// mode.
     pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
         let (_, c, _, _) = dims4("batch_norm", x)?;
-        self.forward_layout(x, c, train, act, false)
+        self.forward_layout(x, c, train, act, false, None)
     }
 
     /// [`forward_act`](Self::forward_act) on a channels-last (N, H, W, C) input
@@ -148,11 +148,61 @@ impl BatchNorm2d {
                 ))
             }
         };
-        self.forward_layout(x, c, train, act, true)
+        self.forward_layout(x, c, train, act, true, None)
     }
 
-    fn forward_layout(&self, x: &Tensor, c: usize, train: bool, act: Activation, last: bool) -> Result<Tensor> {
+    /// act(BatchNorm(x) + residual) on channels-last (N, H, W, C) tensors of one shape: the end
+    /// of a residual block. Training on the CPU runs it as one op: one pass forward, and a
+    /// backward that writes the residual's gradient in the pass that sums the statistics'
+    /// gradients (BatchNorm, then the add and activation, would each make passes of their own
+    /// and keep BatchNorm's output alive). The values are the composite's, bit for bit.
+    pub fn forward_add_act_nhwc(&self, x: &Tensor, train: bool, residual: &Tensor, act: Activation) -> Result<Tensor> {
+        let c = match x.dims() {
+            &[_, _, _, c] => c,
+            d => {
+                return Err(shape_err(
+                    "batch_norm",
+                    format!("expected a rank-4 channels-last (N, H, W, C) input, got shape {d:?}"),
+                ))
+            }
+        };
+        if residual.dims() != x.dims() || residual.dtype() != x.dtype() {
+            return Err(shape_err(
+                "batch_norm",
+                format!(
+                    "the residual must match the input: input {:?} {:?}, residual {:?} {:?}",
+                    x.dims(),
+                    x.dtype(),
+                    residual.dims(),
+                    residual.dtype()
+                ),
+            ));
+        }
+        self.forward_layout(x, c, train, act, true, Some(residual))
+    }
+
+    /// act(BatchNorm(x) [+ residual]) over NCHW planes or channels-last rows (`last`).
+    fn forward_layout(
+        &self,
+        x: &Tensor,
+        c: usize,
+        train: bool,
+        act: Activation,
+        last: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         const OP: &str = "batch_norm";
+        // Without the fused op, BatchNorm runs alone and the add + activation after it.
+        let (inner_act, add_act) = match residual {
+            Some(r) => (Activation::None, Some((r, act))),
+            None => (act, None),
+        };
+        let finish = |y: Tensor| -> Result<Tensor> {
+            match add_act {
+                Some((r, act)) => crate::activation::add_activation(&y, r, act),
+                None => Ok(y),
+            }
+        };
         if c != self.num_features {
             return Err(shape_err(
                 OP,
@@ -165,7 +215,7 @@ impl BatchNorm2d {
         }
         if !train {
             let (scale, shift) = self.eval_scale_shift()?;
-            return channel_affine_layout(x, &scale, &shift, act, last);
+            return finish(channel_affine_layout(x, &scale, &shift, inner_act, last)?);
         }
         check_float(OP, x)?;
         let mut m = x.elem_count() / c;
@@ -197,14 +247,22 @@ impl BatchNorm2d {
             };
             m = count;
             let invstd = var.iter().map(|v| 1.0 / (v + self.cfg.eps).sqrt()).collect();
-            let op = BnTrainOp {
+            let mut op = BnTrainOp {
                 mean: mean.clone(),
                 invstd,
-                act,
+                act: inner_act,
                 last,
                 sync: sync.map(|g| (g, count)),
             };
-            let y = x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, OnCpu(op))?;
+            let y = match add_act {
+                Some((r, act)) if last => {
+                    op.act = act;
+                    // One op of three inputs: the weight and bias travel as one (2C) tensor.
+                    let wb = Tensor::cat(&[&self.weight, &self.bias], 0)?;
+                    x.apply_op3(&wb, &r.contiguous()?, OnCpu(BnAddActOp(op)))?
+                }
+                _ => finish(x.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, OnCpu(op))?)?,
+            };
             let dev = x.device();
             (y, Tensor::new(mean, dev)?, Tensor::new(var, dev)?)
         } else {
@@ -214,7 +272,7 @@ impl BatchNorm2d {
                 x.clone()
             };
             let (y, mean, var, count) =
-                device_batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, act, sync)?;
+                device_batch_norm_train(&nchw, &self.weight, &self.bias, self.cfg.eps, inner_act, sync)?;
             m = count;
             let y = if last {
                 crate::channels_last::to_channels_last(&y)?
@@ -222,7 +280,7 @@ impl BatchNorm2d {
                 y
             };
             (
-                y,
+                finish(y)?,
                 mean.detach().to_dtype(DType::F64)?,
                 var.detach().to_dtype(DType::F64)?,
             )

@@ -307,11 +307,8 @@ impl CpuOp3 for BnTrainOp {
         b: &[T],
         _l3: &Layout,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let (c, hw) = channel_dims(l1.dims(), self.last);
-        let scale: Vec<T> = (0..c).map(|ch| w[ch] * T::from_f64(self.invstd[ch])).collect();
-        let shift: Vec<T> = (0..c)
-            .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
-            .collect();
+        let (_, hw) = channel_dims(l1.dims(), self.last);
+        let (scale, shift) = self.scale_shift(w, b);
         let y = affine_act(x, &scale, &shift, hw, self.act, self.last);
         Ok((y, l1.shape().clone()))
     }
@@ -352,6 +349,17 @@ impl CpuOp3 for BnTrainOp {
 }
 
 impl BnTrainOp {
+    /// The normalisation as a per-channel affine map: scale = w·invstd, shift = b - mean·scale.
+    fn scale_shift<T: Real>(&self, w: &[T], b: &[T]) -> (Vec<T>, Vec<T>) {
+        let scale: Vec<T> = (0..self.mean.len())
+            .map(|ch| w[ch] * T::from_f64(self.invstd[ch]))
+            .collect();
+        let shift = (0..self.mean.len())
+            .map(|ch| b[ch] - T::from_f64(self.mean[ch]) * scale[ch])
+            .collect();
+        (scale, shift)
+    }
+
     /// The input gradient and the weight and bias gradients' sums (Σ gz·xhat, Σ gz), from the
     /// per-channel sums (Σ gz·(x - mean), Σ gz) of this rank's batch.
     #[allow(clippy::too_many_arguments)]
@@ -388,5 +396,75 @@ impl BnTrainOp {
             })
         };
         Ok((gx, sgxhat, sg))
+    }
+}
+
+/// Train-mode BatchNorm, residual add and activation over channels-last rows in one op:
+/// y = act((x·scale + shift) + r), on the inputs (x, [weight; bias], r). The same operations in
+/// the same order as [`BnTrainOp`] without activation followed by the residual add and the
+/// activation, so both give the same values; the wrapped op's `act` is the one after the add.
+pub(crate) struct BnAddActOp(pub(crate) BnTrainOp);
+
+impl CpuOp3 for BnAddActOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-add-act"
+    }
+    fn fwd<T: Real>(
+        &self,
+        x: &[T],
+        l1: &Layout,
+        wb: &[T],
+        _l2: &Layout,
+        r: &[T],
+        _l3: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let c = self.0.mean.len();
+        assert!(
+            self.0.last && wb.len() == 2 * c && r.len() == x.len(),
+            "batch-norm-add-act: channels-last input, residual and (2C) parameters"
+        );
+        let (scale, shift) = self.0.scale_shift(&wb[..c], &wb[c..]);
+        let y = with_act!(self.0.act, |f| rows::affine_add_map(x, r, &scale, &shift, f));
+        Ok((y, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        _r: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = &self.0;
+        let c = op.mean.len();
+        let m = match &op.sync {
+            Some((_, count)) => *count as f64,
+            None => (x.elem_count() / c) as f64,
+        };
+        dispatch_dtype!(self.name(), x.dtype(), |T| {
+            with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(wb, |wbs| {
+                    with_data::<T, _>(y, |ys| {
+                        with_data::<T, _>(gy, |gys| {
+                            with_act_grad!(op.act, |d| {
+                                // gz, the gradient before the activation, is the residual's
+                                // gradient and BatchNorm's output gradient: stored once, in
+                                // the pass that sums it.
+                                let (gz, sums) = rows::grad_sums_keep(gys, ys, d, (xs, &op.mean), c);
+                                let identity = crate::activation::identity_grad;
+                                let (gx, sgxhat, sg) =
+                                    op.input_grad(c, 1, m, (&gz[..], &gz[..], identity), xs, &wbs[..c], sums)?;
+                                let gwb: Vec<T> = cast::<T>(&sgxhat).into_iter().chain(cast::<T>(&sg)).collect();
+                                Ok((
+                                    Some(tensor(gx, x.dims())?),
+                                    Some(tensor(gwb, &[2 * c])?),
+                                    Some(tensor(gz, x.dims())?),
+                                ))
+                            })
+                        })
+                    })
+                })
+            })
+        })
     }
 }

@@ -307,3 +307,71 @@ fn channels_last_ops_reject_inputs_that_do_not_fit_naming_what_is_wrong() {
         .to_string();
     assert!(e.contains("5 channels") && e.contains("expects 4"), "{e}");
 }
+
+#[test]
+fn batch_norm_add_act_nhwc_is_batch_norm_then_add_activation_bit_for_bit() {
+    use lean_ops::add_activation;
+    for dt in [DType::F64, DType::F32] {
+        for act in [Activation::None, Activation::Relu, Activation::Relu6] {
+            // 700 rows: several reduction chunks and a partial one.
+            let x = (rand(&[7, 10, 10, 12], 31, dt) * 4.0).unwrap();
+            let res = (rand(x.dims(), 32, dt) * 3.0).unwrap();
+            let (a, va) = batch_norm(12, dt);
+            let (b, vb) = batch_norm(12, dt);
+            let (xa, ra, xb, rb) = (var(&x), var(&res), var(&x), var(&res));
+            let composite = add_activation(
+                &a.forward_act_nhwc(xa.as_tensor(), true, Activation::None).unwrap(),
+                ra.as_tensor(),
+                act,
+            )
+            .unwrap();
+            let fused = b
+                .forward_add_act_nhwc(xb.as_tensor(), true, rb.as_tensor(), act)
+                .unwrap();
+            let what = format!("{dt:?} {act:?}");
+            assert_close(&fused, &composite, 0.0, &format!("train forward {what}"));
+            assert_close(b.running_mean(), a.running_mean(), 0.0, &format!("running mean {what}"));
+            assert_close(b.running_var(), a.running_var(), 0.0, &format!("running var {what}"));
+            let w = rand(x.dims(), 33, dt);
+            let ga = (composite * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (da, db) = (va.data().lock().unwrap(), vb.data().lock().unwrap());
+            for (name, ta, tb) in [
+                ("input", xa.as_tensor(), xb.as_tensor()),
+                ("residual", ra.as_tensor(), rb.as_tensor()),
+                ("weight", da["weight"].as_tensor(), db["weight"].as_tensor()),
+                ("bias", da["bias"].as_tensor(), db["bias"].as_tensor()),
+            ] {
+                let (u, v) = (gb.get(tb).unwrap(), ga.get(ta).unwrap());
+                assert_close(u, v, 0.0, &format!("{name} gradient {what}"));
+                assert!(
+                    v.abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                        > 0.0
+                );
+            }
+            let ea = add_activation(&a.forward_act_nhwc(&x, false, Activation::None).unwrap(), &res, act).unwrap();
+            let eb = b.forward_add_act_nhwc(&x, false, &res, act).unwrap();
+            assert_close(&eb, &ea, 0.0, &format!("eval forward {what}"));
+        }
+    }
+}
+
+#[test]
+fn batch_norm_add_act_nhwc_names_a_residual_of_the_wrong_shape() {
+    let (bn, _vm) = batch_norm(6, DType::F32);
+    let x = rand(&[2, 3, 3, 6], 41, DType::F32);
+    for res in [rand(&[2, 3, 3, 5], 42, DType::F32), rand(&[2, 3, 3, 6], 42, DType::F64)] {
+        let err = bn
+            .forward_add_act_nhwc(&x, true, &res, Activation::Relu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("residual") && err.contains("batch_norm"), "{err}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Every instruction-set path of our kernels (`lean_ops::isa`) computes the same values: the
 //! lean convolution (forward and all gradients, stride 1 and 2), BatchNorm fused with ReLU6
-//! (train-mode forward and backward), the fused residual add + ReLU. Our loops never fuse a
+//! (train-mode forward and backward), the fused residual add + ReLU, and BatchNorm + residual
+//! add + ReLU as one channels-last op. Our loops never fuse a
 //! multiply-add implicitly and keep a fixed summation order, so the paths agree bit for bit.
 //! (The whole oracle suite also runs on each path: `LEAN_OPS_ISA=portable cargo test -p lean-ops`,
 //! as `.ci/run` does.)
@@ -57,6 +58,22 @@ fn outputs(dt: DType) -> Vec<Vec<f64>> {
         .unwrap();
     out.push(flat(&z));
     out.push(flat(grads.get(x.as_tensor()).unwrap()));
+    // BatchNorm + residual add + ReLU as one channels-last op, with the residual's gradient.
+    let x = Var::from_tensor(&(rand(&[4, 9, 9, 16], 8, dt) * 4.0).unwrap()).unwrap();
+    let res = Var::from_tensor(&rand(x.dims(), 9, dt)).unwrap();
+    let z = bn
+        .forward_add_act_nhwc(x.as_tensor(), true, res.as_tensor(), Activation::Relu)
+        .unwrap();
+    let grads = (z.clone() * rand(z.dims(), 10, dt))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    out.push(flat(&z));
+    for v in [&x, &res] {
+        out.push(flat(grads.get(v.as_tensor()).unwrap()));
+    }
     out
 }
 

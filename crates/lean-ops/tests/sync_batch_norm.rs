@@ -1,5 +1,6 @@
 //! Synchronised BatchNorm over ranks (threads of a `ThreadGroup`) against one BatchNorm over
-//! the combined batch: output, running statistics and every gradient, both layouts.
+//! the combined batch: output, running statistics and every gradient, both layouts, and the
+//! channels-last BatchNorm + residual add + ReLU op.
 mod common;
 
 use candle_core::{DType, Device, Tensor};
@@ -34,17 +35,31 @@ struct Outcome {
     running: (Tensor, Tensor),
 }
 
+/// The layouts and ops under test: NCHW, NHWC, and NHWC BatchNorm + residual add + ReLU as one
+/// op (the residual is x's mirror image, so that it differs per rank).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Nchw,
+    Nhwc,
+    NhwcResidual,
+}
+
 /// Forward (train mode, ReLU), loss Σ y·r, backward.
-fn run(bn: &BatchNorm2d, vm: &VarMap, x: &Tensor, r: &Tensor, last: bool) -> Outcome {
+fn run(bn: &BatchNorm2d, vm: &VarMap, x: &Tensor, r: &Tensor, mode: Mode) -> Outcome {
     let xv = var(x);
-    let y = if last {
-        to_channels_first(
-            &bn.forward_act_nhwc(&to_channels_last(xv.as_tensor()).unwrap(), true, Activation::Relu)
+    let nhwc = |t: &Tensor| to_channels_last(t).unwrap();
+    let y = match mode {
+        Mode::Nchw => bn.forward_act(xv.as_tensor(), true, Activation::Relu).unwrap(),
+        Mode::Nhwc => to_channels_first(
+            &bn.forward_act_nhwc(&nhwc(xv.as_tensor()), true, Activation::Relu)
                 .unwrap(),
         )
-        .unwrap()
-    } else {
-        bn.forward_act(xv.as_tensor(), true, Activation::Relu).unwrap()
+        .unwrap(),
+        Mode::NhwcResidual => {
+            let res = (x.flip(&[3]).unwrap() * 0.5).unwrap();
+            let y = bn.forward_add_act_nhwc(&nhwc(xv.as_tensor()), true, &nhwc(&res), Activation::Relu);
+            to_channels_first(&y.unwrap()).unwrap()
+        }
     };
     let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
     let data = vm.data().lock().unwrap();
@@ -66,9 +81,9 @@ fn sync_batch_norm_over_ranks_equals_batch_norm_over_the_combined_batch() {
     let beta = rand(&[C], 4, DType::F64);
     // Uneven shards: rank 0 has 2 images, rank 1 has 5.
     let cuts = [(0usize, 2usize), (2, 5)];
-    for last in [false, true] {
+    for mode in [Mode::Nchw, Mode::Nhwc, Mode::NhwcResidual] {
         let (bn, vm) = layer(&gamma, &beta);
-        let full = run(&bn, &vm, &x, &r, last);
+        let full = run(&bn, &vm, &x, &r, mode);
         let groups = ThreadGroup::new(2);
         let handles: Vec<_> = groups
             .into_iter()
@@ -83,13 +98,13 @@ fn sync_batch_norm_over_ranks_equals_batch_norm_over_the_combined_batch() {
                         &vm,
                         &x.narrow(0, start, len).unwrap(),
                         &r.narrow(0, start, len).unwrap(),
-                        last,
+                        mode,
                     )
                 })
             })
             .collect();
         let ranks: Vec<Outcome> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let what = |s: &str| format!("{s} ({})", if last { "NHWC" } else { "NCHW" });
+        let what = |s: &str| format!("{s} ({mode:?})");
         let cat = |f: &dyn Fn(&Outcome) -> Tensor| Tensor::cat(&ranks.iter().map(f).collect::<Vec<_>>(), 0).unwrap();
         assert_close(&cat(&|o| o.y.clone()), &full.y, 1e-12, &what("output"));
         assert_close(&cat(&|o| o.gx.clone()), &full.gx, 1e-12, &what("input gradient"));
@@ -103,7 +118,7 @@ fn sync_batch_norm_over_ranks_equals_batch_norm_over_the_combined_batch() {
         }
         // Without SyncBN a rank normalises with its own statistics: the check above can fail.
         let (bn, vm) = layer(&gamma, &beta);
-        let alone = run(&bn, &vm, &x.narrow(0, 0, 2).unwrap(), &r.narrow(0, 0, 2).unwrap(), last);
+        let alone = run(&bn, &vm, &x.narrow(0, 0, 2).unwrap(), &r.narrow(0, 0, 2).unwrap(), mode);
         assert!(rel_diff(&alone.y, &full.y.narrow(0, 0, 2).unwrap()) > 1e-3);
     }
 }

@@ -9,6 +9,7 @@ use crate::kernels::par_new;
 use crate::real::Real;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 /// Rows per task and per partial sum (also the task size of the channels-last layout ops).
 pub(crate) const ROWS: usize = 256;
@@ -78,6 +79,64 @@ fn grad_sums_chunk<T: Real>(gy: &[T], y: &[T], d: impl Fn(T, T) -> T, x: &[T], c
     [sx, s]
 }
 
+/// [`grad_sums`] that also returns gz = d(gy, y), written in the same pass (the caller needs
+/// it whole: a residual's gradient). The sums are [`grad_sums`]'s, to the bit.
+pub(crate) fn grad_sums_keep<T: Real>(
+    gy: &[T],
+    y: &[T],
+    d: impl Fn(T, T) -> T + Sync + Copy,
+    (x, centre): (&[T], &[f64]),
+    c: usize,
+) -> (Vec<T>, (Vec<f64>, Vec<f64>)) {
+    assert!(
+        gy.len() == x.len() && y.len() == x.len() && x.len() % c.max(1) == 0,
+        "grad_sums_keep: {} / {} / {} values, {c} channels",
+        gy.len(),
+        y.len(),
+        x.len()
+    );
+    let chunk = ROWS * c.max(1);
+    let partials: Vec<OnceLock<[Vec<f64>; 2]>> = (0..x.len().div_ceil(chunk)).map(|_| OnceLock::new()).collect();
+    // Every value written: chunks of whole rows, each zipped with the same rows of gy, y, x.
+    let gz = par_new(x.len(), chunk, |i, o| {
+        let r = i..i + o.len();
+        let sums = isa_dispatch!(grad_sums_keep_chunk(o, &gy[r.clone()], &y[r.clone()], d, &x[r], centre));
+        let _ = partials[i / chunk].set(sums);
+    });
+    let partials = partials.into_iter().map(|p| p.into_inner().expect("every chunk ran"));
+    let [sx, s] = sum_partials(partials.collect(), c);
+    (gz, (sx, s))
+}
+
+#[inline(always)]
+fn grad_sums_keep_chunk<T: Real>(
+    gz: &mut [MaybeUninit<T>],
+    gy: &[T],
+    y: &[T],
+    d: impl Fn(T, T) -> T,
+    x: &[T],
+    centre: &[f64],
+) -> [Vec<f64>; 2] {
+    let c = centre.len();
+    assert!(
+        gz.len() == gy.len() && y.len() == gy.len() && x.len() == gy.len(),
+        "grad_sums_keep_chunk: lengths"
+    );
+    let (mut sx, mut s) = (vec![0f64; c], vec![0f64; c]);
+    let rows = gz.chunks_exact_mut(c).zip(gy.chunks_exact(c)).zip(y.chunks_exact(c));
+    for (((o, g), y), xr) in rows.zip(x.chunks_exact(c)) {
+        for ((((((a, b), o), g), y), x), m) in sx.iter_mut().zip(s.iter_mut()).zip(o).zip(g).zip(y).zip(xr).zip(centre)
+        {
+            let gz = d(*g, *y);
+            o.write(gz);
+            let g = gz.f();
+            *a += g * (x.f() - *m);
+            *b += g;
+        }
+    }
+    [sx, s]
+}
+
 fn sum_partials(partials: Vec<[Vec<f64>; 2]>, c: usize) -> [Vec<f64>; 2] {
     let mut acc = [vec![0f64; c], vec![0f64; c]];
     for p in partials {
@@ -101,6 +160,47 @@ pub(crate) fn affine_map<T: Real>(x: &[T], scale: &[T], shift: &[T], f: impl Fn(
         let xc = &x[i..i + yc.len()];
         isa_dispatch!(affine_chunk(yc, xc, scale, shift, f))
     })
+}
+
+/// y[r, i] = f((x[r, i] · scale[i] + shift[i]) + res[r, i]): [`affine_map`] followed by a
+/// residual add, in one pass and with the same rounding.
+pub(crate) fn affine_add_map<T: Real>(
+    x: &[T],
+    res: &[T],
+    scale: &[T],
+    shift: &[T],
+    f: impl Fn(T) -> T + Sync + Copy,
+) -> Vec<T> {
+    let c = scale.len();
+    assert!(
+        shift.len() == c && res.len() == x.len() && x.len() % c.max(1) == 0,
+        "affine_add_map: {} values, {} residual values, {c} channels",
+        x.len(),
+        res.len()
+    );
+    // Every value written: chunks of whole rows, each zipped with the same rows of x and res.
+    par_new(x.len(), ROWS * c, |i, yc| {
+        let r = i..i + yc.len();
+        isa_dispatch!(affine_add_chunk(yc, &x[r.clone()], &res[r], scale, shift, f))
+    })
+}
+
+#[inline(always)]
+fn affine_add_chunk<T: Real>(
+    y: &mut [MaybeUninit<T>],
+    x: &[T],
+    res: &[T],
+    scale: &[T],
+    shift: &[T],
+    f: impl Fn(T) -> T,
+) {
+    let c = scale.len();
+    assert!(y.len() == x.len() && res.len() == x.len(), "affine_add_chunk: lengths");
+    for ((yr, xr), rr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(res.chunks_exact(c)) {
+        for ((((o, v), a), b), u) in yr.iter_mut().zip(xr).zip(scale).zip(shift).zip(rr) {
+            o.write(f((*v * *a + *b) + *u));
+        }
+    }
 }
 
 #[inline(always)]
