@@ -5,6 +5,7 @@
 use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
+use lean_ops::channels_last::ChannelMoments;
 use lean_ops::fused::{conv_affine_act_nhwc_prepared, transpose_pointwise, ChannelAffine, ConvWeights};
 use lean_ops::{
     activation, add_activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
@@ -219,6 +220,27 @@ impl Conv {
         }
     }
 
+    /// [`Conv::forward_nhwc`] that also sums its output's per-channel moments around `shift` for
+    /// the BatchNorm after it, where the op can (`lean_ops::channels_last::*_moments`): no bias,
+    /// an output large enough for row tasks.
+    pub fn forward_nhwc_moments(&self, x: &Tensor, shift: &[f64]) -> Result<(Tensor, Option<ChannelMoments>)> {
+        if self.bias().is_some() {
+            return Ok((self.forward_nhwc(x)?, None));
+        }
+        Ok(match self {
+            Conv::Lean(c) => {
+                channels_last::lean_conv2d_nhwc_moments(x, c.pointwise_weight(), c.stencil_weight(), c.config(), shift)?
+            }
+            Conv::Dense(c) if self.supports_nhwc() => {
+                channels_last::pointwise_conv2d_nhwc_moments(x, c.weight(), c.config().stride, shift)?
+            }
+            Conv::Depthwise(c) => {
+                channels_last::depthwise_conv2d_nhwc_moments(x, c.weight(), c.stride(), c.dilation(), shift)?
+            }
+            _ => (self.forward_nhwc(x)?, None),
+        })
+    }
+
     /// [`Conv::forward_nhwc`], leaving out the bias when `with_bias` is false.
     fn forward_nhwc_bias(&self, x: &Tensor, with_bias: bool) -> Result<Tensor> {
         let bias = if with_bias { self.bias() } else { None };
@@ -331,6 +353,7 @@ impl ConvBnAct {
             }
         }
         Ok(match (&self.bn, self.conv.bias()) {
+            (Some(bn), _) if train => self.conv_bn_train_nhwc(bn, x, None, self.act)?,
             (Some(bn), _) => bn.forward_act_nhwc(&self.conv.forward_nhwc(x)?, train, self.act)?,
             // Folded: the bias and the activation in one pass.
             (None, Some(b)) => {
@@ -354,10 +377,26 @@ impl ConvBnAct {
                 }
             }
             if let Some(bn) = &self.bn {
+                if train {
+                    return self.conv_bn_train_nhwc(bn, x, Some(residual), act);
+                }
                 return Ok(bn.forward_add_act_nhwc(&self.conv.forward_nhwc(x)?, train, residual, act)?);
             }
         }
         Ok(add_activation(&self.forward_t_nhwc(x, train)?, residual, act)?)
+    }
+
+    /// Training on channels-last tensors: the convolution sums the batch statistics in its own
+    /// output pass where it can, and the BatchNorm (with the residual add, if any) uses them.
+    fn conv_bn_train_nhwc(
+        &self,
+        bn: &BatchNorm2d,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let (y, moments) = self.conv.forward_nhwc_moments(x, &bn.moments_shift()?)?;
+        Ok(bn.forward_nhwc_with(&y, true, act, residual, moments)?)
     }
 
     /// Eval mode on channels-last tensors as one fused op: act(affine(conv(x)) + residual), the

@@ -232,6 +232,13 @@ fn channels_last_lean_resnets_match_nchw() {
         assert!(net.supports_channels_last(), "{what}");
         check_layouts(&mut net, &vm, &x, |n, on| n.set_channels_last(on).unwrap(), &what);
     }
+    // 16 images of 32x32: the first stage's convolutions run their row tasks and sum the
+    // BatchNorm statistics in their own output pass (lean_ops::channels_last::*_moments).
+    let x = Tensor::randn(0f64, 1., (16, 3, 32, 32), &Device::Cpu).unwrap();
+    let vm = VarMap::new();
+    let mut net = lean_resnet(vec![1, 1, 1, 1], 1, false, &vm);
+    let what = "lean resnet, 16 images of 32x32";
+    check_layouts(&mut net, &vm, &x, |n, on| n.set_channels_last(on).unwrap(), what);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! ReLU / ReLU6, in NCHW or channels-last; the ops it runs live in norm.rs.
 
 use crate::activation::Activation;
+use crate::channels_last::ChannelMoments;
 use crate::cost::{Cost, CostModel};
 use crate::cpu_op::OnCpu;
 use crate::error::{check_float, config_err, dims4, shape_err, Result};
@@ -133,7 +134,7 @@ impl BatchNorm2d {
     /// mode.
     pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
         let (_, c, _, _) = dims4("batch_norm", x)?;
-        self.forward_layout(x, c, train, act, false, None)
+        self.forward_layout(x, c, train, act, false, None, None)
     }
 
     /// [`forward_act`](Self::forward_act) on a channels-last (N, H, W, C) input
@@ -148,7 +149,7 @@ impl BatchNorm2d {
                 ))
             }
         };
-        self.forward_layout(x, c, train, act, true, None)
+        self.forward_layout(x, c, train, act, true, None, None)
     }
 
     /// act(BatchNorm(x) + residual) on channels-last (N, H, W, C) tensors of one shape: the end
@@ -157,6 +158,26 @@ impl BatchNorm2d {
     /// gradients (BatchNorm, then the add and activation, would each make passes of their own
     /// and keep BatchNorm's output alive). The values are the composite's, bit for bit.
     pub fn forward_add_act_nhwc(&self, x: &Tensor, train: bool, residual: &Tensor, act: Activation) -> Result<Tensor> {
+        self.forward_nhwc_with(x, train, act, Some(residual), None)
+    }
+
+    /// The shift for a convolution that sums this layer's batch statistics in its own output
+    /// pass (`channels_last::*_moments`): the running mean, near the batch mean.
+    pub fn moments_shift(&self) -> Result<Vec<f64>> {
+        Ok(self.running_mean.as_tensor().to_dtype(DType::F64)?.to_vec1()?)
+    }
+
+    /// The channels-last forward in full: act(BatchNorm(x) [+ residual]), in training with the
+    /// batch's `moments` when the convolution before took them
+    /// ([`crate::channels_last::lean_conv2d_nhwc_moments`]); without, this layer sums them.
+    pub fn forward_nhwc_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        act: Activation,
+        residual: Option<&Tensor>,
+        moments: Option<ChannelMoments>,
+    ) -> Result<Tensor> {
         let c = match x.dims() {
             &[_, _, _, c] => c,
             d => {
@@ -166,7 +187,19 @@ impl BatchNorm2d {
                 ))
             }
         };
-        if residual.dims() != x.dims() || residual.dtype() != x.dtype() {
+        if let Some(m) = moments.as_ref().filter(|m| m.mean.len() != c || m.var.len() != c) {
+            return Err(shape_err(
+                "batch_norm",
+                format!(
+                    "moments for {} / {} channels given, the input has {c} (shape {:?})",
+                    m.mean.len(),
+                    m.var.len(),
+                    x.dims()
+                ),
+            ));
+        }
+        let residual_mismatch = residual.filter(|r| r.dims() != x.dims() || r.dtype() != x.dtype());
+        if let Some(residual) = residual_mismatch {
             return Err(shape_err(
                 "batch_norm",
                 format!(
@@ -178,10 +211,12 @@ impl BatchNorm2d {
                 ),
             ));
         }
-        self.forward_layout(x, c, train, act, true, Some(residual))
+        self.forward_layout(x, c, train, act, true, residual, moments)
     }
 
-    /// act(BatchNorm(x) [+ residual]) over NCHW planes or channels-last rows (`last`).
+    /// act(BatchNorm(x) [+ residual]) over NCHW planes or channels-last rows (`last`), with the
+    /// batch's moments where given (checked against `c`).
+    #[allow(clippy::too_many_arguments)]
     fn forward_layout(
         &self,
         x: &Tensor,
@@ -190,6 +225,7 @@ impl BatchNorm2d {
         act: Activation,
         last: bool,
         residual: Option<&Tensor>,
+        moments: Option<ChannelMoments>,
     ) -> Result<Tensor> {
         const OP: &str = "batch_norm";
         // Without the fused op, BatchNorm runs alone and the add + activation after it.
@@ -240,7 +276,10 @@ impl BatchNorm2d {
                     batch_stats(c, hw, xs)
                 })))
             };
-            let (mean, var) = stats()?;
+            let (mean, var) = match moments {
+                Some(m) => (m.mean, m.var),
+                None => stats()?,
+            };
             let (mean, var, count) = match &sync {
                 Some(g) => crate::dist::combine_moments(g.as_ref(), &mean, &var, m)?,
                 None => (mean, var, m),

@@ -1,6 +1,8 @@
 //! Channels-last (NHWC) operators, for networks that run their inside in NHWC: the layout
 //! conversions at the network's edges, the lean, stencil-only, depthwise 3x3 and pointwise
 //! convolutions, ShuffleNetV2's concatenation + channel shuffle, global average pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
+//! The convolutions' `_moments` forms also sum their output's per-channel statistics for the
+//! BatchNorm that follows them, in their own output pass.
 //!
 //! A batch in NHWC is a (N·H·W) x C matrix: a 1x1 convolution of the whole batch is one GEMM
 //! with M = N·H·W, and a depthwise stencil tap is a multiply-add over a pixel's contiguous
@@ -21,6 +23,7 @@ use crate::lean_conv::{check_weights, LeanConv2dConfig};
 use crate::real::{dispatch_dtype, tensor, with_data, Real};
 use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
 
 /// Checks a rank-4 (N, H, W, C) input and returns its dims.
 pub(crate) fn dims_nhwc(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
@@ -99,7 +102,56 @@ pub fn to_channels_first(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-struct NhwcLeanOp(NhwcConv, Shape);
+/// Moments asked of a channels-last convolution: the shift to sum around, and where the op's
+/// forward leaves (mean, variance) (the op itself moves into candle's graph).
+#[derive(Clone)]
+struct MomentsRequest {
+    shift: Vec<f64>,
+    out: Arc<OnceLock<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl MomentsRequest {
+    fn new(shift: &[f64]) -> Self {
+        MomentsRequest {
+            shift: shift.to_vec(),
+            out: Arc::default(),
+        }
+    }
+
+    /// The forward of `geom` with moments if asked for, leaving them in `out`.
+    fn forward<T: Real>(req: Option<&Self>, geom: &NhwcConv, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
+        match req {
+            None => geom.forward(x, p, q, None, None),
+            Some(r) => {
+                let (y, m) = geom.forward_moments(x, p, q, Some(r.shift.clone()));
+                if let Some(m) = m {
+                    let _ = r.out.set(m);
+                }
+                y
+            }
+        }
+    }
+
+    /// The moments the forward left (the op keeps its own handle for the backward graph).
+    fn take(self) -> Option<ChannelMoments> {
+        self.out.get().map(|(mean, var)| ChannelMoments {
+            mean: mean.clone(),
+            var: var.clone(),
+        })
+    }
+}
+
+/// The per-channel mean and biased variance of a convolution's output, summed in its own
+/// output pass for the BatchNorm after it ([`crate::BatchNorm2d::forward_nhwc_with`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelMoments {
+    /// Per channel, the mean.
+    pub mean: Vec<f64>,
+    /// Per channel, the biased (population) variance.
+    pub var: Vec<f64>,
+}
+
+struct NhwcLeanOp(NhwcConv, Shape, Option<MomentsRequest>);
 
 impl CpuOp3 for NhwcLeanOp {
     fn name(&self) -> &'static str {
@@ -114,7 +166,7 @@ impl CpuOp3 for NhwcLeanOp {
         q: &[T],
         _l3: &Layout,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let y = self.0.forward(x, Some(p), Some(q), None, None);
+        let y = MomentsRequest::forward(self.2.as_ref(), &self.0, x, Some(p), Some(q));
         Ok((y, self.1.clone()))
     }
     fn bwd(
@@ -144,7 +196,7 @@ impl CpuOp3 for NhwcLeanOp {
 
 /// A one-branch NHWC convolution on (x, weight): the pointwise branch (weight (Cout, Cin, 1, 1))
 /// when the geometry has it, else the stencil branch (weight (Cout, g, |S|)).
-struct NhwcOneBranchOp(NhwcConv, Shape);
+struct NhwcOneBranchOp(NhwcConv, Shape, Option<MomentsRequest>);
 
 impl NhwcOneBranchOp {
     /// (P, Q) for the kernel: `w` in the slot of the geometry's branch.
@@ -167,7 +219,7 @@ impl CpuOp2 for NhwcOneBranchOp {
     }
     fn fwd<T: Real>(&self, s1: &[T], _l1: &Layout, s2: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
         let (p, q) = self.weights(s2);
-        let y = self.0.forward(s1, p, q, None, None);
+        let y = MomentsRequest::forward(self.2.as_ref(), &self.0, s1, p, q);
         Ok((y, self.1.clone()))
     }
     fn bwd(
@@ -261,13 +313,22 @@ pub(crate) fn check_lean_input(
 /// The grouped stencil branch alone on a channels-last input (see
 /// [`crate::grouped_stencil_conv2d`]): (N, H, W, Cin) -> (N, Ho, Wo, Cout).
 pub fn grouped_stencil_conv2d_nhwc(x: &Tensor, stencil: &Tensor, cfg: &LeanConv2dConfig) -> Result<Tensor> {
+    grouped_stencil_nhwc(x, stencil, cfg, None)
+}
+
+fn grouped_stencil_nhwc(
+    x: &Tensor,
+    stencil: &Tensor,
+    cfg: &LeanConv2dConfig,
+    req: Option<MomentsRequest>,
+) -> Result<Tensor> {
     const OP: &str = "grouped_stencil_conv2d_nhwc";
     let (n, h, w) = check_lean_input(OP, cfg, x, None, stencil)?;
     if x.device().is_cpu() {
         let geom = geometry(cfg, n, h, w, false);
         let shape = Shape::from((n, geom.ho, geom.wo, cfg.out_channels));
         Ok(x.contiguous()?
-            .apply_op2(&stencil.contiguous()?, OnCpu(NhwcOneBranchOp(geom, shape)))?)
+            .apply_op2(&stencil.contiguous()?, OnCpu(NhwcOneBranchOp(geom, shape, req)))?)
     } else {
         to_channels_last(&crate::grouped_stencil_conv2d(&to_channels_first(x)?, stencil, cfg)?)
     }
@@ -289,6 +350,23 @@ pub fn depthwise_conv2d_nhwc(
     add_last_dim_bias(OP, y, bias)
 }
 
+/// [`depthwise_conv2d_nhwc`] without bias, with its output's per-channel moments summed
+/// around `shift` in the op's own output pass (see [`lean_conv2d_nhwc_moments`]).
+pub fn depthwise_conv2d_nhwc_moments(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+    shift: &[f64],
+) -> Result<(Tensor, Option<ChannelMoments>)> {
+    const OP: &str = "depthwise_conv2d_nhwc";
+    let (_, _, _, c) = dims_nhwc(OP, x)?;
+    let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
+    let req = MomentsRequest::new(shift);
+    let y = grouped_stencil_nhwc(x, &q, &cfg, Some(req.clone()))?;
+    Ok((y, req.take()))
+}
+
 /// The lean convolution of a channels-last input (N, H, W, Cin) -> (N, Ho, Wo, Cout), with the
 /// weights of [`crate::lean_conv2d`] (pointwise (Cout, Cin, 1, 1), stencil (Cout, g, |S|)).
 pub fn lean_conv2d_nhwc(
@@ -298,35 +376,79 @@ pub fn lean_conv2d_nhwc(
     bias: Option<&Tensor>,
     cfg: &LeanConv2dConfig,
 ) -> Result<Tensor> {
+    let y = lean_nhwc(x, pointwise, stencil, cfg, None)?;
+    add_last_dim_bias("lean_conv2d_nhwc", y, bias)
+}
+
+/// [`lean_conv2d_nhwc`] without bias, with its output's per-channel mean and variance summed
+/// around `shift` (one value per output channel: a BatchNorm's running mean, near the batch
+/// mean) by the op's row tasks while their rows are in cache: the statistics a BatchNorm after
+/// it needs, without its pass over the output. The moments are `None` where the op does not
+/// take them (an output too small for row tasks, a device other than the CPU).
+pub fn lean_conv2d_nhwc_moments(
+    x: &Tensor,
+    pointwise: &Tensor,
+    stencil: &Tensor,
+    cfg: &LeanConv2dConfig,
+    shift: &[f64],
+) -> Result<(Tensor, Option<ChannelMoments>)> {
+    let req = MomentsRequest::new(shift);
+    let y = lean_nhwc(x, pointwise, stencil, cfg, Some(req.clone()))?;
+    Ok((y, req.take()))
+}
+
+fn lean_nhwc(
+    x: &Tensor,
+    pointwise: &Tensor,
+    stencil: &Tensor,
+    cfg: &LeanConv2dConfig,
+    req: Option<MomentsRequest>,
+) -> Result<Tensor> {
     const OP: &str = "lean_conv2d_nhwc";
     let (n, h, w) = check_lean_input(OP, cfg, x, Some(pointwise), stencil)?;
-    let y = if x.device().is_cpu() {
+    if x.device().is_cpu() {
         let geom = geometry(cfg, n, h, w, true);
-        let op = NhwcLeanOp(geom.clone(), Shape::from((n, geom.ho, geom.wo, cfg.out_channels)));
-        x.contiguous()?
-            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, OnCpu(op))?
+        let op = NhwcLeanOp(geom.clone(), Shape::from((n, geom.ho, geom.wo, cfg.out_channels)), req);
+        Ok(x.contiguous()?
+            .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, OnCpu(op))?)
     } else {
         let y = crate::lean_conv2d(&to_channels_first(x)?, pointwise, stencil, None, cfg)?;
-        to_channels_last(&y)?
-    };
-    add_last_dim_bias(OP, y, bias)
+        to_channels_last(&y)
+    }
 }
 
 /// A 1x1 convolution of a channels-last input (N, H, W, Cin) -> (N, Ho, Wo, Cout) with weight
 /// (Cout, Cin, 1, 1), stride `stride`, no padding.
 pub fn pointwise_conv2d_nhwc(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize) -> Result<Tensor> {
+    let y = pointwise_nhwc(x, weight, stride, None)?;
+    add_last_dim_bias("pointwise_conv2d_nhwc", y, bias)
+}
+
+/// [`pointwise_conv2d_nhwc`] without bias, with its output's per-channel moments summed
+/// around `shift` in the op's own output pass (see [`lean_conv2d_nhwc_moments`]).
+pub fn pointwise_conv2d_nhwc_moments(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    shift: &[f64],
+) -> Result<(Tensor, Option<ChannelMoments>)> {
+    let req = MomentsRequest::new(shift);
+    let y = pointwise_nhwc(x, weight, stride, Some(req.clone()))?;
+    Ok((y, req.take()))
+}
+
+fn pointwise_nhwc(x: &Tensor, weight: &Tensor, stride: usize, req: Option<MomentsRequest>) -> Result<Tensor> {
     const OP: &str = "pointwise_conv2d_nhwc";
     let geom = pointwise_geometry(OP, x, weight, stride)?;
     let (n, ho, wo, cout) = (geom.n, geom.ho, geom.wo, geom.cout);
-    let y = if x.device().is_cpu() {
-        x.contiguous()?.apply_op2(
+    if x.device().is_cpu() {
+        Ok(x.contiguous()?.apply_op2(
             &weight.contiguous()?,
-            OnCpu(NhwcOneBranchOp(geom, Shape::from((n, ho, wo, cout)))),
-        )?
+            OnCpu(NhwcOneBranchOp(geom, Shape::from((n, ho, wo, cout)), req)),
+        )?)
     } else {
-        to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)?
-    };
-    add_last_dim_bias(OP, y, bias)
+        to_channels_last(&to_channels_first(x)?.conv2d(weight, 0, stride, 1, 1)?)
+    }
 }
 
 /// Checks a channels-last input and a (Cout, Cin, 1, 1) weight; returns the geometry of the

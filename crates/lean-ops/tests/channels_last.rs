@@ -375,3 +375,129 @@ fn batch_norm_add_act_nhwc_names_a_residual_of_the_wrong_shape() {
         assert!(err.contains("residual") && err.contains("batch_norm"), "{err}");
     }
 }
+
+/// Per-channel (mean, biased variance) of an NHWC tensor, from candle ops in f64.
+fn reference_moments(y: &Tensor) -> (Tensor, Tensor) {
+    let c = y.dim(3).unwrap();
+    let y = y.to_dtype(DType::F64).unwrap().reshape(((), c)).unwrap();
+    let mean = y.mean(0).unwrap();
+    let var = y.broadcast_sub(&mean).unwrap().sqr().unwrap().mean(0).unwrap();
+    (mean, var)
+}
+
+#[test]
+fn convolutions_sum_their_output_moments_in_their_own_pass() {
+    use lean_ops::channels_last::{
+        depthwise_conv2d_nhwc_moments, lean_conv2d_nhwc_moments, pointwise_conv2d_nhwc_moments, ChannelMoments,
+    };
+    let dev = Device::Cpu;
+    let t = |v: &[f64]| Tensor::new(v, &dev).unwrap();
+    let check = |what: &str, y: &Tensor, m: Option<ChannelMoments>, expected: &Tensor| {
+        assert_close(y, expected, 0.0, &format!("{what}: output"));
+        let m = m.unwrap_or_else(|| panic!("{what}: no moments from a large output"));
+        let (mean, var) = reference_moments(y);
+        assert_close(&t(&m.mean), &mean, 1e-9, &format!("{what}: mean"));
+        assert_close(&t(&m.var), &var, 1e-9, &format!("{what}: variance"));
+    };
+    // 16 x 16 x 16 outputs of 64 channels: enough image rows for the row tasks.
+    for dt in [DType::F64, DType::F32] {
+        let x = (rand(&[16, 16, 16, 32], 61, dt) * 2.0)
+            .unwrap()
+            .affine(1.0, 0.7)
+            .unwrap();
+        for shift in [0.0, 3.0] {
+            let shift = vec![shift; 64];
+            for stride in [1, 2] {
+                let cfg = LeanConv2dConfig::new(32, 64).stride(stride);
+                let (p, q) = (rand(&[64, 32, 1, 1], 62, dt), rand(&[64, 1, 5], 63, dt));
+                let (y, m) = lean_conv2d_nhwc_moments(&x, &p, &q, &cfg, &shift).unwrap();
+                let expected = lean_conv2d_nhwc(&x, &p, &q, None, &cfg).unwrap();
+                if stride == 1 {
+                    check(&format!("lean {dt:?}"), &y, m, &expected);
+                } else {
+                    // 8 x 8 outputs: too few rows for row tasks; the BatchNorm sums them.
+                    assert_close(&y, &expected, 0.0, "strided lean output");
+                    assert!(m.is_none(), "moments of an output without row tasks");
+                }
+            }
+            let w = rand(&[64, 32, 1, 1], 64, dt);
+            let (y, m) = pointwise_conv2d_nhwc_moments(&x, &w, 1, &shift).unwrap();
+            check(
+                &format!("pointwise {dt:?}"),
+                &y,
+                m,
+                &pointwise_conv2d_nhwc(&x, &w, None, 1).unwrap(),
+            );
+            let xd = x.repeat((1, 1, 1, 2)).unwrap();
+            let wd = rand(&[64, 1, 3, 3], 65, dt);
+            let (y, m) = depthwise_conv2d_nhwc_moments(&xd, &wd, 1, 1, &shift).unwrap();
+            let expected = depthwise_conv2d_nhwc(&xd, &wd, None, 1, 1).unwrap();
+            check(&format!("depthwise {dt:?}"), &y, m, &expected);
+        }
+    }
+}
+
+#[test]
+fn batch_norm_with_the_convolutions_moments_matches_its_own_statistics() {
+    use lean_ops::channels_last::lean_conv2d_nhwc_moments;
+    for dt in [DType::F64, DType::F32] {
+        for residual in [false, true] {
+            let x = rand(&[16, 16, 16, 8], 71, dt);
+            let cfg = LeanConv2dConfig::new(8, 64);
+            let (p, q) = (rand(&[64, 8, 1, 1], 72, dt), rand(&[64, 1, 5], 73, dt));
+            let (a, va) = batch_norm(64, dt);
+            let (b, vb) = batch_norm(64, dt);
+            let (xa, xb) = (var(&x), var(&x));
+            let ya = lean_conv2d_nhwc(xa.as_tensor(), &p, &q, None, &cfg).unwrap();
+            let shift = b.moments_shift().unwrap();
+            let (yb, m) = lean_conv2d_nhwc_moments(xb.as_tensor(), &p, &q, &cfg, &shift).unwrap();
+            assert!(m.is_some());
+            let res = rand(ya.dims(), 74, dt);
+            let r = residual.then_some(&res);
+            let za = a.forward_nhwc_with(&ya, true, Activation::Relu, r, None).unwrap();
+            let zb = b.forward_nhwc_with(&yb, true, Activation::Relu, r, m).unwrap();
+            let what = format!("{dt:?} residual {residual}");
+            assert_close(&zb, &za, tol(dt), &format!("forward {what}"));
+            assert_close(
+                b.running_mean(),
+                a.running_mean(),
+                tol(dt),
+                &format!("running mean {what}"),
+            );
+            assert_close(
+                b.running_var(),
+                a.running_var(),
+                tol(dt),
+                &format!("running var {what}"),
+            );
+            let w = rand(za.dims(), 75, dt);
+            let ga = (za * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (zb * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (da, db) = (va.data().lock().unwrap(), vb.data().lock().unwrap());
+            for (name, ta, tb) in [
+                ("input", xa.as_tensor(), xb.as_tensor()),
+                ("weight", da["weight"].as_tensor(), db["weight"].as_tensor()),
+                ("bias", da["bias"].as_tensor(), db["bias"].as_tensor()),
+            ] {
+                let (u, v) = (gb.get(tb).unwrap(), ga.get(ta).unwrap());
+                assert_close(u, v, tol(dt) * 5.0, &format!("{name} gradient {what}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_names_moments_of_the_wrong_length() {
+    use lean_ops::channels_last::ChannelMoments;
+    let (bn, _vm) = batch_norm(6, DType::F32);
+    let x = rand(&[2, 3, 3, 6], 81, DType::F32);
+    let m = ChannelMoments {
+        mean: vec![0.0; 5],
+        var: vec![1.0; 5],
+    };
+    let err = bn
+        .forward_nhwc_with(&x, true, Activation::Relu, None, Some(m))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("moments") && err.contains("6"), "{err}");
+}

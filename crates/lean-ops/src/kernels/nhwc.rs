@@ -13,7 +13,7 @@
 use super::gemm_conv::{gemm_new, gemm_write, valid_range, zeroed};
 use super::gemm_small::{gemm_small_m, prefers_small_m};
 use super::par_new;
-use super::rows::Epilogue;
+use super::rows::{Epilogue, MomentsSink};
 use crate::real::Real;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -154,6 +154,34 @@ impl NhwcConv {
     /// `pt`, where given, is P transposed to (Cin, Cout) (prepared once for inference): the row
     /// tasks read it instead of transposing P per call, and an output of few rows takes the
     /// GEMM on it instead of the dot-product kernel.
+    ///
+    /// With `moments` (a shift per output channel), the per-channel mean and variance of the
+    /// output are summed by the row tasks while their rows are in cache (fixed tasks, so the
+    /// values do not depend on the thread count); `None` comes back for outputs too small for
+    /// row tasks, whose caller sums them itself.
+    pub fn forward_moments<T: Real>(
+        &self,
+        x: &[T],
+        p: Option<&[T]>,
+        q: Option<&[T]>,
+        moments: Option<Vec<f64>>,
+    ) -> (Vec<T>, Option<(Vec<f64>, Vec<f64>)>) {
+        let moments = moments.filter(|m| m.len() == self.cout).map(|shift| {
+            let (_, per_task) = self.tasks();
+            MomentsSink::new(shift, self.rows_out(), per_task * self.wo)
+        });
+        let y = self.forward_sink(x, p, q, None, None, moments.as_ref());
+        (y, moments.and_then(MomentsSink::finish))
+    }
+
+    /// (output values per image row, image rows per row task).
+    fn tasks(&self) -> (usize, usize) {
+        let row_len = self.wo * self.cout;
+        let per_task = (FWD_TASK_VALUES / row_len.max(1)).max(FWD_TASK_MIN_PIXELS.div_ceil(self.wo.max(1)));
+        (row_len, per_task)
+    }
+
+    /// [`NhwcConv::forward_moments`] without moments.
     pub fn forward<T: Real>(
         &self,
         x: &[T],
@@ -161,6 +189,18 @@ impl NhwcConv {
         q: Option<&[T]>,
         epi: Option<&Epilogue<T>>,
         pt: Option<&[T]>,
+    ) -> Vec<T> {
+        self.forward_sink(x, p, q, epi, pt, None)
+    }
+
+    fn forward_sink<T: Real>(
+        &self,
+        x: &[T],
+        p: Option<&[T]>,
+        q: Option<&[T]>,
+        epi: Option<&Epilogue<T>>,
+        pt: Option<&[T]>,
+        moments: Option<&MomentsSink>,
     ) -> Vec<T> {
         let (rows, cout, cin) = (self.rows_out(), self.cout, self.cin);
         let p = p.filter(|_| self.pointwise);
@@ -171,9 +211,8 @@ impl NhwcConv {
         let xs = p.and_then(|_| self.subsampled(x));
         let a = xs.as_deref().unwrap_or(x);
         let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| (st, self.taps_major(st, q)));
-        let row_len = self.wo * cout;
+        let (row_len, per_task) = self.tasks();
         let image_rows = self.n * self.ho;
-        let per_task = (FWD_TASK_VALUES / row_len.max(1)).max(FWD_TASK_MIN_PIXELS.div_ceil(self.wo.max(1)));
         // The stencil and the epilogue of output image rows r0.. (already holding the GEMM).
         let finish = |r0: usize, out: &mut [T]| {
             crate::isa::isa_dispatch!({
@@ -241,6 +280,9 @@ impl NhwcConv {
                 None => zeroed(chunk),
             };
             finish(r0, out);
+            if let Some(m) = moments {
+                crate::isa::isa_dispatch!(m.add(r0 * self.wo, out));
+            }
         })
     }
 

@@ -26,11 +26,54 @@ pub(crate) fn moments<T: Real>(x: &[T], c: usize) -> (Vec<f64>, Vec<f64>) {
         .par_chunks(ROWS * c)
         .map(|chunk| isa_dispatch!(moments_chunk(chunk, &k)))
         .collect();
-    let [s, q] = sum_partials(partials, c);
-    let m = rows as f64;
-    let mean = (0..c).map(|i| k[i] + s[i] / m).collect();
-    let var = (0..c).map(|i| (q[i] / m - (s[i] / m).powi(2)).max(0.0)).collect();
+    moments_from_sums(sum_partials(partials, c), &k, rows)
+}
+
+/// Mean and biased variance from the sums (Σ (x - k), Σ (x - k)²) over `rows` rows.
+fn moments_from_sums([s, q]: [Vec<f64>; 2], k: &[f64], rows: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = rows.max(1) as f64;
+    let mean = (0..k.len()).map(|i| k[i] + s[i] / m).collect();
+    let var = (0..k.len()).map(|i| (q[i] / m - (s[i] / m).powi(2)).max(0.0)).collect();
     (mean, var)
+}
+
+/// Per-channel moments of a channels-last op's output taken in the op's own output pass, for
+/// the BatchNorm after it (saving BatchNorm a pass over its input). The sums are taken around
+/// `shift` (the BatchNorm's running mean: near the batch's mean, so one pass gives the variance
+/// without cancellation), per fixed chunk of rows, then in chunk order.
+pub(crate) struct MomentsSink {
+    shift: Vec<f64>,
+    partials: Vec<OnceLock<[Vec<f64>; 2]>>,
+    chunk_rows: usize,
+    rows: usize,
+}
+
+impl MomentsSink {
+    /// Sums over `rows` rows of `shift.len()` channels, arriving in chunks of `chunk_rows` rows.
+    pub fn new(shift: Vec<f64>, rows: usize, chunk_rows: usize) -> Self {
+        let chunk_rows = chunk_rows.max(1);
+        let partials = (0..rows.div_ceil(chunk_rows)).map(|_| OnceLock::new()).collect();
+        MomentsSink {
+            shift,
+            partials,
+            chunk_rows,
+            rows,
+        }
+    }
+
+    /// Adds the chunk of rows starting at row `first` (a multiple of the chunk size).
+    #[inline(always)]
+    pub fn add<T: Real>(&self, first: usize, chunk: &[T]) {
+        assert!(first % self.chunk_rows == 0, "MomentsSink::add: chunk start");
+        let _ = self.partials[first / self.chunk_rows].set(moments_chunk(chunk, &self.shift));
+    }
+
+    /// (mean, biased variance), or `None` if a chunk never arrived.
+    pub fn finish(self) -> Option<(Vec<f64>, Vec<f64>)> {
+        let c = self.shift.len();
+        let partials: Option<Vec<_>> = self.partials.into_iter().map(|p| p.into_inner()).collect();
+        Some(moments_from_sums(sum_partials(partials?, c), &self.shift, self.rows))
+    }
 }
 
 #[inline(always)]
