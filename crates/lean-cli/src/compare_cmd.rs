@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lean_models::{describe, ModelSpec};
 use lean_train::{train_with, write_atomic, TrainConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The default line-up: dense parent, two lean settings, MobileNetV2 0.75 and ShuffleNetV2 1.0
 /// (within ±25% of the lean model's parameters on 10 classes).
@@ -84,6 +84,11 @@ pub struct CompareArgs {
     /// Where the runs and the tables go (default runs/compare-<dataset>).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Continue from the runs already in the output folder: a model whose run folder holds a
+    /// checkpoint of the same recipe is resumed (a finished run is only measured again), so an
+    /// interrupted comparison, or one with a model added, trains only what is missing.
+    #[arg(long)]
+    resume: bool,
 }
 
 struct Row {
@@ -141,7 +146,11 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             ..Default::default()
         };
         eprintln!("== {m}");
-        let s = train_with(&cfg, None, &mut crate::progress::RunDisplay::default())?;
+        let resume = match a.resume {
+            true => resumable(&out.join(m), &cfg)?,
+            false => None,
+        };
+        let s = train_with(&cfg, resume.as_deref(), &mut crate::progress::RunDisplay::default())?;
         let last = s.history.last().context("no epoch ran")?;
         // The model as trained (classes and channels from the data set), timed at its input.
         let bench = bench_model(
@@ -284,4 +293,38 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// With `--resume`: `dir` if it holds a checkpoint of `cfg`'s recipe (its args.json equal to
+/// `cfg` but for fewer or as many epochs), `None` if it holds no checkpoint; an error naming
+/// the differences if it holds another recipe's.
+fn resumable(dir: &Path, cfg: &TrainConfig) -> Result<Option<PathBuf>> {
+    if !dir.join("last.safetensors").is_file() {
+        return Ok(None);
+    }
+    let path = dir.join("args.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let old: TrainConfig =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a run's args.json", path.display()))?;
+    let (was, asked) = (serde_json::to_value(&old)?, serde_json::to_value(cfg)?);
+    let differences: Vec<String> = was
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| asked.get(k.as_str()) != Some(*v) && (k.as_str() != "epochs" || old.epochs > cfg.epochs))
+        .map(|(k, v)| {
+            format!(
+                "{k} {v} there, {} asked",
+                asked.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect();
+    if !differences.is_empty() {
+        bail!(
+            "{} holds a run of another recipe ({}): give another --output, or leave out --resume to train afresh",
+            dir.display(),
+            differences.join("; ")
+        );
+    }
+    Ok(Some(dir.to_path_buf()))
 }
