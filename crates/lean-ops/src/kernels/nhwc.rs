@@ -311,10 +311,16 @@ impl NhwcConv {
                     *a += *w * *b;
                 }
             } else {
+                // Grouped: the opg outputs of group gi read its input channels gi·g + j. By
+                // group, not by output channel: no division per value, and the same sums in
+                // the same order.
                 for j in 0..g {
                     let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
-                    for (co, (a, w)) in yp.iter_mut().zip(qv).enumerate() {
-                        *a += *w * xp[(co / opg) * g + j];
+                    for (gi, (ys, ws)) in yp.chunks_exact_mut(opg).zip(qv.chunks_exact(opg)).enumerate() {
+                        let xv = xp[gi * g + j];
+                        for (a, w) in ys.iter_mut().zip(ws) {
+                            *a += *w * xv;
+                        }
                     }
                 }
             }
@@ -474,10 +480,14 @@ impl NhwcConv {
                         *a += w.iter().zip(b).fold(T::zero(), |acc, (u, v)| acc + *u * *v);
                     }
                 } else {
+                    // By group (as the forward): no division per value, the same order.
                     for j in 0..g {
                         let qv = &qt[(t * g + j) * cout..(t * g + j + 1) * cout];
-                        for (co, (w, b)) in qv.iter().zip(gp).enumerate() {
-                            gxp[(co / opg) * g + j] += *w * *b;
+                        for (gi, (ws, bs)) in qv.chunks_exact(opg).zip(gp.chunks_exact(opg)).enumerate() {
+                            let a = &mut gxp[gi * g + j];
+                            for (w, b) in ws.iter().zip(bs) {
+                                *a += *w * *b;
+                            }
                         }
                     }
                 }
@@ -572,10 +582,14 @@ impl NhwcConv {
                     }
                 }
             } else {
+                // By group (as the forward): no division per value, the same order.
                 for j in 0..g {
                     let av = &mut acc[(t * g + j) * cout..(t * g + j + 1) * cout];
-                    for (co, (a, u)) in av.iter_mut().zip(gp).enumerate() {
-                        *a += *u * xp[(co / opg) * g + j];
+                    for (gi, (avg, us)) in av.chunks_exact_mut(opg).zip(gp.chunks_exact(opg)).enumerate() {
+                        let xv = xp[gi * g + j];
+                        for (a, u) in avg.iter_mut().zip(us) {
+                            *a += *u * xv;
+                        }
                     }
                 }
             }
