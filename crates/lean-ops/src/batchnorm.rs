@@ -140,16 +140,7 @@ impl BatchNorm2d {
     /// [`forward_act`](Self::forward_act) on a channels-last (N, H, W, C) input
     /// ([`crate::channels_last`]); the output is channels-last too.
     pub fn forward_act_nhwc(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
-        let c = match x.dims() {
-            &[_, _, _, c] => c,
-            d => {
-                return Err(shape_err(
-                    "batch_norm",
-                    format!("expected a rank-4 channels-last (N, H, W, C) input, got shape {d:?}"),
-                ))
-            }
-        };
-        self.forward_layout(x, c, train, act, true, None, None)
+        self.forward_nhwc_with(x, train, act, None, None)
     }
 
     /// act(BatchNorm(x) + residual) on channels-last (N, H, W, C) tensors of one shape: the end
