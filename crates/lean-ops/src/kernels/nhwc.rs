@@ -52,6 +52,9 @@ pub(crate) struct NhwcGrads<T> {
 
 /// Channels per register block of the depthwise stencil (two AVX2 or one AVX-512 f32 vector).
 const LANES: usize = 16;
+/// Per-channel (mean, biased variance).
+pub(crate) type MeanVar = (Vec<f64>, Vec<f64>);
+
 /// The most taps a stencil has (the full 3x3).
 const MAX_TAPS: usize = 9;
 
@@ -165,7 +168,7 @@ impl NhwcConv {
         p: Option<&[T]>,
         q: Option<&[T]>,
         moments: Option<Vec<f64>>,
-    ) -> (Vec<T>, Option<(Vec<f64>, Vec<f64>)>) {
+    ) -> (Vec<T>, Option<MeanVar>) {
         let moments = moments.filter(|m| m.len() == self.cout).map(|shift| {
             let (_, per_task) = self.tasks();
             MomentsSink::new(shift, self.rows_out(), per_task * self.wo)

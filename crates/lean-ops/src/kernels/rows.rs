@@ -64,7 +64,7 @@ impl MomentsSink {
     /// Adds the chunk of rows starting at row `first` (a multiple of the chunk size).
     #[inline(always)]
     pub fn add<T: Real>(&self, first: usize, chunk: &[T]) {
-        assert!(first % self.chunk_rows == 0, "MomentsSink::add: chunk start");
+        assert!(first.is_multiple_of(self.chunk_rows), "MomentsSink::add: chunk start");
         let _ = self.partials[first / self.chunk_rows].set(moments_chunk(chunk, &self.shift));
     }
 
@@ -132,7 +132,7 @@ pub(crate) fn grad_sums_keep<T: Real>(
     c: usize,
 ) -> (Vec<T>, (Vec<f64>, Vec<f64>)) {
     assert!(
-        gy.len() == x.len() && y.len() == x.len() && x.len() % c.max(1) == 0,
+        gy.len() == x.len() && y.len() == x.len() && x.len().is_multiple_of(c.max(1)),
         "grad_sums_keep: {} / {} / {} values, {c} channels",
         gy.len(),
         y.len(),
@@ -194,7 +194,7 @@ fn sum_partials(partials: Vec<[Vec<f64>; 2]>, c: usize) -> [Vec<f64>; 2] {
 pub(crate) fn affine_map<T: Real>(x: &[T], scale: &[T], shift: &[T], f: impl Fn(T) -> T + Sync + Copy) -> Vec<T> {
     let c = scale.len();
     assert!(
-        shift.len() == c && x.len() % c.max(1) == 0,
+        shift.len() == c && x.len().is_multiple_of(c.max(1)),
         "affine_map: {} values, {c} channels",
         x.len()
     );
@@ -216,7 +216,7 @@ pub(crate) fn affine_add_map<T: Real>(
 ) -> Vec<T> {
     let c = scale.len();
     assert!(
-        shift.len() == c && res.len() == x.len() && x.len() % c.max(1) == 0,
+        shift.len() == c && res.len() == x.len() && x.len().is_multiple_of(c.max(1)),
         "affine_add_map: {} values, {} residual values, {c} channels",
         x.len(),
         res.len()
@@ -268,7 +268,7 @@ pub(crate) fn bn_input_grad<T: Real>(
 ) -> Vec<T> {
     let c = coef.len();
     assert!(
-        gy.len() == x.len() && y.len() == x.len() && x.len() % c.max(1) == 0,
+        gy.len() == x.len() && y.len() == x.len() && x.len().is_multiple_of(c.max(1)),
         "bn_input_grad: {} / {} / {} values, {c} channels",
         gy.len(),
         y.len(),
