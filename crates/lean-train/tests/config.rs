@@ -19,7 +19,7 @@ fn configs_serialise_by_name_and_read_the_recipes_of_published_models() {
     assert_eq!(j["device"], "cuda:1");
     assert_eq!(j["model"]["name"], "lean_resnet20");
     assert_eq!(serde_json::from_value::<TrainConfig>(j).unwrap(), cfg);
-    // The recipe stored in a published model's config.json (3 epochs of 20,000 images).
+    // The recipe stored in a published model's config.json (3 epochs of 40,000 images).
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../models/lean_resnet18_cifar/config.json"
@@ -31,7 +31,7 @@ fn configs_serialise_by_name_and_read_the_recipes_of_published_models() {
     assert_eq!(recipe.device, DeviceSpec::Cpu);
     assert_eq!(
         (recipe.epochs, recipe.batch_size, recipe.limit_train),
-        (3, 64, Some(20000))
+        (3, 64, Some(40000))
     );
     let mut bad = v["recipe"].clone();
     bad["opt"] = "lamb".into();
