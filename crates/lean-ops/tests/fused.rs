@@ -267,35 +267,52 @@ fn bad_shapes_are_refused_with_the_tensor_named() {
 
 /// Outputs large enough that the forward pass splits into tasks of output rows (each with its
 /// own GEMM, stencil and epilogue) against the NCHW ops: stride 1 and 2, lean, pointwise and
-/// depthwise, with and without the epilogue (the training forward takes the same split).
+/// depthwise, with and without the epilogue (the training forward takes the same split). The
+/// depthwise cases (whose row tasks write fresh memory, no zero fill) cover channel
+/// multipliers 1, 2 and 4, stride 2, dilation 2, and 30 channels: a full register block, the
+/// half and quarter blocks and two channels one by one.
 #[test]
 fn outputs_split_into_row_tasks_match_the_nchw_ops() {
     let dt = DType::F64;
-    let (n, c) = (8, 64);
-    let x_nchw = rand(&[n, c, 32, 32], 1, dt);
-    let x = to_channels_last(&x_nchw).unwrap();
-    let five = LeanConv2dConfig::new(c, c);
-    let down = LeanConv2dConfig::new(c, 2 * c).stride(2);
-    let cases = [
-        Case::Lean(five, rand(&[c, c, 1, 1], 2, dt), rand(&[c, 1, 5], 3, dt)),
-        Case::Lean(down, rand(&[2 * c, c, 1, 1], 4, dt), rand(&[2 * c, 1, 5], 5, dt)),
-        Case::Pointwise(rand(&[96, c, 1, 1], 6, dt), 1),
-        Case::Depthwise(rand(&[c, 1, 3, 3], 7, dt), 1, 1),
+    let n = 8;
+    let five = LeanConv2dConfig::new(64, 64);
+    let down = LeanConv2dConfig::new(64, 128).stride(2);
+    let wide = [
+        Case::Lean(five, rand(&[64, 64, 1, 1], 2, dt), rand(&[64, 1, 5], 3, dt)),
+        Case::Lean(down, rand(&[128, 64, 1, 1], 4, dt), rand(&[128, 1, 5], 5, dt)),
+        Case::Pointwise(rand(&[96, 64, 1, 1], 6, dt), 1),
+        Case::Depthwise(rand(&[64, 1, 3, 3], 7, dt), 1, 1),
+        Case::Depthwise(rand(&[128, 1, 3, 3], 8, dt), 2, 1),
+        Case::Depthwise(rand(&[64, 1, 3, 3], 10, dt), 1, 2),
     ];
-    for case in cases {
-        let y_nchw = case.nchw(&x_nchw);
+    let narrow = [
+        Case::Depthwise(rand(&[30, 1, 3, 3], 11, dt), 1, 1),
+        Case::Depthwise(rand(&[120, 1, 3, 3], 12, dt), 1, 1),
+    ];
+    for (c, cases) in [(64, &wide[..]), (30, &narrow[..])] {
+        let x_nchw = rand(&[n, c, 32, 32], 1, dt);
+        let x = to_channels_last(&x_nchw).unwrap();
+        for case in cases {
+            row_tasks_case(case, &x_nchw, &x, dt);
+        }
+    }
+}
+
+fn row_tasks_case(case: &Case, x_nchw: &Tensor, x: &Tensor, dt: DType) {
+    {
+        let y_nchw = case.nchw(x_nchw);
         let (cout, what) = (y_nchw.dim(1).unwrap(), case.name());
-        let plain = match &case {
-            Case::Lean(cfg, p, q) => lean_ops::channels_last::lean_conv2d_nhwc(&x, p, q, None, cfg).unwrap(),
-            Case::Pointwise(w, s) => lean_ops::channels_last::pointwise_conv2d_nhwc(&x, w, None, *s).unwrap(),
-            Case::Depthwise(w, s, d) => lean_ops::channels_last::depthwise_conv2d_nhwc(&x, w, None, *s, *d).unwrap(),
+        let plain = match case {
+            Case::Lean(cfg, p, q) => lean_ops::channels_last::lean_conv2d_nhwc(x, p, q, None, cfg).unwrap(),
+            Case::Pointwise(w, s) => lean_ops::channels_last::pointwise_conv2d_nhwc(x, w, None, *s).unwrap(),
+            Case::Depthwise(w, s, d) => lean_ops::channels_last::depthwise_conv2d_nhwc(x, w, None, *s, *d).unwrap(),
         };
         assert_close(&to_channels_first(&plain).unwrap(), &y_nchw, tol(dt), &what);
         let bn = batch_norm(cout, 8, dt);
         let r_nchw = rand(y_nchw.dims(), 9, dt);
         let r = to_channels_last(&r_nchw).unwrap();
         let affine = ChannelAffine::BatchNorm(&bn);
-        let fused = conv_affine_act_nhwc(&x, case.weights(), affine, Some(&r), Activation::Relu6).unwrap();
+        let fused = conv_affine_act_nhwc(x, case.weights(), affine, Some(&r), Activation::Relu6).unwrap();
         let reference = reference_epilogue(&y_nchw, affine, Some(&r_nchw), Activation::Relu6);
         assert_close(&to_channels_first(&fused).unwrap(), &reference, tol(dt), &what);
     }

@@ -216,10 +216,11 @@ impl NhwcConv {
         let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| (st, self.taps_major(st, q)));
         let (row_len, per_task) = self.tasks();
         let image_rows = self.n * self.ho;
-        // The stencil and the epilogue of output image rows r0.. (already holding the GEMM).
-        let finish = |r0: usize, out: &mut [T]| {
+        // The stencil (unless `stencil_done`) and the epilogue of output image rows r0..
+        // (already holding the GEMM).
+        let finish = |r0: usize, out: &mut [T], stencil_done: bool| {
             crate::isa::isa_dispatch!({
-                if let Some((st, qt)) = &stencil {
+                if let Some((st, qt)) = stencil.as_ref().filter(|_| !stencil_done) {
                     for (j, yrow) in out.chunks_exact_mut(row_len).enumerate() {
                         self.stencil_row(st, r0 + j, x, qt, yrow);
                     }
@@ -251,7 +252,7 @@ impl NhwcConv {
                     .max(FWD_TASK_MIN_VALUES.div_ceil(row_len.max(1)));
                 y.par_chunks_mut(group * row_len.max(1))
                     .enumerate()
-                    .for_each(|(i, rows)| finish(i * group, rows));
+                    .for_each(|(i, rows)| finish(i * group, rows, false));
             }
             return y;
         }
@@ -267,10 +268,10 @@ impl NhwcConv {
         par_new(rows * cout, per_task * row_len, |first, chunk| {
             let r0 = first / row_len;
             let pixels = chunk.len() / cout;
-            let out = match pt {
-                Some(pt) => {
+            let (out, stencil_done) = match (pt, &stencil) {
+                (Some(pt), _) => {
                     let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
-                    gemm_write(
+                    let out = gemm_write(
                         (pixels, cout, cin),
                         chunk,
                         a,
@@ -278,11 +279,29 @@ impl NhwcConv {
                         pt,
                         (cout, 1),
                         Parallelism::None,
+                    );
+                    (out, false)
+                }
+                // A stencil alone with a register-blocked kernel writes its output fresh: no
+                // zero fill to add into (the depthwise layers of MobileNetV2 and ShuffleNetV2).
+                (None, Some((st, qt))) if self.depthwise_opg(st).is_some() => {
+                    crate::isa::isa_dispatch!({
+                        for (j, yrow) in chunk.chunks_exact_mut(row_len).enumerate() {
+                            self.depthwise_row_any(st, r0 + j, x, qt, yrow);
+                        }
+                    });
+                    // SAFETY: the chunk is whole output rows (tasks split at row boundaries)
+                    // and `depthwise_row` stores every channel of every pixel of a row it is
+                    // given (full blocks, the half and quarter blocks, then the rest one by
+                    // one); `MaybeUninit<T>` has `T`'s layout.
+                    (
+                        unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<T>] as *mut [T]) },
+                        true,
                     )
                 }
-                None => zeroed(chunk),
+                (None, _) => (zeroed(chunk), false),
             };
-            finish(r0, out);
+            finish(r0, out, stencil_done);
             if let Some(m) = moments {
                 crate::isa::isa_dispatch!(m.add(r0 * self.wo, out));
             }
@@ -294,13 +313,8 @@ impl NhwcConv {
     fn stencil_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
         let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
-        if g == 1 && st.taps.len() <= MAX_TAPS {
-            match opg {
-                1 => return self.depthwise_row::<T, 1>(st, r, x, qt, yrow),
-                2 => return self.depthwise_row::<T, 2>(st, r, x, qt, yrow),
-                4 => return self.depthwise_row::<T, 4>(st, r, x, qt, yrow),
-                _ => {}
-            }
+        if self.depthwise_opg(st).is_some() {
+            return self.depthwise_row_any(st, r, x, qt, yrow);
         }
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
         for_each_tap_pixel!(self, st, r, |t, xo, px| {
@@ -330,6 +344,33 @@ impl NhwcConv {
         });
     }
 
+    /// The channel multiplier of a stencil that [`Self::depthwise_row`] runs (depthwise, at most
+    /// [`MAX_TAPS`] taps, each input channel feeding 1, 2 or 4 output channels).
+    fn depthwise_opg(&self, st: &NhwcStencil) -> Option<usize> {
+        let opg = self.cout / self.cin;
+        (st.g == 1 && st.taps.len() <= MAX_TAPS && self.cout == opg * self.cin && matches!(opg, 1 | 2 | 4))
+            .then_some(opg)
+    }
+
+    /// [`Self::depthwise_row`] with the multiplier of [`Self::depthwise_opg`] (which must be
+    /// `Some`), into a row that holds values to add to or a fresh one.
+    #[inline(always)]
+    fn depthwise_row_any<T: Real, Y: RowOut<T> + ?Sized>(
+        &self,
+        st: &NhwcStencil,
+        r: usize,
+        x: &[T],
+        qt: &[T],
+        yrow: &mut Y,
+    ) {
+        match self.depthwise_opg(st) {
+            Some(1) => self.depthwise_row::<T, Y, 1>(st, r, x, qt, yrow),
+            Some(2) => self.depthwise_row::<T, Y, 2>(st, r, x, qt, yrow),
+            Some(4) => self.depthwise_row::<T, Y, 4>(st, r, x, qt, yrow),
+            _ => unreachable!("depthwise_row_any without a depthwise stencil"),
+        }
+    }
+
     /// The depthwise case of [`Self::stencil_row`] (with a channel multiplier of `OPG`: output
     /// channel o reads input channel o / OPG), register-blocked: each block of `LANES`
     /// channels of an output pixel is read once, gets all its taps and is written once (instead
@@ -337,7 +378,14 @@ impl NhwcConv {
     /// along contiguous channels. The taps are added in the same order as the generic path's
     /// passes, so the values are the same.
     #[inline(always)]
-    fn depthwise_row<T: Real, const OPG: usize>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
+    fn depthwise_row<T: Real, Y: RowOut<T> + ?Sized, const OPG: usize>(
+        &self,
+        st: &NhwcStencil,
+        r: usize,
+        x: &[T],
+        qt: &[T],
+        yrow: &mut Y,
+    ) {
         let (c, s, d) = (self.cout, self.stride, st.dil as isize);
         let cin = c / OPG;
         let (ni, yo) = (r / self.ho, r % self.ho);
@@ -363,30 +411,30 @@ impl NhwcConv {
                     *a = Some((base + xi as usize) * cin);
                 }
             }
-            let yp = &mut yrow[xo * c..(xo + 1) * c];
+            let yp = yrow.pixel(xo * c, c);
             for cb in (0..full).step_by(LANES) {
-                depthwise_block::<T, LANES, OPG>(yp, cb, x, qt, taps, &at);
+                depthwise_block::<T, Y, LANES, OPG>(yp, cb, x, qt, taps, &at);
             }
             // The channels left over after the last full block: a half and a quarter block
             // where they fit (MobileNetV2's 24 and ShuffleNetV2's 116 and 232 channels), then
             // one at a time.
             let mut rest = full;
             if rest + LANES / 2 <= c {
-                depthwise_block::<T, { LANES / 2 }, OPG>(yp, rest, x, qt, taps, &at);
+                depthwise_block::<T, Y, { LANES / 2 }, OPG>(yp, rest, x, qt, taps, &at);
                 rest += LANES / 2;
             }
             if rest + LANES / 4 <= c {
-                depthwise_block::<T, { LANES / 4 }, OPG>(yp, rest, x, qt, taps, &at);
+                depthwise_block::<T, Y, { LANES / 4 }, OPG>(yp, rest, x, qt, taps, &at);
                 rest += LANES / 4;
             }
             for ch in rest..c {
-                let mut acc = yp[ch];
+                let [mut acc] = yp.load::<1>(ch);
                 for (&(t, _, _), a) in taps.iter().zip(&at) {
                     if let Some(a) = *a {
                         acc += qt[t * c + ch] * x[a + ch / OPG];
                     }
                 }
-                yp[ch] = acc;
+                yp.store(ch, [acc]);
             }
         }
     }
@@ -647,8 +695,8 @@ fn sum_in_order<T: Real>(partials: Vec<Vec<T>>) -> Vec<T> {
 /// for tap `taps[k]`; output channel o reads input channel o / OPG). Taps are added in order,
 /// as on the one-channel path, so a channel's value does not depend on its block.
 #[inline(always)]
-fn depthwise_block<T: Real, const B: usize, const OPG: usize>(
-    yp: &mut [T],
+fn depthwise_block<T: Real, Y: RowOut<T> + ?Sized, const B: usize, const OPG: usize>(
+    yp: &mut Y,
     cb: usize,
     x: &[T],
     qt: &[T],
@@ -656,8 +704,7 @@ fn depthwise_block<T: Real, const B: usize, const OPG: usize>(
     at: &[Option<usize>],
 ) {
     let c = yp.len();
-    let mut acc = [T::zero(); B];
-    acc.copy_from_slice(&yp[cb..cb + B]);
+    let mut acc = yp.load::<B>(cb);
     for (&(t, _, _), a) in taps.iter().zip(at) {
         if let Some(a) = *a {
             let xp = &x[a + cb / OPG..][..B / OPG];
@@ -667,7 +714,63 @@ fn depthwise_block<T: Real, const B: usize, const OPG: usize>(
             }
         }
     }
-    yp[cb..cb + B].copy_from_slice(&acc);
+    yp.store(cb, acc);
+}
+
+/// An output row (or pixel) of the depthwise kernel: values to add to (`[T]`), or fresh memory
+/// (`[MaybeUninit<T>]`) that reads as zeros, whose every value the kernel stores. The sums are
+/// the same either way (0 + a = a exactly), so a fresh output needs no zero fill.
+pub(crate) trait RowOut<T: Real> {
+    /// Values.
+    fn len(&self) -> usize;
+    /// The `len` values from `at` on, as a sub-row.
+    fn pixel(&mut self, at: usize, len: usize) -> &mut Self;
+    /// The B values from `at` on (zeros for a fresh row).
+    fn load<const B: usize>(&self, at: usize) -> [T; B];
+    /// Stores B values from `at` on.
+    fn store<const B: usize>(&mut self, at: usize, v: [T; B]);
+}
+
+impl<T: Real> RowOut<T> for [T] {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        <[T]>::len(self)
+    }
+    #[inline(always)]
+    fn pixel(&mut self, at: usize, len: usize) -> &mut Self {
+        &mut self[at..at + len]
+    }
+    #[inline(always)]
+    fn load<const B: usize>(&self, at: usize) -> [T; B] {
+        let mut v = [T::zero(); B];
+        v.copy_from_slice(&self[at..at + B]);
+        v
+    }
+    #[inline(always)]
+    fn store<const B: usize>(&mut self, at: usize, v: [T; B]) {
+        self[at..at + B].copy_from_slice(&v);
+    }
+}
+
+impl<T: Real> RowOut<T> for [std::mem::MaybeUninit<T>] {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        <[std::mem::MaybeUninit<T>]>::len(self)
+    }
+    #[inline(always)]
+    fn pixel(&mut self, at: usize, len: usize) -> &mut Self {
+        &mut self[at..at + len]
+    }
+    #[inline(always)]
+    fn load<const B: usize>(&self, _at: usize) -> [T; B] {
+        [T::zero(); B]
+    }
+    #[inline(always)]
+    fn store<const B: usize>(&mut self, at: usize, v: [T; B]) {
+        for (d, v) in self[at..at + B].iter_mut().zip(v) {
+            d.write(v);
+        }
+    }
 }
 
 /// NCHW (n, c, hw) -> NHWC (n, hw, c), or back with `(c, hw)` swapped: a transpose of each
