@@ -173,6 +173,12 @@ fn depthwise_and_stencil_only_nhwc_match_their_nchw_ops() {
     }
 }
 
+/// Two BatchNorms' running mean and variance agree within `tol`.
+fn assert_same_running_stats(b: &BatchNorm2d, a: &BatchNorm2d, tol: f64, what: &str) {
+    assert_close(b.running_mean(), a.running_mean(), tol, &format!("running mean {what}"));
+    assert_close(b.running_var(), a.running_var(), tol, &format!("running var {what}"));
+}
+
 fn batch_norm(c: usize, dt: DType) -> (BatchNorm2d, VarMap) {
     let vm = VarMap::new();
     let bn = BatchNorm2d::new(
@@ -206,18 +212,7 @@ fn batch_norm_nhwc_matches_nchw_in_train_and_eval_mode_with_gradients_and_runnin
             let yb = nchw(&b.forward_act_nhwc(&nhwc(xv.as_tensor()), true, act).unwrap());
             let what = format!("{dt:?} {act:?}");
             assert_close(&yb, &ya, tol(dt), &format!("train forward {what}"));
-            assert_close(
-                b.running_mean(),
-                a.running_mean(),
-                tol(dt),
-                &format!("running mean {what}"),
-            );
-            assert_close(
-                b.running_var(),
-                a.running_var(),
-                tol(dt),
-                &format!("running var {what}"),
-            );
+            assert_same_running_stats(&b, &a, tol(dt), &what);
             let r = rand(x.dims(), 22, dt);
             let loss_a = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let loss_b = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -330,8 +325,7 @@ fn batch_norm_add_act_nhwc_is_batch_norm_then_add_activation_bit_for_bit() {
                 .unwrap();
             let what = format!("{dt:?} {act:?}");
             assert_close(&fused, &composite, 0.0, &format!("train forward {what}"));
-            assert_close(b.running_mean(), a.running_mean(), 0.0, &format!("running mean {what}"));
-            assert_close(b.running_var(), a.running_var(), 0.0, &format!("running var {what}"));
+            assert_same_running_stats(&b, &a, 0.0, &what);
             let w = rand(x.dims(), 33, dt);
             let ga = (composite * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -458,18 +452,7 @@ fn batch_norm_with_the_convolutions_moments_matches_its_own_statistics() {
             let zb = b.forward_nhwc_with(&yb, true, Activation::Relu, r, m).unwrap();
             let what = format!("{dt:?} residual {residual}");
             assert_close(&zb, &za, tol(dt), &format!("forward {what}"));
-            assert_close(
-                b.running_mean(),
-                a.running_mean(),
-                tol(dt),
-                &format!("running mean {what}"),
-            );
-            assert_close(
-                b.running_var(),
-                a.running_var(),
-                tol(dt),
-                &format!("running var {what}"),
-            );
+            assert_same_running_stats(&b, &a, tol(dt), &what);
             let w = rand(za.dims(), 75, dt);
             let ga = (za * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (zb * &w).unwrap().sum_all().unwrap().backward().unwrap();
