@@ -319,14 +319,15 @@ fn row_tasks_case(case: &Case, x_nchw: &Tensor, x: &Tensor, dt: DType) {
 }
 
 /// With the pointwise weight also given transposed (as a model folded for inference keeps it),
-/// the fused pass gives the NCHW reference's values on both of its GEMM paths: an output of few
+/// the fused pass gives the NCHW reference's values on each of its GEMM paths: an output of few
 /// pixel rows (batch 1, a 4x4 late stage, a weight large enough that the unprepared call would
-/// take the dot-product kernel) and one split into row tasks; a wrong transposed weight is
+/// take the dot-product kernel), a small output of more rows (batch 1, 10x10: fixed-size GEMM
+/// tasks, the last one partial) and one split into row tasks; a wrong transposed weight is
 /// refused with the tensor named.
 #[test]
 fn a_prepared_transposed_pointwise_weight_gives_the_same_values() {
     for dt in [DType::F64, DType::F32] {
-        for (n, c, hw) in [(1, 256, 4), (4, 64, 32)] {
+        for (n, c, hw) in [(1, 256, 4), (1, 24, 10), (4, 64, 32)] {
             let x_nchw = rand(&[n, c, hw, hw], 11, dt);
             let x = to_channels_last(&x_nchw).unwrap();
             let cases = [

@@ -76,6 +76,31 @@ const FWD_TASK_MIN_PIXELS: usize = 64;
 /// number of threads.
 const FWD_MIN_TASKS: usize = 8;
 
+/// Pixel rows per task of [`gemm_prepared_tasks`]: no more than the `gemm` crate's default
+/// limit for reading a column-major left operand in place on one thread (8 panels of its
+/// micro-kernel's 6 columns on x86-64). Above it the crate copies (packs) the weight for
+/// every block of columns, which at batch 1 cost more than the micro-kernel it feeds.
+const UNPACKED_TASK_PIXELS: usize = 48;
+
+/// y (m x Cout, row-major) = a (m x Cin, row-major) · pt (Cin x Cout, row-major), in parallel
+/// tasks of [`UNPACKED_TASK_PIXELS`] rows, each a single-threaded GEMM that reads `pt` in place.
+/// The tasks are a constant size, so the values do not depend on the number of threads.
+fn gemm_prepared_tasks<T: Real>((m, cout, cin): (usize, usize, usize), a: &[T], pt: &[T]) -> Vec<T> {
+    par_new(m * cout, UNPACKED_TASK_PIXELS * cout, |first, chunk| {
+        let (r0, pixels) = (first / cout, chunk.len() / cout);
+        // `gemm_write` initialises the whole chunk (as `par_new` requires).
+        gemm_write(
+            (pixels, cout, cin),
+            chunk,
+            &a[r0 * cin..(r0 + pixels) * cin],
+            (cin, 1),
+            pt,
+            (cout, 1),
+            Parallelism::None,
+        );
+    })
+}
+
 /// Runs `$body` for every tap `$t` of output row `$r` = (sample, yo) and every output column
 /// `$xo` whose tap input lies inside the image, with `$px` that input pixel as a row index of the
 /// (N·H·W) x C input. A macro, not a method taking a closure: the body must be compiled inside
@@ -155,8 +180,9 @@ impl NhwcConv {
     /// GEMM over all rows (parallel inside) and then the row pass.
     ///
     /// `pt`, where given, is P transposed to (Cin, Cout) (prepared once for inference): the row
-    /// tasks read it instead of transposing P per call, and an output of few rows takes the
-    /// GEMM on it instead of the dot-product kernel.
+    /// tasks read it instead of transposing P per call, an output of few rows takes the GEMM on
+    /// it instead of the dot-product kernel, and a small output of more rows runs its GEMM in
+    /// fixed tasks that read it in place ([`gemm_prepared_tasks`]).
     ///
     /// With `moments` (a shift per output channel), the per-channel mean and variance of the
     /// output are summed by the row tasks while their rows are in cache (fixed tasks, so the
@@ -240,8 +266,13 @@ impl NhwcConv {
                     gemm_new((rows, cout, cin), a, (cin, 1), pt, (cout, 1), Self::par())
                 }
                 (Some(p), None) if prefers_small_m(rows, cout, cin) => gemm_small_m(rows, cout, cin, a, p),
-                // Many rows: P as stored measured faster than Pᵀ (docs/benchmarks.md).
-                (Some(p), _) => gemm_new((rows, cout, cin), a, (cin, 1), p, (1, cin), Self::par()),
+                // More rows with Pᵀ prepared: tasks few enough pixels wide that the crate reads
+                // Pᵀ in place (one GEMM repacks it for every block of columns, and runs on one
+                // thread below its threading threshold: both measured at batch 1).
+                (Some(_), Some(pt)) => gemm_prepared_tasks((rows, cout, cin), a, pt),
+                // Many rows without it: P as stored measured faster than Pᵀ transposed per call
+                // (docs/benchmarks.md).
+                (Some(p), None) => gemm_new((rows, cout, cin), a, (cin, 1), p, (1, cin), Self::par()),
                 (None, _) => vec![T::zero(); rows * cout],
             };
             if stencil.is_some() || epi.is_some() {
