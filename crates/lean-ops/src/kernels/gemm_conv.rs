@@ -430,8 +430,7 @@ pub(crate) fn gemm_write<'a, T: Real>(
     }
     // SAFETY: `dst` is an exclusively borrowed slice of m·n elements (valid for those writes, no
     // overlap with the shared operands); with `accumulate = false` and k > 0 the GEMM writes every
-    // element without reading any, so all m·n are initialised afterwards and the cast from
-    // `MaybeUninit<T>` (same layout) to `T` is sound.
+    // element without reading any, so all m·n are initialised afterwards (`assume_written`).
     unsafe {
         gemm_raw(
             (m, n, k),
@@ -443,15 +442,15 @@ pub(crate) fn gemm_write<'a, T: Real>(
             rhs_strides,
             par,
         );
-        &mut *(dst as *mut [MaybeUninit<T>] as *mut [T])
+        super::assume_written(dst)
     }
 }
 
 /// Fills `dst` with zeros and returns it initialised.
 pub(crate) fn zeroed<T: Real>(dst: &mut [MaybeUninit<T>]) -> &mut [T] {
     dst.fill(MaybeUninit::new(T::zero()));
-    // SAFETY: every element was just written; `MaybeUninit<T>` has `T`'s layout.
-    unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
+    // SAFETY: every element was just written.
+    unsafe { super::assume_written(dst) }
 }
 
 /// dst (m x n) = [dst +] lhs (m x k) · rhs (k x n), with (row, column) strides for the operands;

@@ -12,6 +12,16 @@ pub(crate) mod stencil;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// `values`, every element of which has been written, as initialised values.
+///
+/// # Safety
+/// Every element of `values` must have been written (initialised).
+pub(crate) unsafe fn assume_written<T>(values: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the caller guarantees that every element is
+    // initialised.
+    unsafe { &mut *(values as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
 /// A new vector of `n` values, written in parallel chunks of `chunk` values by
 /// `fill(first_index, chunk)`, which must write every value of its chunk. Nothing is zeroed
 /// first: `vec![0; n]` costs a whole extra memory pass over a layer-sized output (glibc's

@@ -324,11 +324,8 @@ impl NhwcConv {
                     // SAFETY: the chunk is whole output rows (tasks split at row boundaries)
                     // and `depthwise_row` stores every channel of every pixel of a row it is
                     // given (full blocks, the half and quarter blocks, then the rest one by
-                    // one); `MaybeUninit<T>` has `T`'s layout.
-                    (
-                        unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<T>] as *mut [T]) },
-                        true,
-                    )
+                    // one).
+                    (unsafe { super::assume_written(chunk) }, true)
                 }
                 (None, _) => (zeroed(chunk), false),
             };
