@@ -448,6 +448,30 @@ fn dense_conv_matches_candle_and_finite_differences() {
             );
         }
     }
+    // 3x3, stride 1, padding 1 with at least 16 channels each side and at least 4 samples: the
+    // Winograd F(2x2, 3x3) path (odd and even sizes, both dtypes), against candle's conv and
+    // finite differences. The small batches take im2col's filter gradient (one chunk of tiles),
+    // the batch of 90 Winograd's.
+    for (n, cin, cout, h, w) in [(4, 16, 24, 9, 9), (5, 20, 16, 8, 8), (4, 16, 16, 5, 5), (90, 16, 16, 5, 5)] {
+        for dt in [DType::F32, DType::F64] {
+            let x = var(&rand(&[n, cin, h, w], 7, dt));
+            let wt = var(&rand(&[cout, cin, 3, 3], 8, dt));
+            let vars = [x.clone(), wt.clone()];
+            let yf = conv2d(x.as_tensor(), wt.as_tensor(), None, 1, 1, 1).unwrap();
+            let yr = x.as_tensor().conv2d(wt.as_tensor(), 1, 1, 1, 1).unwrap();
+            let what = format!("winograd conv n{n} {cin}->{cout} {h}x{w} {dt:?}");
+            assert_close(&yf, &yr, tol(dt) * 5.0, &what);
+            let r = rand(yf.dims(), 9, dt);
+            let (gf, gr) = (grads_of(&vars, &yf, &r), grads_of(&vars, &yr, &r));
+            for i in 0..2 {
+                assert_close(&gf[i], &gr[i], tol(dt) * 10.0, &format!("{what} grad {i}"));
+            }
+        }
+    }
+    let inputs = [rand(&[4, 16, 5, 7], 5, DType::F64), rand(&[16, 16, 3, 3], 6, DType::F64)];
+    for which in 0..2 {
+        check_fd(&inputs, which, &|t: &[Tensor]| conv2d(&t[0], &t[1], None, 1, 1, 1).unwrap(), 15, 1e-6);
+    }
     let x = rand(&[1, 3, 8, 8], 1, DType::F32);
     assert!(conv2d(&x, &rand(&[4, 2, 3, 3], 1, DType::F32), None, 1, 1, 1)
         .unwrap_err()

@@ -176,7 +176,7 @@ impl ConvSum {
         gx
     }
 
-    fn backward_dense_weight<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
+    pub(crate) fn backward_dense_weight<T: Real>(&self, g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
         let gw = self.backward_dense_weight_as_summed(g, x, gy);
         if g.weight_grad_transposed() {
             transpose_samples(&gw, 1, g.k(), g.cout)

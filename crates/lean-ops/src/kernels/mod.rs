@@ -8,6 +8,7 @@ pub(crate) mod gemm_small;
 pub(crate) mod nhwc;
 pub(crate) mod rows;
 pub(crate) mod stencil;
+pub(crate) mod winograd;
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
