@@ -452,7 +452,12 @@ fn dense_conv_matches_candle_and_finite_differences() {
     // Winograd F(2x2, 3x3) path (odd and even sizes, both dtypes), against candle's conv and
     // finite differences. The small batches take im2col's filter gradient (one chunk of tiles),
     // the batch of 90 Winograd's.
-    for (n, cin, cout, h, w) in [(4, 16, 24, 9, 9), (5, 20, 16, 8, 8), (4, 16, 16, 5, 5), (90, 16, 16, 5, 5)] {
+    for (n, cin, cout, h, w) in [
+        (4, 16, 24, 9, 9),
+        (5, 20, 16, 8, 8),
+        (4, 16, 16, 5, 5),
+        (90, 16, 16, 5, 5),
+    ] {
         for dt in [DType::F32, DType::F64] {
             let x = var(&rand(&[n, cin, h, w], 7, dt));
             let wt = var(&rand(&[cout, cin, 3, 3], 8, dt));
@@ -468,9 +473,18 @@ fn dense_conv_matches_candle_and_finite_differences() {
             }
         }
     }
-    let inputs = [rand(&[4, 16, 5, 7], 5, DType::F64), rand(&[16, 16, 3, 3], 6, DType::F64)];
+    let inputs = [
+        rand(&[4, 16, 5, 7], 5, DType::F64),
+        rand(&[16, 16, 3, 3], 6, DType::F64),
+    ];
     for which in 0..2 {
-        check_fd(&inputs, which, &|t: &[Tensor]| conv2d(&t[0], &t[1], None, 1, 1, 1).unwrap(), 15, 1e-6);
+        check_fd(
+            &inputs,
+            which,
+            &|t: &[Tensor]| conv2d(&t[0], &t[1], None, 1, 1, 1).unwrap(),
+            15,
+            1e-6,
+        );
     }
     let x = rand(&[1, 3, 8, 8], 1, DType::F32);
     assert!(conv2d(&x, &rand(&[4, 2, 3, 3], 1, DType::F32), None, 1, 1, 1)

@@ -165,7 +165,12 @@ impl Winograd {
         let max_tiles = self.chunk_rows() * self.row_tiles();
         let par = self.gemm_par(self.chunks());
         (0..self.chunks()).into_par_iter().for_each_init(
-            || (vec![T::zero(); 16 * cin * max_tiles], vec![T::zero(); 16 * cout * max_tiles]),
+            || {
+                (
+                    vec![T::zero(); 16 * cin * max_tiles],
+                    vec![T::zero(); 16 * cout * max_tiles],
+                )
+            },
             |(v, m), c| {
                 let rows = self.chunk(c);
                 let nt = (rows.1 - rows.0) * self.row_tiles();
@@ -510,7 +515,10 @@ fn lanes<T: Real, const K: usize>(dst: &mut [T], srcs: [&[T]; K], f: impl Fn([T;
 fn deinterleave<T: Real>(src: &[T], even: &mut [T], odd: &mut [T]) {
     let n = even.len();
     let (src, odd) = (&src[..2 * n], &mut odd[..n]);
-    let blocks = even.chunks_exact_mut(8).zip(odd.chunks_exact_mut(8)).zip(src.chunks_exact(16));
+    let blocks = even
+        .chunks_exact_mut(8)
+        .zip(odd.chunks_exact_mut(8))
+        .zip(src.chunks_exact(16));
     for ((e, o), p) in blocks {
         let p: &[T; 16] = p.try_into().expect("16 values");
         for q in 0..8 {
@@ -529,7 +537,11 @@ fn deinterleave<T: Real>(src: &[T], even: &mut [T], odd: &mut [T]) {
 fn interleave<T: Real>(even: &[T], odd: &[T], line: &mut [T]) {
     let n = even.len();
     let (odd, line) = (&odd[..n], &mut line[..2 * n]);
-    for ((p, e), o) in line.chunks_exact_mut(16).zip(even.chunks_exact(8)).zip(odd.chunks_exact(8)) {
+    for ((p, e), o) in line
+        .chunks_exact_mut(16)
+        .zip(even.chunks_exact(8))
+        .zip(odd.chunks_exact(8))
+    {
         let p: &mut [T; 16] = p.try_into().expect("16 values");
         for q in 0..8 {
             p[2 * q] = e[q];
@@ -581,7 +593,13 @@ fn transform_filters<T: Real>(weight: &[T], cout: usize, cin: usize) -> Vec<T> {
 /// Gᵀ ∂U G.
 fn filters_from_transformed<T: Real>(du: &[T], cout: usize, cin: usize) -> Vec<T> {
     let half = T::from(0.5).unwrap_or_else(T::zero);
-    let gt = |x: [T; 4]| [x[0] + (x[1] + x[2]) * half, (x[1] - x[2]) * half, (x[1] + x[2]) * half + x[3]];
+    let gt = |x: [T; 4]| {
+        [
+            x[0] + (x[1] + x[2]) * half,
+            (x[1] - x[2]) * half,
+            (x[1] + x[2]) * half + x[3],
+        ]
+    };
     let k = cout * cin;
     let mut gw = vec![T::zero(); 9 * k];
     for (oc, g) in gw.chunks_exact_mut(9).enumerate() {
@@ -666,10 +684,18 @@ mod tests {
     /// odd sizes and on a chunking that splits samples.
     #[test]
     fn matches_the_direct_convolution_and_its_gradients() {
-        for &(n, cin, cout, h, w) in &[(2, 16, 20, 6, 6), (3, 17, 16, 5, 7), (2, 16, 16, 1, 1), (2, 64, 64, 24, 24)] {
+        for &(n, cin, cout, h, w) in &[
+            (2, 16, 20, 6, 6),
+            (3, 17, 16, 5, 7),
+            (2, 16, 16, 1, 1),
+            (2, 64, 64, 24, 24),
+        ] {
             let wg = Winograd { n, cin, cout, h, w };
             if h == 24 {
-                assert!(wg.chunks() > 1 && wg.chunk(0).1 % 12 != 0, "the last case must split a sample");
+                assert!(
+                    wg.chunks() > 1 && wg.chunk(0).1 % 12 != 0,
+                    "the last case must split a sample"
+                );
             }
             let x = values(n * cin * h * w, 1);
             let wt = values(cout * cin * 9, 2);
@@ -696,7 +722,13 @@ mod tests {
 
     #[test]
     fn chunks_cover_every_tile_row_once() {
-        let wg = Winograd { n: 100, cin: 512, cout: 512, h: 5, w: 5 };
+        let wg = Winograd {
+            n: 100,
+            cin: 512,
+            cout: 512,
+            h: 5,
+            w: 5,
+        };
         for rows in [wg.chunk_rows(), wg.weight_chunk_rows(), 7] {
             let chunks = wg.tile_rows().div_ceil(rows);
             assert!(chunks > 1, "the case must split the batch");
@@ -720,4 +752,3 @@ mod tests {
         }
     }
 }
-
