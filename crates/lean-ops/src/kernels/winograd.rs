@@ -24,8 +24,9 @@
 //!
 //! The work runs in chunks of whole tile rows (across samples), sized so that a chunk's
 //! transformed input and output (16 values per tile and channel) stay near a core's L2 cache;
-//! chunks are parallel tasks, each with single-threaded GEMMs. The chunking depends only on the
-//! shape, so forward and input-gradient values do not depend on the thread count.
+//! chunks are parallel tasks, each with single-threaded GEMMs (threaded ones when there are
+//! fewer chunks than threads). The chunking depends only on the shape, so forward and
+//! input-gradient values do not depend on the thread count.
 
 use super::gemm_conv::{gemm_rm, ConvGeom};
 use crate::real::Real;
