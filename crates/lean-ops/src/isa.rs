@@ -145,18 +145,29 @@ pub(crate) unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
 
 /// Evaluates `$body` compiled for the [`active`](crate::isa::active) instruction set. The body
 /// should be a call of an `#[inline(always)]` function, so that the whole loop is compiled
-/// inside the target-feature wrapper (a closure that is not inlined there would run at the
-/// baseline level: correct, only slower).
+/// inside the target-feature wrapper; the closure around it is `#[inline(always)]` too (left to
+/// the inliner, a large body was emitted as a function of its own, compiled for the baseline
+/// instruction set: correct, but the depthwise kernels then ran as SSE code).
 macro_rules! isa_dispatch {
     ($body:expr) => {{
         match $crate::isa::active() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `active` returns Avx512 only when the CPU reports AVX-512 F/BW/DQ/VL,
             // AVX2 and FMA (`detected`), so the target features the wrapper enables exist.
-            $crate::isa::Isa::Avx512 => unsafe { $crate::isa::run_avx512(|| $body) },
+            $crate::isa::Isa::Avx512 => unsafe {
+                $crate::isa::run_avx512(
+                    #[inline(always)]
+                    || $body,
+                )
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `active` returns Avx2 only when the CPU reports AVX2 and FMA.
-            $crate::isa::Isa::Avx2 => unsafe { $crate::isa::run_avx2(|| $body) },
+            $crate::isa::Isa::Avx2 => unsafe {
+                $crate::isa::run_avx2(
+                    #[inline(always)]
+                    || $body,
+                )
+            },
             _ => $body,
         }
     }};
