@@ -139,8 +139,7 @@ fn depthwise_and_stencil_only_nhwc_match_their_nchw_ops() {
     for (c, m) in [(20, 1), (6, 2), (17, 1)] {
         for (stride, dil) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
             k += 1;
-            // Width 13 (20 and 17 channels) gives the kernel's interior runs of four pixels at
-            // every stride and dilation, with pixels left over; width 8 for 6 channels.
+            // Widths 13 and 8: odd and even rows at every stride and dilation.
             let x = rand(&[2, c, 9, if c == 6 { 8 } else { 13 }], k * 5, DType::F64);
             let wt = rand(&[c * m, 1, 3, 3], k * 5 + 1, DType::F64);
             let b = rand(&[c * m], k * 5 + 2, DType::F64);

@@ -57,9 +57,6 @@ pub(crate) type MeanVar = (Vec<f64>, Vec<f64>);
 
 /// The most taps a stencil has (the full 3x3).
 const MAX_TAPS: usize = 9;
-/// Output pixels per run of the depthwise kernel's interior (four of its 16-lane blocks of
-/// accumulators fit the 16 AVX2 registers beside the weights).
-const PIXEL_RUN: usize = 4;
 
 /// Output pixel rows per chunk of a weight-gradient reduction (fixed: the summation order must
 /// not depend on the number of threads).
@@ -462,48 +459,7 @@ impl NhwcConv {
         let taps = &taps[..nt];
         let w = self.w as isize;
         let full = c / LANES * LANES;
-        // Interior pixels, where every tap's input pixel exists, in runs of PIXEL_RUN: each
-        // tap's weights are loaded once per run instead of once per pixel (the per-pixel
-        // kernel below loads two operands per multiply-add).
-        let (lo, hi) = taps.iter().fold((0, self.wo), |(lo, hi), &(_, _, ox)| {
-            let (a, b) = valid_range(ox, s, self.w, self.wo);
-            (lo.max(a), hi.min(b))
-        });
-        let runs = if lo < hi { (hi - lo) / PIXEL_RUN } else { 0 };
-        for run in 0..runs {
-            let x0 = lo + run * PIXEL_RUN;
-            // The input pixel of each tap for the run's first output pixel.
-            let mut at = [0usize; MAX_TAPS];
-            for (a, &(_, base, ox)) in at.iter_mut().zip(taps) {
-                *a = (base + ((x0 * s) as isize + ox) as usize) * cin;
-            }
-            let at = &at[..nt];
-            let step = s * cin;
-            for cb in (0..full).step_by(LANES) {
-                depthwise_run::<T, Y, LANES, OPG>(yrow, x0 * c + cb, c, x, qt, taps, at, step, cb);
-            }
-            let mut rest = full;
-            if rest + LANES / 2 <= c {
-                depthwise_run::<T, Y, { LANES / 2 }, OPG>(yrow, x0 * c + rest, c, x, qt, taps, at, step, rest);
-                rest += LANES / 2;
-            }
-            if rest + LANES / 4 <= c {
-                depthwise_run::<T, Y, { LANES / 4 }, OPG>(yrow, x0 * c + rest, c, x, qt, taps, at, step, rest);
-                rest += LANES / 4;
-            }
-            for ch in rest..c {
-                for p in 0..PIXEL_RUN {
-                    let at_y = (x0 + p) * c + ch;
-                    let [mut acc] = yrow.load::<1>(at_y);
-                    for (&(t, _, _), &a) in taps.iter().zip(at) {
-                        acc += qt[t * c + ch] * x[a + p * step + ch / OPG];
-                    }
-                    yrow.store(at_y, [acc]);
-                }
-            }
-        }
-        let blocked = lo..lo + runs * PIXEL_RUN;
-        for xo in (0..self.wo).filter(|xo| !blocked.contains(xo)) {
+        for xo in 0..self.wo {
             // The input pixel of each tap (None where it falls outside the row).
             let mut at = [None; MAX_TAPS];
             for (a, &(_, base, ox)) in at.iter_mut().zip(taps) {
@@ -816,41 +772,6 @@ fn depthwise_block<T: Real, Y: RowOut<T> + ?Sized, const B: usize, const OPG: us
         }
     }
     yp.store(cb, acc);
-}
-
-/// [`depthwise_block`] for PIXEL_RUN consecutive output pixels whose taps all exist: y[at_y +
-/// p·c ..][..B] += Σ over the taps (in order) of q · x at `at[k] + p·step`, for p in
-/// 0..PIXEL_RUN. The same sums in the same order as the per-pixel kernel, with each tap's
-/// weights loaded once for the run.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn depthwise_run<T: Real, Y: RowOut<T> + ?Sized, const B: usize, const OPG: usize>(
-    yrow: &mut Y,
-    at_y: usize,
-    c: usize,
-    x: &[T],
-    qt: &[T],
-    taps: &[(usize, usize, isize)],
-    at: &[usize],
-    step: usize,
-    cb: usize,
-) {
-    let mut acc = [[T::zero(); B]; PIXEL_RUN];
-    for (p, a) in acc.iter_mut().enumerate() {
-        *a = yrow.load::<B>(at_y + p * c);
-    }
-    for (&(t, _, _), &a) in taps.iter().zip(at) {
-        let qk: &[T; B] = qt[t * c + cb..][..B].try_into().expect("B weights");
-        for (p, acc) in acc.iter_mut().enumerate() {
-            let xp = &x[a + p * step + cb / OPG..][..B / OPG];
-            for l in 0..B {
-                acc[l] += qk[l] * xp[l / OPG];
-            }
-        }
-    }
-    for (p, a) in acc.into_iter().enumerate() {
-        yrow.store(at_y + p * c, a);
-    }
 }
 
 /// An output row (or pixel) of the depthwise kernel: values to add to (`[T]`), or fresh memory
