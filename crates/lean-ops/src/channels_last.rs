@@ -18,10 +18,11 @@ use crate::activation::Activation;
 use crate::cpu_op::{CpuOp1, CpuOp2, CpuOp3, OnCpu};
 use crate::error::{check_float, check_same_float, config_err, shape_err, Result};
 use crate::kernels::nhwc::{transpose_samples, NhwcConv, NhwcStencil};
+use crate::kernels::par_new;
 use crate::kernels::rows::ROWS;
 use crate::lean_conv::{check_weights, LeanConv2dConfig};
-use crate::real::{dispatch_dtype, tensor, with_data, Real};
-use candle_core::{Layout, Shape, Tensor};
+use crate::real::{dispatch, dispatch_dtype, slice, tensor, with_data, Real};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
@@ -500,27 +501,58 @@ pub(crate) fn pointwise_geometry(op: &'static str, x: &Tensor, weight: &Tensor, 
 }
 
 /// Interleaves the channels of two equally shaped channels-last tensors: out[.., 2j] = a[.., j],
-/// out[.., 2j + 1] = b[.., j]; the backward splits the gradient the same way.
+/// out[.., 2j + 1] = b[.., j]; the backward splits the gradient the same way. `a` may be a
+/// channel slice of a larger channels-last tensor (ShuffleNetV2's pass-through half): it is read
+/// in place through its pixel stride, not copied first.
 struct InterleaveOp;
 
-impl CpuOp2 for InterleaveOp {
+/// (first value, values from one pixel to the next) of a rank-4 layout whose pixels each hold
+/// their channels contiguously at a uniform stride (a contiguous tensor, or a slice of one
+/// along the channels); `None` for any other layout.
+fn pixel_strided(l: &Layout) -> Option<(usize, usize)> {
+    let (d, st) = (l.dims(), l.stride());
+    let [_, h, w, c] = *d else { return None };
+    let p = st[2];
+    let uniform = (c <= 1 || st[3] == 1) && p >= c && (h <= 1 || st[1] == w * p) && (d[0] <= 1 || st[0] == h * w * p);
+    uniform.then_some((l.start_offset(), p))
+}
+
+impl CustomOp2 for InterleaveOp {
     fn name(&self) -> &'static str {
         "concat-shuffle-nhwc"
     }
-    fn fwd<T: Real>(&self, a: &[T], l1: &Layout, b: &[T], _l2: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = l1.dims();
-        let c = d[d.len() - 1];
+        let c = d[3];
         let shape = Shape::from((d[0], d[1], d[2], 2 * c));
-        let mut y = vec![T::zero(); 2 * a.len()];
-        y.par_chunks_mut(2 * c * ROWS)
-            .zip(a.par_chunks(c * ROWS).zip(b.par_chunks(c * ROWS)))
-            .for_each(|(y, (a, b))| {
-                for (o, (u, v)) in y.chunks_exact_mut(2).zip(a.iter().zip(b)) {
-                    o[0] = *u;
-                    o[1] = *v;
+        let Some((start, ps)) = pixel_strided(l1) else {
+            candle_core::bail!("concat-shuffle-nhwc: first input not pixel-strided (internal error)")
+        };
+        dispatch!(self.name(), s1, |T| {
+            let (a, b) = (s1.as_slice::<T>()?, slice::<T>(s2, l2)?);
+            let pixels = b.len() / c.max(1);
+            if c > 0 && (pixels == 0 || start + (pixels - 1) * ps + c > a.len()) {
+                candle_core::bail!("concat-shuffle-nhwc: first input out of its storage (internal error)")
+            }
+            // Every value written: each task's chunk is whole pixels, each gets both halves.
+            let y = par_new(2 * b.len(), 2 * c * ROWS, |first, out| {
+                let p0 = first / (2 * c);
+                for (i, (o, v)) in out.chunks_exact_mut(2 * c).zip(b[p0 * c..].chunks_exact(c)).enumerate() {
+                    let u = &a[start + (p0 + i) * ps..][..c];
+                    for ((o, u), v) in o.chunks_exact_mut(2).zip(u).zip(v) {
+                        o[0].write(*u);
+                        o[1].write(*v);
+                    }
                 }
             });
-        Ok((y, shape))
+            Ok((candle_core::WithDType::to_cpu_storage_owned(y), shape))
+        })
     }
     fn bwd(
         &self,
@@ -549,13 +581,19 @@ impl CpuOp2 for InterleaveOp {
 
 /// ShuffleNetV2's concatenation of two branches followed by a channel shuffle of 2 groups,
 /// on channels-last tensors, in one pass: `channel_shuffle(cat([a, b], C), 2)` for (N, H, W, C)
-/// inputs of equal shape.
+/// inputs of equal shape. `a` may be a channel slice (`narrow` on the last dimension) of a
+/// contiguous tensor; it is read in place.
 pub fn concat_shuffle_nhwc(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     const OP: &str = "concat_shuffle_nhwc";
     dims_nhwc(OP, a)?;
     check_same_float(OP, a, b)?;
     if a.device().is_cpu() {
-        Ok(a.contiguous()?.apply_op2(&b.contiguous()?, OnCpu(InterleaveOp))?)
+        let a = if pixel_strided(a.layout()).is_some() {
+            a.clone()
+        } else {
+            a.contiguous()?
+        };
+        Ok(a.apply_op2(&b.contiguous()?, InterleaveOp)?)
     } else {
         let (n, h, w, c) = a.dims4()?;
         Ok(Tensor::stack(&[a, b], 4)?.reshape((n, h, w, 2 * c))?)

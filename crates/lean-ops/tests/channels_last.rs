@@ -256,6 +256,32 @@ fn concat_shuffle_nhwc_matches_cat_then_channel_shuffle_with_gradients() {
     for i in 0..2 {
         assert_close(&gf[i], &gr[i], 0.0, &format!("gradient {i}"));
     }
+    // `a` as a channel slice of a wider channels-last tensor (read in place, both halves), and
+    // as a transposed view (not pixel-strided: copied first); the reference interleaves
+    // contiguous copies.
+    let wide = var(&rand(&[2, 5, 3, 12], 54, DType::F64));
+    let tall = var(&rand(&[2, 3, 5, 6], 55, DType::F64));
+    let bv = var(&rand(&[2, 5, 3, 6], 56, DType::F64));
+    let views = [
+        (&wide, wide.as_tensor().narrow(3, 0, 6).unwrap()),
+        (&wide, wide.as_tensor().narrow(3, 6, 6).unwrap()),
+        (&tall, tall.as_tensor().transpose(1, 2).unwrap()),
+    ];
+    for (k, (src, av)) in views.iter().enumerate() {
+        let b = bv.as_tensor();
+        let fast = concat_shuffle_nhwc(av, b).unwrap();
+        let reference = Tensor::stack(&[&av.contiguous().unwrap(), b], 4)
+            .unwrap()
+            .reshape((2, 5, 3, 12))
+            .unwrap();
+        assert_close(&fast, &reference, 0.0, &format!("forward, view {k}"));
+        let r = rand(reference.dims(), 57 + k as u64, DType::F64);
+        let vars = [(*src).clone(), bv.clone()];
+        let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+        for i in 0..2 {
+            assert_close(&gf[i], &gr[i], 0.0, &format!("gradient {i}, view {k}"));
+        }
+    }
     let e = concat_shuffle_nhwc(&nhwc(&a), &rand(&[2, 3, 5, 4], 1, DType::F64))
         .unwrap_err()
         .to_string();
