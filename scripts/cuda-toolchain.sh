@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A CUDA toolchain for building lean-convnets' `cuda` feature on a machine without a GPU or a
-# system CUDA: NVIDIA's CUDA 13.4 wheels from PyPI in a virtual environment.
+# system CUDA: NVIDIA's CUDA 13 wheels from PyPI in a virtual environment.
 #
 #   scripts/cuda-toolchain.sh            # install (once) and print the environment to export
 #   scripts/cuda-toolchain.sh check      # install, then `cargo check` the CLI with --features cuda,nccl
@@ -9,9 +9,13 @@
 #
 # Why these versions: candle 0.11.1's cudarc accepts CUDA 11.4-12.9 and 13.0-13.4 (its build
 # script panics on newer ones); the meta-package pins matching compiler, headers and libraries
-# (installing `nvidia-cuda-nvcc` alone pulls mismatched 13.5 crt/nvvm packages). There is no GPU
-# to query for its compute capability, so CUDA_COMPUTE_CAP defaults to 90 (Hopper).
-# Environment: CUDA_VENV (default .venv-cuda), CUDA_COMPUTE_CAP.
+# (installing `nvidia-cuda-nvcc` alone pulls mismatched 13.5 crt/nvvm packages). The default is
+# 13.0: candle's kernels are embedded as PTX, which the driver compiles when the program starts,
+# and a driver rejects PTX from a newer toolkit than its own (13.0 is what driver 580, the first
+# CUDA 13 driver, runs). There is no GPU to query for its compute capability, so
+# CUDA_COMPUTE_CAP defaults to 90 (Hopper).
+# Environment: CUDA_VENV (default .venv-cuda), CUDA_TOOLKIT_VERSION (default 13.0.2),
+# CUDA_COMPUTE_CAP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${CUDA_VENV:-.venv-cuda}"
@@ -19,10 +23,18 @@ if ! command -v python3 >/dev/null 2>&1; then
   echo "python3 not found: it installs the CUDA wheels (apt-get install python3 python3-venv)" >&2
   exit 1
 fi
-if [ ! -x "$venv/bin/nvcc-installed" ]; then
+version="${CUDA_TOOLKIT_VERSION:-13.0.2}"
+if [ "$(cat "$venv/nvcc-installed" 2>/dev/null)" != "$version" ]; then
+  # A fresh venv: pip does not downgrade every part of another version (mixed nvcc and nvvm
+  # versions fail with "Unsupported .version").
+  rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cccl,cudart,nvrtc,cublas,curand]==13.4.3"
-  touch "$venv/bin/nvcc-installed" && chmod +x "$venv/bin/nvcc-installed"
+  # nvcc's own parts (nvvm, crt) are not pinned by the meta-package: pin them to the same minor
+  # version, or a newer nvvm writes PTX that this ptxas rejects.
+  minor="${version%.*}"
+  "$venv/bin/pip" install -q "cuda-toolkit[nvcc,cccl,cudart,nvrtc,cublas,curand]==$version" \
+    "nvidia-nvvm==$minor.*" "nvidia-cuda-crt==$minor.*"
+  echo "$version" > "$venv/nvcc-installed"
 fi
 cuda_home="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
 export CUDA_HOME="$cuda_home" CUDA_PATH="$cuda_home" PATH="$cuda_home/bin:$PATH"
@@ -44,8 +56,11 @@ case "${1:-env}" in
     lib="$cuda_home/lib"
     for f in "$lib"/lib*.so.*; do
       base="${f##*/}"; plain="$lib/${base%%.so.*}.so"
-      [ -e "$plain" ] || ln -s "$base" "$plain"
+      [ -e "$plain" ] || ln -sfn "$base" "$plain"  # -f: replaces a link left dangling by another version
     done
+    # The stubs are generated from cudarc's sources: fetch them first (a fresh checkout has
+    # never unpacked cudarc, which only the cuda feature needs).
+    cargo fetch --quiet
     cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)"
     for pair in "cuda:driver:libcuda.so.1" "nccl:nccl:libnccl.so.2"; do
       IFS=: read -r name dir soname <<<"$pair"

@@ -2,6 +2,7 @@
 
 Usage (a venv with torch and torchvision from PyPI):
     python benches/pytorch/bench_pytorch.py [--threads 2] [--batch-sizes 1,64] [--input-size 3,32,32]
+        [--device cpu|cuda]
 
 Models mirror lean-models' small-image variants: torchvision's ResNet-18 with a 3x3 stride-1
 stem and no max-pool (resnet18_cifar); the same with every 3x3 in the residual blocks replaced by
@@ -77,13 +78,16 @@ MODELS = {
 }
 
 
-def median_ms(fn, reps, warmup=2):
+def median_ms(fn, reps, warmup=2, sync=lambda: None):
+    """Median wall time of `fn` in ms; `sync` waits for the device (a GPU runs asynchronously)."""
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
@@ -97,21 +101,25 @@ def main():
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--train", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize)")
     args = p.parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c, h, w = (int(v) for v in args.input_size.split(","))
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
     for name in args.models:
         for b in (int(v) for v in args.batch_sizes.split(",")):
-            model = MODELS[name](c, args.num_classes)
-            x = torch.randn(b, c, h, w)
-            y = torch.randint(0, args.num_classes, (b,))
+            model = MODELS[name](c, args.num_classes).to(dev)
+            x = torch.randn(b, c, h, w, device=dev)
+            y = torch.randint(0, args.num_classes, (b,), device=dev)
             row = {"model": name, "batch_size": b, "img_size": h,
                    "param_count": sum(p.numel() for p in model.parameters())}
             model.eval()
             with torch.inference_mode():
-                row["infer_step_time"] = median_ms(lambda: model(x), args.reps)
+                row["infer_step_time"] = median_ms(lambda: model(x), args.reps, sync=sync)
             row["infer_samples_per_sec"] = b * 1e3 / row["infer_step_time"]
             if args.train:
                 model.train()
@@ -122,7 +130,7 @@ def main():
                     F.cross_entropy(model(x), y).backward()
                     opt.step()
 
-                row["train_step_time"] = median_ms(step, args.reps)
+                row["train_step_time"] = median_ms(step, args.reps, sync=sync)
                 row["train_samples_per_sec"] = b * 1e3 / row["train_step_time"]
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 

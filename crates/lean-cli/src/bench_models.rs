@@ -43,9 +43,13 @@ pub struct ModelBench {
 
 /// The median of `reps` timed calls of `f` after one untimed call. Each call runs with the
 /// pool's threads kept awake (`with_workers_awake`), as a latency-critical caller would run it
-/// and as PyTorch's OpenMP threads and ONNX Runtime's pool spin by default.
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<f64> {
-    let mut call = || lean_ops::runtime::with_workers_awake(&mut f);
+/// and as PyTorch's OpenMP threads and ONNX Runtime's pool spin by default; on a GPU each call
+/// ends when the device has finished its work.
+fn median_ms(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<f64> {
+    let mut call = || {
+        lean_ops::runtime::with_workers_awake(&mut f)?;
+        dev.synchronize().context("waiting for the device")
+    };
     call()?;
     let mut v = vec![];
     for _ in 0..reps {
@@ -57,8 +61,9 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()> + Send) -> Result<f6
     Ok(v[v.len() / 2])
 }
 
-/// Benchmarks `name` at each batch size.
+/// Benchmarks `name` at each batch size on `dev`.
 pub fn bench_model(
+    dev: &Device,
     name: &str,
     opts: &ModelOptions,
     input: Option<[usize; 3]>,
@@ -74,7 +79,7 @@ pub fn bench_model(
         info.input_size[2],
     ]);
     o.in_channels = Some(c);
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let vm = VarMap::new();
     let model = create_model(name, &o, lean_train::seeded_var_builder(&vm, 0, DType::F32, &dev))?;
     // Inference runs on plain tensors: no autograd graph is kept.
@@ -98,11 +103,11 @@ pub fn bench_model(
     for &b in batch_sizes {
         let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev)?;
         let y = Tensor::from_vec((0..b as u32).map(|i| i % model.num_classes() as u32).collect(), b, &dev)?;
-        let infer = median_ms(reps, || {
+        let infer = median_ms(&dev, reps, || {
             infer_model.forward_t(&x, false)?;
             Ok(())
         })?;
-        let infer_folded = median_ms(reps, || {
+        let infer_folded = median_ms(&dev, reps, || {
             folded_model.forward_t(&x, false)?;
             Ok(())
         })?;
@@ -114,7 +119,7 @@ pub fn bench_model(
             };
             let mut opt = lean_train::Sgd::with_groups(groups.decay.clone(), groups.no_decay.clone(), cfg)?;
             let ce = CrossEntropyConfig::default();
-            Some(median_ms(reps, || {
+            Some(median_ms(&dev, reps, || {
                 let loss = cross_entropy(&model.forward_t(&x, true)?, &y, &ce)?;
                 lean_train::Optimizer::step(&mut opt, &loss.backward()?)?;
                 Ok(())

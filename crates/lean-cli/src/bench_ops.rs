@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Models: also time a training step (forward, backward, SGD update).
     #[arg(long)]
     train: bool,
+    /// Models: the device (`cpu`, `cuda`, `cuda:N`, `metal`); `ops` runs on the CPU only.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     model_opts: lean_models::ModelOptions,
     /// Input shapes N,C,H,W, separated by `;` (default: the two shapes of docs/benchmarks.md).
@@ -225,9 +228,11 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
             bail!("--batch-sizes must be positive");
         }
         let input = crate::bench_models::input(&args.input_size)?;
+        let dev = lean_train::parse_device(&args.device).with_context(|| format!("--device `{}`", args.device))?;
         let mut rows = vec![];
         for m in &args.what {
             rows.extend(crate::bench_models::bench_model(
+                &dev,
                 m,
                 &args.model_opts,
                 input,
@@ -237,6 +242,9 @@ pub fn run(args: &BenchArgs, tuned_allocator: bool) -> Result<()> {
             )?);
         }
         return crate::bench_models::print(&rows, args.format, args.csv);
+    }
+    if args.device != "cpu" {
+        bail!("--device `{}`: `lean bench ops` runs on the CPU only", args.device);
     }
     let shapes = match &args.shapes {
         Some(s) => parse_shapes(s)?,

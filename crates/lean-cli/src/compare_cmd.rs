@@ -6,6 +6,7 @@ use crate::bench_models::bench_model;
 use crate::output::table;
 use crate::plot::{scatter, Point};
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::Args;
 use lean_models::{describe, ModelSpec};
 use lean_train::{train_with, write_atomic, TrainConfig};
@@ -154,6 +155,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         let last = s.history.last().context("no epoch ran")?;
         // The model as trained (classes and channels from the data set), timed at its input.
         let bench = bench_model(
+            &Device::Cpu,
             m,
             &s.data.model.options,
             Some(s.data.data.input_size),
