@@ -46,4 +46,10 @@ fn bad_arguments_fail_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad shape `1,2,3`"));
     let out = lean(&["bench", "ops", "--format", "xml"]);
     assert!(!out.status.success());
+    let out = lean(&["bench", "ops", "--device", "cuda"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs on the CPU only"));
+    let out = lean(&["bench", "resnet20", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device `tpu`"));
 }
