@@ -175,8 +175,13 @@ pub fn lean_conv2d(
         x.contiguous()?
             .apply_op3(&pointwise.contiguous()?, &stencil.contiguous()?, OnCpu(op))?
     } else if x.device().is_cuda() {
-        // candle's (cuBLAS) 1x1 convolution plus our stencil kernels.
-        (x.conv2d(pointwise, 0, cfg.stride, 1, 1)? + stencil_on_device(x, stencil, cfg)?)?
+        // The 1x1 branch as a cuBLAS matrix product (candle's 1x1 convolution where strided)
+        // plus our stencil kernels.
+        let pw = match cfg.stride {
+            1 => crate::conv::pointwise_matmul(x, pointwise)?,
+            s => x.conv2d(pointwise, 0, s, 1, 1)?,
+        };
+        (pw + stencil_on_device(x, stencil, cfg)?)?
     } else {
         reference::lean_conv2d(x, pointwise, stencil, None, cfg)?
     };

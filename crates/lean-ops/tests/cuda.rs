@@ -1,6 +1,7 @@
-//! The CUDA stencil kernels against the CPU path, forward and both gradients, on every stencil,
-//! group size, channel multiplier, stride and dilation. Runs where lean-ops is built with the
-//! `cuda` feature and a GPU is present; skips with a message elsewhere.
+//! The CUDA paths against the CPU path, output and every gradient: the stencil kernels on every
+//! stencil, group size, channel multiplier, stride and dilation, and the lean convolution with
+//! its 1x1 branch as a matrix product; BatchNorm + activation; the dense convolution. Runs where lean-ops is built with the `cuda` feature and a
+//! GPU is present; skips with a message elsewhere.
 mod common;
 
 use candle_core::{DType, Device, Tensor};
@@ -116,6 +117,41 @@ fn cuda_batch_norm_and_residual_activation_match_the_cpu_path() {
             ];
             for ((a, b), name) in cuda.iter().zip(&cpu).zip(names) {
                 assert_close(a, b, tol(dt), &format!("{name} ({dt:?}, {act:?})"));
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_dense_convolution_matches_the_cpu_path() {
+    // candle's convolution on CUDA (1x1, strided 1x1, 3x3) against our CPU kernel, output and
+    // every gradient. (The lean convolution's 1x1 branch, a matrix product there, is checked
+    // by the stencil test above.)
+    let Some(gpu) = gpu() else { return };
+    for dt in [DType::F32, DType::F64] {
+        for (k, stride, pad) in [(1, 1, 0), (1, 2, 0), (3, 1, 1)] {
+            let x = rand(&[3, 6, 7, 5], 1, dt);
+            let w = rand(&[10, 6, k, k], 2, dt);
+            let b = rand(&[10], 3, dt);
+            let on = |dev: &Device| -> Vec<Tensor> {
+                let vars: Vec<_> = [&x, &w, &b].iter().map(|t| var(&t.to_device(dev).unwrap())).collect();
+                let y = lean_ops::conv2d(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    Some(vars[2].as_tensor()),
+                    stride,
+                    pad,
+                    1,
+                )
+                .unwrap();
+                let r = rand(y.dims(), 4, dt).to_device(dev).unwrap();
+                let mut out = vec![y.clone()];
+                out.extend(grads_of(&vars, &y, &r));
+                out.into_iter().map(|t| t.to_device(&Device::Cpu).unwrap()).collect()
+            };
+            let (cpu, cuda) = (on(&Device::Cpu), on(&gpu));
+            for ((a, c), name) in cuda.iter().zip(&cpu).zip(["y", "gx", "gw", "gb"]) {
+                assert_close(a, c, tol(dt), &format!("conv {k}x{k} stride {stride} {name} ({dt:?})"));
             }
         }
     }
