@@ -1,7 +1,8 @@
 //! The CUDA paths against the CPU path, output and every gradient: the stencil kernels on every
 //! stencil, group size, channel multiplier, stride and dilation, and the lean convolution with
-//! its 1x1 branch as a matrix product; BatchNorm + activation; the dense convolution. Runs where lean-ops is built with the `cuda` feature and a
-//! GPU is present; skips with a message elsewhere.
+//! its 1x1 branch as a matrix product; BatchNorm + activation; the dense convolution. Runs where
+//! lean-ops is built with the `cuda` feature and a GPU is present; skips with a message
+//! elsewhere.
 mod common;
 
 use candle_core::{DType, Device, Tensor};
