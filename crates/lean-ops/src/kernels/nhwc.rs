@@ -251,7 +251,20 @@ impl NhwcConv {
                 .map(|(st, qt)| (*st, &qt[..]));
             crate::isa::isa_dispatch!(self.finish_rows(stencil, epi, r0, x, out))
         };
-        if image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS || row_len == 0 {
+        let few_tasks = image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS;
+        if let (true, None, Some((st, qt))) = (few_tasks && row_len > 0, p, &stencil) {
+            if self.depthwise_opg(st).is_some() {
+                // A depthwise layer alone (MobileNetV2's, at batch 1): fresh rows, each finished
+                // in registers, in a few tasks per thread (rows are independent: the split does
+                // not change values).
+                let group = self.row_group(per_task, row_len);
+                return par_new(rows * cout, group * row_len, |first, chunk| {
+                    crate::isa::isa_dispatch!(self.depthwise_rows(st, first / row_len, x, qt, epi, chunk));
+                    debug_assert!(moments.is_none(), "few-task outputs sum no moments");
+                });
+            }
+        }
+        if few_tasks || row_len == 0 {
             // y (rows x Cout) = xs (rows x Cin) · Pᵀ.
             let mut y = match (p, pt) {
                 // Few rows and a large weight: Pᵀ prepared is read in place (2-3x the kernel
@@ -271,11 +284,7 @@ impl NhwcConv {
                 (None, _) => vec![T::zero(); rows * cout],
             };
             if stencil.is_some() || epi.is_some() {
-                // A few tasks per thread, none tiny (rows are independent: the split does not
-                // change values).
-                let group = per_task
-                    .min(image_rows.div_ceil(2 * rayon::current_num_threads()))
-                    .max(FWD_TASK_MIN_VALUES.div_ceil(row_len.max(1)));
+                let group = self.row_group(per_task, row_len);
                 y.par_chunks_mut(group * row_len.max(1))
                     .enumerate()
                     .for_each(|(i, rows)| finish(i * group, rows, false));
@@ -311,24 +320,34 @@ impl NhwcConv {
                 // A stencil alone with a register-blocked kernel writes its output fresh: no
                 // zero fill to add into (the depthwise layers of MobileNetV2 and ShuffleNetV2).
                 (None, Some((st, qt))) if self.depthwise_opg(st).is_some() => {
-                    crate::isa::isa_dispatch!(self.depthwise_rows(st, r0, x, qt, chunk));
+                    crate::isa::isa_dispatch!(self.depthwise_rows(st, r0, x, qt, epi, chunk));
                     // SAFETY: the chunk is whole output rows (tasks split at row boundaries)
-                    // and `depthwise_row` stores every channel of every pixel of a row it is
-                    // given (full blocks, the half and quarter blocks, then the rest one by
-                    // one).
+                    // and `depthwise_rows` stores every value of the rows it is given.
                     (unsafe { super::assume_written(chunk) }, true)
                 }
                 (None, _) => (zeroed(chunk), false),
             };
-            finish(r0, out, stencil_done);
+            if !stencil_done {
+                finish(r0, out, false);
+            }
             if let Some(m) = moments {
                 crate::isa::isa_dispatch!(m.add(r0 * self.wo, out));
             }
         })
     }
 
+    /// Image rows per task of a row pass over an output of `per_task`-row tasks too few for
+    /// [`FWD_MIN_TASKS`]: a few tasks per thread, none tiny (rows are independent: the split
+    /// does not change values).
+    fn row_group(&self, per_task: usize, row_len: usize) -> usize {
+        per_task
+            .min((self.n * self.ho).div_ceil(2 * rayon::current_num_threads()))
+            .max(FWD_TASK_MIN_VALUES.div_ceil(row_len.max(1)))
+    }
+
     /// The stencil branch (if given) added into output rows r0.. (`out`, whole rows), then the
-    /// epilogue. A function, not a block, so that the dispatch wrapper inlines all of it.
+    /// epilogue (in the depthwise kernel's registers where it runs). A function, not a block,
+    /// so that the dispatch wrapper inlines all of it.
     #[inline(always)]
     fn finish_rows<T: Real>(
         &self,
@@ -339,17 +358,27 @@ impl NhwcConv {
         out: &mut [T],
     ) {
         let row_len = self.wo * self.cout;
+        let mut epi_left = epi;
         if let Some((st, qt)) = stencil {
+            let depthwise = self.depthwise_opg(st).is_some();
             for (j, yrow) in out.chunks_exact_mut(row_len).enumerate() {
-                self.stencil_row(st, r0 + j, x, qt, yrow);
+                if depthwise {
+                    self.depthwise_row_any(st, r0 + j, x, qt, yrow, epi);
+                } else {
+                    self.stencil_row(st, r0 + j, x, qt, yrow);
+                }
+            }
+            if depthwise {
+                epi_left = None;
             }
         }
-        if let Some(e) = epi {
+        if let Some(e) = epi_left {
             e.apply(out, r0 * row_len);
         }
     }
 
-    /// The depthwise stencil alone into fresh output rows r0.. (`chunk`, whole rows).
+    /// The depthwise stencil alone, then the epilogue (if any), into fresh output rows r0..
+    /// (`chunk`, whole rows): every value of the chunk is stored.
     #[inline(always)]
     fn depthwise_rows<T: Real>(
         &self,
@@ -357,22 +386,21 @@ impl NhwcConv {
         r0: usize,
         x: &[T],
         qt: &[T],
+        epi: Option<&Epilogue<T>>,
         chunk: &mut [std::mem::MaybeUninit<T>],
     ) {
         let row_len = self.wo * self.cout;
         for (j, yrow) in chunk.chunks_exact_mut(row_len).enumerate() {
-            self.depthwise_row_any(st, r0 + j, x, qt, yrow);
+            self.depthwise_row_any(st, r0 + j, x, qt, yrow, epi);
         }
     }
 
-    /// yrow (Wo x Cout) += the stencil branch over output row `r` = (sample, yo).
+    /// yrow (Wo x Cout) += the stencil branch over output row `r` = (sample, yo), for a stencil
+    /// that [`Self::depthwise_row`] does not run (grouped, or a channel multiplier it lacks).
     #[inline(always)]
     fn stencil_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], qt: &[T], yrow: &mut [T]) {
         let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
-        if self.depthwise_opg(st).is_some() {
-            return self.depthwise_row_any(st, r, x, qt, yrow);
-        }
         let mut xe = vec![T::zero(); if g == 1 && opg > 1 { cout } else { 0 }];
         for_each_tap_pixel!(self, st, r, |t, xo, px| {
             let xp = &x[px * cin..(px + 1) * cin];
@@ -419,21 +447,23 @@ impl NhwcConv {
         x: &[T],
         qt: &[T],
         yrow: &mut Y,
+        epi: Option<&Epilogue<T>>,
     ) {
         match self.depthwise_opg(st) {
-            Some(1) => self.depthwise_row::<T, Y, 1>(st, r, x, qt, yrow),
-            Some(2) => self.depthwise_row::<T, Y, 2>(st, r, x, qt, yrow),
-            Some(4) => self.depthwise_row::<T, Y, 4>(st, r, x, qt, yrow),
+            Some(1) => self.depthwise_row::<T, Y, 1>(st, r, x, qt, yrow, epi),
+            Some(2) => self.depthwise_row::<T, Y, 2>(st, r, x, qt, yrow, epi),
+            Some(4) => self.depthwise_row::<T, Y, 4>(st, r, x, qt, yrow, epi),
             _ => unreachable!("depthwise_row_any without a depthwise stencil"),
         }
     }
 
     /// The depthwise case of [`Self::stencil_row`] (with a channel multiplier of `OPG`: output
     /// channel o reads input channel o / OPG), register-blocked: each block of `LANES`
-    /// channels of an output pixel is read once, gets all its taps and is written once (instead
-    /// of one read-modify-write pass per tap); pixels outer, channels inner, so every read runs
-    /// along contiguous channels. The taps are added in the same order as the generic path's
-    /// passes, so the values are the same.
+    /// channels of an output pixel is read once, gets all its taps, the epilogue (if any) and
+    /// is written once (instead of one read-modify-write pass per tap and one for the
+    /// epilogue); pixels outer, channels inner, so every read runs along contiguous channels.
+    /// The taps are added in the same order as the generic path's passes, and the epilogue
+    /// does what [`Epilogue::apply`] does, so the values are the same.
     #[inline(always)]
     fn depthwise_row<T: Real, Y: RowOut<T> + ?Sized, const OPG: usize>(
         &self,
@@ -442,56 +472,69 @@ impl NhwcConv {
         x: &[T],
         qt: &[T],
         yrow: &mut Y,
+        epi: Option<&Epilogue<T>>,
     ) {
         let (c, s, d) = (self.cout, self.stride, st.dil as isize);
         let cin = c / OPG;
         let (ni, yo) = (r / self.ho, r % self.ho);
-        // The taps whose input row exists: (tap index, first pixel of that input row, dx·d).
-        let mut taps = [(0usize, 0usize, 0isize); MAX_TAPS];
-        let mut nt = 0;
+        // The taps whose input row exists: their weights' offset in `qt`, their column offset
+        // dx·d, and the value offset in `x` of their input pixel for output column 0 (outside
+        // the row where dx·d < 0). Columns lo..hi have every such tap inside the row.
+        let (mut qoff, mut ox, mut x0) = ([0usize; MAX_TAPS], [0isize; MAX_TAPS], [0isize; MAX_TAPS]);
+        let (mut nt, mut lo, mut hi) = (0, 0, self.wo);
         for (t, &(dy, dx)) in st.taps.iter().enumerate() {
             let yi = (yo * s) as isize + dy * d;
             if yi >= 0 && yi < self.h as isize {
-                taps[nt] = (t, (ni * self.h + yi as usize) * self.w, dx * d);
+                let base = ((ni * self.h + yi as usize) * self.w) as isize;
+                (qoff[nt], ox[nt], x0[nt]) = (t * c, dx * d, (base + dx * d) * cin as isize);
+                let (l, h) = valid_range(dx * d, s, self.w, self.wo);
+                (lo, hi) = (lo.max(l), hi.min(h));
                 nt += 1;
             }
         }
-        let taps = &taps[..nt];
+        let step = (s * cin) as isize;
         let w = self.w as isize;
-        let full = c / LANES * LANES;
-        for xo in 0..self.wo {
-            // The input pixel of each tap (None where it falls outside the row).
-            let mut at = [None; MAX_TAPS];
-            for (a, &(_, base, ox)) in at.iter_mut().zip(taps) {
-                let xi = (xo * s) as isize + ox;
-                if xi >= 0 && xi < w {
-                    *a = Some((base + xi as usize) * cin);
+        let row_off = r * self.wo * c;
+        // Per pixel: the taps that exist (in order) as (weight offset, input value offset).
+        let (mut qa, mut at) = ([0usize; MAX_TAPS], [0usize; MAX_TAPS]);
+        let mut xo = 0;
+        while xo < self.wo {
+            let shift = xo as isize * step;
+            // Inside, at stride 1, four pixels at a time: the taps' sums of different pixels
+            // are independent chains of additions (one pixel's nine are a chain of
+            // latencies). At stride 2 four pixels read twice the span of input per block and
+            // measured slower than one (batch 64, 32x32x96: 2.0 -> 2.8 ms).
+            let inside = xo >= lo && xo < hi;
+            let m = if inside {
+                for k in 0..nt {
+                    (qa[k], at[k]) = (qoff[k], (x0[k] + shift) as usize);
                 }
-            }
-            let yp = yrow.pixel(xo * c, c);
-            for cb in (0..full).step_by(LANES) {
-                depthwise_block::<T, Y, LANES, OPG>(yp, cb, x, qt, taps, &at);
-            }
-            // The channels left over after the last full block: a half and a quarter block
-            // where they fit (MobileNetV2's 24 and ShuffleNetV2's 116 and 232 channels), then
-            // one at a time.
-            let mut rest = full;
-            if rest + LANES / 2 <= c {
-                depthwise_block::<T, Y, { LANES / 2 }, OPG>(yp, rest, x, qt, taps, &at);
-                rest += LANES / 2;
-            }
-            if rest + LANES / 4 <= c {
-                depthwise_block::<T, Y, { LANES / 4 }, OPG>(yp, rest, x, qt, taps, &at);
-                rest += LANES / 4;
-            }
-            for ch in rest..c {
-                let [mut acc] = yp.load::<1>(ch);
-                for (&(t, _, _), a) in taps.iter().zip(&at) {
-                    if let Some(a) = *a {
-                        acc += qt[t * c + ch] * x[a + ch / OPG];
+                nt
+            } else {
+                let mut m = 0;
+                for k in 0..nt {
+                    let xi = (xo * s) as isize + ox[k];
+                    if xi >= 0 && xi < w {
+                        (qa[m], at[m]) = (qoff[k], (x0[k] + shift) as usize);
+                        m += 1;
                     }
                 }
-                yp.store(ch, [acc]);
+                m
+            };
+            let px = PixelRun {
+                c,
+                first: xo * c,
+                out_off: row_off + xo * c,
+                qa: &qa[..m],
+                at: &at[..m],
+                step: step as usize,
+            };
+            if inside && s == 1 && xo + 4 <= hi {
+                px.blocks::<T, Y, 4, OPG>(yrow, x, qt, epi);
+                xo += 4;
+            } else {
+                px.blocks::<T, Y, 1, OPG>(yrow, x, qt, epi);
+                xo += 1;
             }
         }
     }
@@ -747,41 +790,95 @@ fn sum_in_order<T: Real>(partials: Vec<Vec<T>>) -> Vec<T> {
     acc
 }
 
-/// yp[cb..cb + B] += Σ over the taps whose input pixel exists of q · x, for one output pixel:
-/// the register block of [`NhwcConv::depthwise_row`] (`at[k]`: the input pixel's first value
-/// for tap `taps[k]`; output channel o reads input channel o / OPG). Taps are added in order,
-/// as on the one-channel path, so a channel's value does not depend on its block.
-#[inline(always)]
-fn depthwise_block<T: Real, Y: RowOut<T> + ?Sized, const B: usize, const OPG: usize>(
-    yp: &mut Y,
-    cb: usize,
-    x: &[T],
-    qt: &[T],
-    taps: &[(usize, usize, isize)],
-    at: &[Option<usize>],
-) {
-    let c = yp.len();
-    let mut acc = yp.load::<B>(cb);
-    for (&(t, _, _), a) in taps.iter().zip(at) {
-        if let Some(a) = *a {
-            let xp = &x[a + cb / OPG..][..B / OPG];
-            let qk = &qt[t * c + cb..t * c + cb + B];
-            for l in 0..B {
-                acc[l] += qk[l] * xp[l / OPG];
-            }
+/// Consecutive output pixels of a depthwise row whose taps read the same input offsets, one
+/// `step` apart: the unit of [`NhwcConv::depthwise_row`]'s register blocks.
+struct PixelRun<'a> {
+    /// Channels per pixel.
+    c: usize,
+    /// The first pixel's first value in the row.
+    first: usize,
+    /// ... and in the whole output (for the epilogue's residual).
+    out_off: usize,
+    /// The existing taps, in order: the weights' offset in the taps-major weights, and the
+    /// first pixel's input value offset.
+    qa: &'a [usize],
+    at: &'a [usize],
+    /// Input values from one pixel to the next.
+    step: usize,
+}
+
+impl PixelRun<'_> {
+    /// All channels of P pixels: blocks of `LANES`, then a half and a quarter block where they
+    /// fit (MobileNetV2's 24 and ShuffleNetV2's 116 and 232 channels), then one channel at a
+    /// time.
+    #[inline(always)]
+    fn blocks<T: Real, Y: RowOut<T> + ?Sized, const P: usize, const OPG: usize>(
+        &self,
+        yrow: &mut Y,
+        x: &[T],
+        qt: &[T],
+        epi: Option<&Epilogue<T>>,
+    ) {
+        let c = self.c;
+        let full = c / LANES * LANES;
+        for cb in (0..full).step_by(LANES) {
+            self.block::<T, Y, LANES, P, OPG>(yrow, cb, x, qt, epi);
+        }
+        let mut rest = full;
+        if rest + LANES / 2 <= c {
+            self.block::<T, Y, { LANES / 2 }, P, OPG>(yrow, rest, x, qt, epi);
+            rest += LANES / 2;
+        }
+        if rest + LANES / 4 <= c {
+            self.block::<T, Y, { LANES / 4 }, P, OPG>(yrow, rest, x, qt, epi);
+            rest += LANES / 4;
+        }
+        for ch in rest..c {
+            self.block::<T, Y, 1, P, OPG>(yrow, ch, x, qt, epi);
         }
     }
-    yp.store(cb, acc);
+
+    /// Channels cb..cb + B of the P pixels: += Σ over the taps of q · x (output channel o reads
+    /// input channel o / OPG), then the epilogue, in registers. Taps are added in order, as on
+    /// the one-channel path, so a value depends neither on its block nor on P.
+    #[inline(always)]
+    fn block<T: Real, Y: RowOut<T> + ?Sized, const B: usize, const P: usize, const OPG: usize>(
+        &self,
+        yrow: &mut Y,
+        cb: usize,
+        x: &[T],
+        qt: &[T],
+        epi: Option<&Epilogue<T>>,
+    ) {
+        let c = self.c;
+        let mut acc: [[T; B]; P] = std::array::from_fn(|p| yrow.load::<B>(self.first + p * c + cb));
+        let n = B.div_ceil(OPG);
+        for (&q0, &a) in self.qa.iter().zip(self.at) {
+            let qk: &[T; B] = qt[q0 + cb..][..B].try_into().expect("B weights");
+            // The P pixels' inputs, checked once: the last one's end lies inside `x`.
+            let span = &x[a + cb / OPG..a + cb / OPG + (P - 1) * self.step + n];
+            for p in 0..P {
+                let xp = &span[p * self.step..p * self.step + n];
+                let mut v = acc[p];
+                for l in 0..B {
+                    v[l] += qk[l] * xp[l / OPG];
+                }
+                acc[p] = v;
+            }
+        }
+        for (p, mut v) in acc.into_iter().enumerate() {
+            if let Some(e) = epi {
+                e.apply_block(&mut v, cb, self.out_off + p * c + cb);
+            }
+            yrow.store(self.first + p * c + cb, v);
+        }
+    }
 }
 
 /// An output row (or pixel) of the depthwise kernel: values to add to (`[T]`), or fresh memory
 /// (`[MaybeUninit<T>]`) that reads as zeros, whose every value the kernel stores. The sums are
 /// the same either way (0 + a = a exactly), so a fresh output needs no zero fill.
 pub(crate) trait RowOut<T: Real> {
-    /// Values.
-    fn len(&self) -> usize;
-    /// The `len` values from `at` on, as a sub-row.
-    fn pixel(&mut self, at: usize, len: usize) -> &mut Self;
     /// The B values from `at` on (zeros for a fresh row).
     fn load<const B: usize>(&self, at: usize) -> [T; B];
     /// Stores B values from `at` on.
@@ -789,14 +886,6 @@ pub(crate) trait RowOut<T: Real> {
 }
 
 impl<T: Real> RowOut<T> for [T] {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        <[T]>::len(self)
-    }
-    #[inline(always)]
-    fn pixel(&mut self, at: usize, len: usize) -> &mut Self {
-        &mut self[at..at + len]
-    }
     #[inline(always)]
     fn load<const B: usize>(&self, at: usize) -> [T; B] {
         let mut v = [T::zero(); B];
@@ -810,14 +899,6 @@ impl<T: Real> RowOut<T> for [T] {
 }
 
 impl<T: Real> RowOut<T> for [std::mem::MaybeUninit<T>] {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        <[std::mem::MaybeUninit<T>]>::len(self)
-    }
-    #[inline(always)]
-    fn pixel(&mut self, at: usize, len: usize) -> &mut Self {
-        &mut self[at..at + len]
-    }
     #[inline(always)]
     fn load<const B: usize>(&self, _at: usize) -> [T; B] {
         [T::zero(); B]

@@ -337,4 +337,24 @@ impl<T: Real> Epilogue<'_, T> {
             }
         })
     }
+
+    /// [`Epilogue::apply`] on B values of one pixel held in registers: channels ch.., output
+    /// element `offset`.. (the same operations, so the same values).
+    #[inline(always)]
+    pub fn apply_block<const B: usize>(&self, v: &mut [T; B], ch: usize, offset: usize) {
+        let (scale, shift) = (&self.scale[ch..ch + B], &self.shift[ch..ch + B]);
+        with_act!(self.act, |f| match self.residual {
+            None => {
+                for l in 0..B {
+                    v[l] = f(v[l] * scale[l] + shift[l]);
+                }
+            }
+            Some(r) => {
+                let r = &r[offset..offset + B];
+                for l in 0..B {
+                    v[l] = f((v[l] * scale[l] + shift[l]) + r[l]);
+                }
+            }
+        })
+    }
 }
