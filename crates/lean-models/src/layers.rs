@@ -6,7 +6,7 @@ use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use lean_ops::channels_last::ChannelMoments;
-use lean_ops::fused::{conv_affine_act_nhwc_prepared, transpose_pointwise, ChannelAffine, ConvWeights};
+use lean_ops::fused::{conv_affine_act_nhwc_prepared, ChannelAffine, ConvWeights, PreparedConv};
 use lean_ops::{
     activation, add_activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
     Conv2dConfig, Cost, CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
@@ -303,10 +303,10 @@ pub struct ConvBnAct {
     act: Activation,
     conv_name: String,
     bn_name: String,
-    /// After [`ConvBnAct::fold_batchnorm`] on the CPU: the pointwise weight transposed for the
-    /// fused channels-last inference (`lean_ops::fused::transpose_pointwise`), made once since
-    /// a folded layer's weights no longer change.
-    pointwise_t: Option<Tensor>,
+    /// After [`ConvBnAct::fold_batchnorm`] on the CPU: the weights rearranged for the fused
+    /// channels-last inference (`lean_ops::fused::PreparedConv`), made once since a folded
+    /// layer's weights no longer change.
+    prepared: Option<PreparedConv>,
 }
 
 impl ConvBnAct {
@@ -320,7 +320,7 @@ impl ConvBnAct {
             act,
             conv_name: conv_vb.prefix(),
             bn_name,
-            pointwise_t: None,
+            prepared: None,
         })
     }
 
@@ -413,7 +413,7 @@ impl ConvBnAct {
             Some(w) => Ok(Some(conv_affine_act_nhwc_prepared(
                 x,
                 w,
-                self.pointwise_t.as_ref(),
+                self.prepared.as_ref(),
                 affine,
                 residual,
                 act,
@@ -443,13 +443,10 @@ impl ConvBnAct {
             let (scale, shift) = bn.eval_scale_shift()?;
             self.conv = self.conv.folded(&scale, &shift)?;
         }
-        // The folded weights are new tensors that nothing updates: their transpose can be kept.
-        self.pointwise_t = match self.conv.nhwc_weights() {
-            Some(ConvWeights::Lean { pointwise: w, .. }) | Some(ConvWeights::Pointwise { weight: w, .. })
-                if w.device().is_cpu() =>
-            {
-                Some(transpose_pointwise(w)?)
-            }
+        // The folded weights are new tensors that nothing updates: their rearranged copies can
+        // be kept.
+        self.prepared = match self.conv.nhwc_weights() {
+            Some(w) if self.conv.bias().is_none_or(|b| b.device().is_cpu()) => Some(PreparedConv::new(w)?),
             _ => None,
         };
         Ok(())

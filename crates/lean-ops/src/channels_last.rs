@@ -122,7 +122,7 @@ impl MomentsRequest {
     /// The forward of `geom` with moments if asked for, leaving them in `out`.
     fn forward<T: Real>(req: Option<&Self>, geom: &NhwcConv, x: &[T], p: Option<&[T]>, q: Option<&[T]>) -> Vec<T> {
         match req {
-            None => geom.forward(x, p, q, None, None),
+            None => geom.forward(x, p, q, None, Default::default()),
             Some(r) => {
                 let (y, m) = geom.forward_moments(x, p, q, Some(r.shift.clone()));
                 if let Some(m) = m {

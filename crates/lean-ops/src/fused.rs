@@ -17,6 +17,7 @@ use crate::channels_last::{
     pointwise_conv2d_nhwc, pointwise_geometry,
 };
 use crate::error::{shape_err, Result};
+use crate::kernels::nhwc::Prepared;
 use crate::kernels::rows::Epilogue;
 use crate::lean_conv::LeanConv2dConfig;
 use crate::real::{dispatch_dtype, tensor, with_data, Real};
@@ -92,16 +93,59 @@ pub fn transpose_pointwise(weight: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// [`conv_affine_act_nhwc`] with the convolution's pointwise weight also given transposed
-/// ([`transpose_pointwise`]), as prepared once for inference: on the CPU fast path the GEMMs
-/// read it in place, where they would otherwise transpose the weight on every call (or, for
-/// outputs of few pixel rows, take a slower kernel that reads it as stored). It must be the
-/// transpose of the weight in `conv` (the composite path, taken when anything asks for
-/// gradients, uses `conv` alone); a depthwise convolution ignores it.
+/// A convolution's weights rearranged once for inference, as the CPU kernels read them: the
+/// pointwise weight transposed to (Cin, Cout) ([`transpose_pointwise`]) and the stencil's
+/// weights taps-major, (|S|, g, Cout). For a model whose weights no longer change (BatchNorm
+/// folded): [`conv_affine_act_nhwc_prepared`] then reads them in place instead of rearranging
+/// the weights on every call (at batch 1 that costs as much as a small layer's arithmetic).
+#[derive(Clone, Debug)]
+pub struct PreparedConv {
+    pointwise_t: Option<Tensor>,
+    taps: Option<Tensor>,
+}
+
+impl PreparedConv {
+    /// The rearranged weights of `conv` (any device; the fast path that reads them runs on the
+    /// CPU).
+    pub fn new(conv: ConvWeights<'_>) -> Result<Self> {
+        // (Cout, g, |S|) -> (|S|, g, Cout).
+        let taps_major = |q: &Tensor| -> Result<Tensor> { Ok(q.permute((2, 1, 0))?.contiguous()?) };
+        Ok(match conv {
+            ConvWeights::Lean { pointwise, stencil, .. } => PreparedConv {
+                pointwise_t: Some(transpose_pointwise(pointwise)?),
+                taps: Some(taps_major(stencil)?),
+            },
+            ConvWeights::Pointwise { weight, .. } => PreparedConv {
+                pointwise_t: Some(transpose_pointwise(weight)?),
+                taps: None,
+            },
+            ConvWeights::Depthwise {
+                weight,
+                stride,
+                dilation,
+            } => {
+                let c = weight.dim(0)?;
+                // The input channels do not matter here: the weight's own shape is checked.
+                let (_, q) = crate::depthwise::as_stencil("PreparedConv", c.max(1), weight, stride, dilation)?;
+                PreparedConv {
+                    pointwise_t: None,
+                    taps: Some(taps_major(&q)?),
+                }
+            }
+        })
+    }
+}
+
+/// [`conv_affine_act_nhwc`] with the convolution's weights also given as prepared once for
+/// inference ([`PreparedConv`]): on the CPU fast path the kernels read them in place, where they
+/// would otherwise rearrange the weights on every call (or, for outputs of few pixel rows, take
+/// a slower kernel that reads the pointwise weight as stored). They must be `conv`'s own (the
+/// composite path, taken when anything asks for gradients, uses `conv` alone): a shape that does
+/// not match is an error.
 pub fn conv_affine_act_nhwc_prepared(
     x: &Tensor,
     conv: ConvWeights<'_>,
-    pointwise_t: Option<&Tensor>,
+    prepared: Option<&PreparedConv>,
     affine: ChannelAffine<'_>,
     residual: Option<&Tensor>,
     act: Activation,
@@ -136,20 +180,39 @@ pub fn conv_affine_act_nhwc_prepared(
     };
     let out_shape = [geom.n, geom.ho, geom.wo, geom.cout];
     let cout = geom.cout;
-    let pointwise_t = pointwise_t.filter(|_| p.is_some());
-    if let Some(t) = pointwise_t {
-        if t.dims() != [geom.cin, cout] || t.dtype() != x.dtype() {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "the transposed pointwise weight must be [{}, {cout}] {:?}, got {:?} {:?}",
-                    geom.cin,
-                    x.dtype(),
-                    t.dims(),
-                    t.dtype()
-                ),
-            ));
+    let pointwise_t = prepared.and_then(|w| w.pointwise_t.as_ref()).filter(|_| p.is_some());
+    let taps = prepared.and_then(|w| w.taps.as_ref()).filter(|_| q.is_some());
+    for (t, what, want) in [
+        (
+            pointwise_t,
+            "transposed pointwise weight",
+            p.as_ref().map(|_| vec![geom.cin, cout]),
+        ),
+        (
+            taps,
+            "taps-major stencil weight",
+            q.as_ref().map(|q| q.dims().iter().rev().copied().collect()),
+        ),
+    ] {
+        if let (Some(t), Some(want)) = (t, want) {
+            if t.dims() != want || t.dtype() != x.dtype() {
+                return Err(shape_err(
+                    OP,
+                    format!(
+                        "the prepared {what} must be {want:?} {:?}, got {:?} {:?}",
+                        x.dtype(),
+                        t.dims(),
+                        t.dtype()
+                    ),
+                ));
+            }
         }
+    }
+    if prepared.is_some() && (p.is_some() != pointwise_t.is_some() || q.is_some() != taps.is_some()) {
+        return Err(shape_err(
+            OP,
+            "the prepared weights are those of another kind of convolution".to_string(),
+        ));
     }
     let mut grads_wanted = x.track_op() || p.iter().chain(&q).any(|t| t.track_op());
     match affine {
@@ -194,7 +257,8 @@ pub fn conv_affine_act_nhwc_prepared(
     }
     let on_cpu = x.device().is_cpu()
         && residual.is_none_or(|r| r.device().is_cpu())
-        && pointwise_t.is_none_or(|t| t.device().is_cpu());
+        && pointwise_t.is_none_or(|t| t.device().is_cpu())
+        && taps.is_none_or(|t| t.device().is_cpu());
     if grads_wanted || !on_cpu {
         return composite(x, conv, affine, residual, act);
     }
@@ -206,13 +270,16 @@ pub fn conv_affine_act_nhwc_prepared(
                     with_opt::<T, _>(q.as_ref(), |qs| {
                         with_opt::<T, _>(residual, |rs| {
                             with_opt::<T, _>(pointwise_t, |pts| {
-                                let epi = Epilogue {
-                                    scale: &scale,
-                                    shift: &shift,
-                                    residual: rs,
-                                    act,
-                                };
-                                tensor(geom.forward(xs, ps, qs, Some(&epi), pts), &out_shape)
+                                with_opt::<T, _>(taps, |qts| {
+                                    let epi = Epilogue {
+                                        scale: &scale,
+                                        shift: &shift,
+                                        residual: rs,
+                                        act,
+                                    };
+                                    let prepared = Prepared { pt: pts, qt: qts };
+                                    tensor(geom.forward(xs, ps, qs, Some(&epi), prepared), &out_shape)
+                                })
                             })
                         })
                     })

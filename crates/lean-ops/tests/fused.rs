@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::*;
 use lean_ops::channels_last::{to_channels_first, to_channels_last};
-use lean_ops::fused::{conv_affine_act_nhwc, ChannelAffine, ConvWeights};
+use lean_ops::fused::{conv_affine_act_nhwc, ChannelAffine, ConvWeights, PreparedConv};
 use lean_ops::{depthwise_conv2d, lean_conv2d, Activation, BatchNorm2d, BatchNormConfig, LeanConv2dConfig, Stencil};
 use std::collections::HashMap;
 
@@ -318,14 +318,16 @@ fn row_tasks_case(case: &Case, x_nchw: &Tensor, x: &Tensor, dt: DType) {
     }
 }
 
-/// With the pointwise weight also given transposed (as a model folded for inference keeps it),
-/// the fused pass gives the NCHW reference's values on each of its GEMM paths: an output of few
-/// pixel rows (batch 1, a 4x4 late stage, a weight large enough that the unprepared call would
-/// take the dot-product kernel), a small output of more rows (batch 1, 10x10: fixed-size GEMM
-/// tasks, the last one partial) and one split into row tasks; a wrong transposed weight is
-/// refused with the tensor named.
+/// With the weights also given prepared (as a model folded for inference keeps them: the
+/// pointwise weight transposed, the stencil's taps-major), the fused pass gives the NCHW
+/// reference's values on each of its GEMM paths: an output of few pixel rows (batch 1, a 4x4
+/// late stage, a weight large enough that the unprepared call would take the dot-product
+/// kernel), a small output of more rows (batch 1, 10x10: fixed-size GEMM tasks, the last one
+/// partial) and one split into row tasks; the depthwise layers' too, and exactly the values
+/// of the unprepared call where both read the same GEMM path (depthwise: no GEMM). Prepared
+/// weights of another convolution are refused with the tensor named.
 #[test]
-fn a_prepared_transposed_pointwise_weight_gives_the_same_values() {
+fn prepared_weights_give_the_same_values() {
     for dt in [DType::F64, DType::F32] {
         for (n, c, hw) in [(1, 256, 4), (1, 24, 10), (4, 64, 32)] {
             let x_nchw = rand(&[n, c, hw, hw], 11, dt);
@@ -342,20 +344,19 @@ fn a_prepared_transposed_pointwise_weight_gives_the_same_values() {
                     rand(&[2 * c, 1, 5], 15, dt),
                 ),
                 Case::Pointwise(rand(&[2 * c, c, 1, 1], 16, dt), 1),
+                Case::Depthwise(rand(&[c, 1, 3, 3], 18, dt), 1, 1),
+                Case::Depthwise(rand(&[2 * c, 1, 3, 3], 19, dt), 2, 1),
             ];
             for case in cases {
-                let (p, what) = match &case {
-                    Case::Lean(_, p, _) | Case::Pointwise(p, _) => (p, format!("{} n={n} c={c}", case.name())),
-                    Case::Depthwise(..) => unreachable!(),
-                };
-                let pt = lean_ops::fused::transpose_pointwise(p).unwrap();
+                let what = format!("{} n={n} c={c}", case.name());
+                let prepared_weights = PreparedConv::new(case.weights()).unwrap();
                 let y_nchw = case.nchw(&x_nchw);
                 let b = rand(&[y_nchw.dim(1).unwrap()], 17, dt);
                 let affine = ChannelAffine::Bias(&b);
                 let prepared = lean_ops::fused::conv_affine_act_nhwc_prepared(
                     &x,
                     case.weights(),
-                    Some(&pt),
+                    Some(&prepared_weights),
                     affine,
                     None,
                     Activation::Relu,
@@ -365,10 +366,30 @@ fn a_prepared_transposed_pointwise_weight_gives_the_same_values() {
                 assert_close(&to_channels_first(&prepared).unwrap(), &reference, tol(dt), &what);
                 let plain = conv_affine_act_nhwc(&x, case.weights(), affine, None, Activation::Relu).unwrap();
                 assert_close(&prepared, &plain, tol(dt), &what);
-                // The weight itself, not its transpose: refused (unless square, where only the
-                // values would be wrong, which is the caller's contract).
-                if p.dim(0).unwrap() != p.dim(1).unwrap() {
-                    let wrong = p.reshape((p.dim(0).unwrap(), p.dim(1).unwrap())).unwrap();
+                if let Case::Depthwise(..) = case {
+                    assert_close(&prepared, &plain, 0.0, &what);
+                }
+                // Another convolution's prepared weights: refused, the tensor named.
+                let cout = y_nchw.dim(1).unwrap();
+                let other = match &case {
+                    // The weight with its two dimensions swapped (unless square, where only the
+                    // values would be wrong, which is the caller's contract).
+                    Case::Lean(_, p, _) | Case::Pointwise(p, _) if cout != c => {
+                        Some((p.reshape((c, cout, 1, 1)).unwrap(), "transposed pointwise weight"))
+                    }
+                    Case::Lean(..) | Case::Pointwise(..) => None,
+                    Case::Depthwise(..) => Some((rand(&[cout + 1, 1, 3, 3], 20, dt), "taps-major stencil weight")),
+                };
+                if let Some((w, named)) = other {
+                    let wrong = match named {
+                        "transposed pointwise weight" => ConvWeights::Pointwise { weight: &w, stride: 1 },
+                        _ => ConvWeights::Depthwise {
+                            weight: &w,
+                            stride: 1,
+                            dilation: 1,
+                        },
+                    };
+                    let wrong = PreparedConv::new(wrong).unwrap();
                     let e = lean_ops::fused::conv_affine_act_nhwc_prepared(
                         &x,
                         case.weights(),
@@ -376,10 +397,23 @@ fn a_prepared_transposed_pointwise_weight_gives_the_same_values() {
                         affine,
                         None,
                         Activation::Relu,
-                    )
-                    .unwrap_err()
-                    .to_string();
-                    assert!(e.contains("transposed pointwise weight"), "{e}");
+                    );
+                    let e = e.unwrap_err().to_string();
+                    assert!(e.contains(named), "{what}: {e}");
+                }
+                // Prepared weights of another kind (a pointwise layer's for a depthwise one).
+                if let Case::Depthwise(..) = case {
+                    let p = rand(&[cout, c, 1, 1], 21, dt);
+                    let kind = PreparedConv::new(ConvWeights::Pointwise { weight: &p, stride: 1 }).unwrap();
+                    let e = lean_ops::fused::conv_affine_act_nhwc_prepared(
+                        &x,
+                        case.weights(),
+                        Some(&kind),
+                        affine,
+                        None,
+                        Activation::Relu,
+                    );
+                    assert!(e.unwrap_err().to_string().contains("another kind"), "{what}");
                 }
             }
         }

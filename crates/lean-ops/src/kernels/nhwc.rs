@@ -43,6 +43,21 @@ pub(crate) struct NhwcConv {
     pub stencil: Option<NhwcStencil>,
 }
 
+/// Weights rearranged once for inference (`crate::fused::PreparedConv`), read in place of
+/// rearranging them per call: P transposed to (Cin, Cout), the stencil's Q taps-major (|S|, g,
+/// Cout).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Prepared<'a, T> {
+    pub pt: Option<&'a [T]>,
+    pub qt: Option<&'a [T]>,
+}
+
+impl<T> Default for Prepared<'_, T> {
+    fn default() -> Self {
+        Prepared { pt: None, qt: None }
+    }
+}
+
 /// Gradients of one backward pass.
 pub(crate) struct NhwcGrads<T> {
     pub x: Vec<T>,
@@ -199,7 +214,7 @@ impl NhwcConv {
             let (_, per_task) = self.tasks();
             MomentsSink::new(shift, self.rows_out(), per_task * self.wo)
         });
-        let y = self.forward_sink(x, p, q, None, None, moments.as_ref());
+        let y = self.forward_sink(x, p, q, None, Prepared::default(), moments.as_ref());
         (y, moments.and_then(MomentsSink::finish))
     }
 
@@ -217,9 +232,9 @@ impl NhwcConv {
         p: Option<&[T]>,
         q: Option<&[T]>,
         epi: Option<&Epilogue<T>>,
-        pt: Option<&[T]>,
+        prepared: Prepared<'_, T>,
     ) -> Vec<T> {
-        self.forward_sink(x, p, q, epi, pt, None)
+        self.forward_sink(x, p, q, epi, prepared, None)
     }
 
     fn forward_sink<T: Real>(
@@ -228,18 +243,24 @@ impl NhwcConv {
         p: Option<&[T]>,
         q: Option<&[T]>,
         epi: Option<&Epilogue<T>>,
-        pt: Option<&[T]>,
+        prepared: Prepared<'_, T>,
         moments: Option<&MomentsSink>,
     ) -> Vec<T> {
         let (rows, cout, cin) = (self.rows_out(), self.cout, self.cin);
         let p = p.filter(|_| self.pointwise);
-        let pt = pt.filter(|_| p.is_some());
+        let pt = prepared.pt.filter(|_| p.is_some());
         if let Some(pt) = pt {
             assert_eq!(pt.len(), cin * cout, "nhwc forward: transposed weight size");
         }
         let xs = p.and_then(|_| self.subsampled(x));
         let a = xs.as_deref().unwrap_or(x);
-        let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| (st, self.taps_major(st, q)));
+        let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| match prepared.qt {
+            Some(qt) => {
+                assert_eq!(qt.len(), q.len(), "nhwc forward: taps-major weight size");
+                (st, std::borrow::Cow::Borrowed(qt))
+            }
+            None => (st, std::borrow::Cow::Owned(self.taps_major(st, q))),
+        });
         let (row_len, per_task) = self.tasks();
         let image_rows = self.n * self.ho;
         // The stencil (unless `stencil_done`) and the epilogue of output image rows r0..
