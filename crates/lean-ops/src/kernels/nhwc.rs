@@ -116,6 +116,40 @@ fn gemm_prepared_tasks<T: Real>((m, cout, cin): (usize, usize, usize), a: &[T], 
     })
 }
 
+/// Output columns per task of [`gemm_prepared_bands`].
+const PREPARED_BAND_COLUMNS: usize = 64;
+/// Few-row products (8 rows or more) of fewer multiply-adds than this run as
+/// [`gemm_prepared_bands`]; larger ones (lean ResNet's late stages at batch 1: 16 x 512 x 512)
+/// measured faster on the `gemm` crate's own threads (batch-1 folded inference 0.93x with
+/// bands), and so did the 4-row products of MobileNetV2's last stages (0.89x).
+const BANDED_GEMM_MAX_MACS: usize = 3 << 19;
+
+/// y (m x Cout, row-major) = a (m x Cin, row-major) · pt (Cin x Cout, row-major) for few rows
+/// (`prefers_small_m`), in parallel tasks of [`PREPARED_BAND_COLUMNS`] output columns, each a
+/// single-threaded GEMM that reads its band of `pt` in place. The `gemm` crate's own threads at
+/// these sizes (ShuffleNetV2's 16 x 232 x 232 at batch 1) took 5x as long as one thread in a
+/// network (127 against 25 µs a call). The bands are a constant width, so the values do not
+/// depend on the number of threads.
+fn gemm_prepared_bands<T: Real>((m, cout, cin): (usize, usize, usize), a: &[T], pt: &[T]) -> Vec<T> {
+    let bands: Vec<Vec<T>> = (0..cout.div_ceil(PREPARED_BAND_COLUMNS))
+        .into_par_iter()
+        .map(|b| {
+            let c0 = b * PREPARED_BAND_COLUMNS;
+            let width = PREPARED_BAND_COLUMNS.min(cout - c0);
+            gemm_new((m, width, cin), a, (cin, 1), &pt[c0..], (cout, 1), Parallelism::None)
+        })
+        .collect();
+    let mut y = vec![T::zero(); m * cout];
+    for (b, band) in bands.iter().enumerate() {
+        let c0 = b * PREPARED_BAND_COLUMNS;
+        let width = band.len() / m.max(1);
+        for (i, row) in band.chunks_exact(width.max(1)).enumerate().take(m) {
+            y[i * cout + c0..i * cout + c0 + width].copy_from_slice(row);
+        }
+    }
+    y
+}
+
 /// Runs `$body` for every tap `$t` of output row `$r` = (sample, yo) and every output column
 /// `$xo` whose tap input lies inside the image, with `$px` that input pixel as a row index of the
 /// (N·H·W) x C input. A macro, not a method taking a closure: the body must be compiled inside
@@ -292,7 +326,11 @@ impl NhwcConv {
                 // below); without it, dot products of P's rows as stored (the GEMM would repack
                 // P on every call).
                 (Some(_), Some(pt)) if prefers_small_m(rows, cout, cin) => {
-                    gemm_new((rows, cout, cin), a, (cin, 1), pt, (cout, 1), Self::par())
+                    if rows >= 8 && rows * cout * cin < BANDED_GEMM_MAX_MACS {
+                        gemm_prepared_bands((rows, cout, cin), a, pt)
+                    } else {
+                        gemm_new((rows, cout, cin), a, (cin, 1), pt, (cout, 1), Self::par())
+                    }
                 }
                 (Some(p), None) if prefers_small_m(rows, cout, cin) => gemm_small_m(rows, cout, cin, a, p),
                 // More rows with Pᵀ prepared: tasks few enough pixels wide that the crate reads
