@@ -186,6 +186,15 @@ impl NhwcConv {
     fn par() -> Parallelism {
         Parallelism::Rayon(rayon::current_num_threads())
     }
+    /// [`Self::par`] for a product of `macs` multiply-adds, one thread below
+    /// [`BANDED_GEMM_MAX_MACS`] (the `gemm` crate's threads cost more than they gain there).
+    fn par_for(macs: usize) -> Parallelism {
+        if macs < BANDED_GEMM_MAX_MACS {
+            Parallelism::None
+        } else {
+            Self::par()
+        }
+    }
 
     /// The input pixels the strided pointwise branch reads, as a (rows_out x Cin) matrix; `None`
     /// at stride 1 (the input itself).
@@ -626,7 +635,7 @@ impl NhwcConv {
                 (self.cout, 1),
                 p,
                 (cin, 1),
-                Self::par(),
+                Self::par_for(self.rows_out() * cin * self.cout),
             )
         };
         // Stride 1 ("same" padding): the GEMM's rows are gx's rows. Strided: scattered into them.
@@ -723,7 +732,7 @@ impl NhwcConv {
             }
         };
         let sum = if chunks == 1 {
-            part(0, Self::par())
+            part(0, Self::par_for(rows * cin * cout))
         } else {
             let partials: Vec<Vec<T>> = (0..chunks)
                 .into_par_iter()
