@@ -171,16 +171,31 @@ impl Conv {
     }
 }
 
+/// The most input channels of a dense 3x3 convolution that runs channels-last: as a direct
+/// stencil kernel, which beats an unfolded GEMM (K = 9·Cin) only for a network's first layer.
+const NHWC_DENSE3X3_MAX_CIN: usize = 4;
+
 impl Conv {
     /// Whether [`Conv::forward_nhwc`] runs this convolution: lean, depthwise and unpadded 1x1
-    /// ones.
+    /// ones, and 3x3 ones (padding = dilation) of at most four input channels (a stem).
     pub fn supports_nhwc(&self) -> bool {
         match self {
             Conv::Lean(_) | Conv::Depthwise(_) => true,
             Conv::Dense(c) => {
                 let k = c.config();
-                k.kernel_size == 1 && k.padding == 0 && k.dilation == 1
+                (k.kernel_size == 1 && k.padding == 0 && k.dilation == 1) || self.is_nhwc_dense3x3()
             }
+        }
+    }
+
+    /// A dense 3x3 convolution that runs channels-last as a stencil ([`NHWC_DENSE3X3_MAX_CIN`]).
+    fn is_nhwc_dense3x3(&self) -> bool {
+        match self {
+            Conv::Dense(c) => {
+                let k = c.config();
+                k.kernel_size == 3 && k.padding == k.dilation && k.in_channels <= NHWC_DENSE3X3_MAX_CIN
+            }
+            _ => false,
         }
     }
 
@@ -192,6 +207,11 @@ impl Conv {
                 pointwise: c.pointwise_weight(),
                 stencil: c.stencil_weight(),
                 cfg: c.config(),
+            }),
+            Conv::Dense(c) if self.is_nhwc_dense3x3() => Some(ConvWeights::Dense3x3 {
+                weight: c.weight(),
+                stride: c.config().stride,
+                dilation: c.config().dilation,
             }),
             Conv::Dense(c) if self.supports_nhwc() => Some(ConvWeights::Pointwise {
                 weight: c.weight(),
@@ -231,6 +251,10 @@ impl Conv {
             Conv::Lean(c) => {
                 channels_last::lean_conv2d_nhwc_moments(x, c.pointwise_weight(), c.stencil_weight(), c.config(), shift)?
             }
+            Conv::Dense(c) if self.is_nhwc_dense3x3() => {
+                let k = c.config();
+                channels_last::dense3x3_conv2d_nhwc_moments(x, c.weight(), k.stride, k.dilation, shift)?
+            }
             Conv::Dense(c) if self.supports_nhwc() => {
                 channels_last::pointwise_conv2d_nhwc_moments(x, c.weight(), c.config().stride, shift)?
             }
@@ -251,6 +275,13 @@ impl Conv {
                 c.stencil_weight(),
                 bias,
                 c.config(),
+            )?),
+            Conv::Dense(c) if self.is_nhwc_dense3x3() => Ok(channels_last::dense3x3_conv2d_nhwc(
+                x,
+                c.weight(),
+                bias,
+                c.config().stride,
+                c.config().dilation,
             )?),
             Conv::Dense(c) if self.supports_nhwc() => Ok(channels_last::pointwise_conv2d_nhwc(
                 x,
@@ -333,6 +364,20 @@ impl ConvBnAct {
     ) -> Result<Self> {
         let cvb = vb.pp("0");
         ConvBnAct::new(conv(cvb.clone())?, cout, act, &cvb, vb.pp("1"))
+    }
+
+    /// A network's first layer on an NCHW input, its output channels-last with `nhwc`: run
+    /// channels-last itself where it can (its input has few channels, so converting that costs
+    /// little, and its output, among the network's largest tensors, needs no conversion), else
+    /// in NCHW and converted after.
+    pub fn forward_stem(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
+        if !nhwc {
+            return self.forward_t(x, train);
+        }
+        if self.supports_nhwc() {
+            return self.forward_t_nhwc(&channels_last::to_channels_last(x)?, train);
+        }
+        Ok(channels_last::to_channels_last(&self.forward_t(x, train)?)?)
     }
 
     /// The layer in train (batch statistics) or eval mode.

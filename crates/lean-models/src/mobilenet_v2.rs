@@ -6,7 +6,7 @@ use crate::registry::{Family, InputSpec, ModelEntry, ModelOption, BASE_OPTIONS};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use lean_ops::channels_last::{global_avg_pool_nhwc, to_channels_first, to_channels_last};
+use lean_ops::channels_last::{global_avg_pool_nhwc, to_channels_first};
 use lean_ops::{add_activation, global_avg_pool2d, Activation, DepthwiseConv2d};
 
 /// Everything that defines a MobileNetV2.
@@ -208,10 +208,10 @@ impl MobileNetV2 {
         })
     }
 
-    /// Whether the blocks and the head run channels-last (NHWC) inside: the stem runs NCHW, its
-    /// output is converted once, and the pooled features (or, for [`Model::forward_features`],
-    /// each stage's output) come back as the NCHW API expects. On by default on the CPU;
-    /// `LEAN_LAYOUT=nchw` turns it off.
+    /// Whether the blocks and the head run channels-last (NHWC) inside: the input is converted once
+    /// (before a 3x3 stem, which runs channels-last too; after an ImageNet stem's max-pool), and
+    /// the pooled features (or, for [`Model::forward_features`], each stage's output) come back as
+    /// the NCHW API expects. On by default on the CPU; `LEAN_LAYOUT=nchw` turns it off.
     pub fn channels_last(&self) -> bool {
         self.channels_last
     }
@@ -242,10 +242,7 @@ impl MobileNetV2 {
 impl Model for MobileNetV2 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (conv, classifier) = crate::model::head(&self.head)?;
-        let mut h = self.stem.forward_t(x, train)?;
-        if self.channels_last {
-            h = to_channels_last(&h)?;
-        }
+        let mut h = self.stem.forward_stem(x, train, self.channels_last)?;
         for b in &self.blocks {
             h = self.block_forward(b, &h, train)?;
         }
@@ -261,10 +258,7 @@ impl Model for MobileNetV2 {
     }
 
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut h = self.stem.forward_t(x, train)?;
-        if self.channels_last {
-            h = to_channels_last(&h)?;
-        }
+        let mut h = self.stem.forward_stem(x, train, self.channels_last)?;
         let mut out = vec![];
         for (i, b) in self.blocks.iter().enumerate() {
             h = self.block_forward(b, &h, train)?;

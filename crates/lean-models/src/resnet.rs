@@ -189,11 +189,11 @@ impl ResNet {
         Ok(net)
     }
 
-    /// Whether the blocks run channels-last (NHWC) inside: the stem runs NCHW, its output is
-    /// converted once, and the pooled features (or, for [`Model::forward_features`], each
-    /// stage's output) come back as the NCHW API expects. On by default on the CPU wherever
-    /// every convolution in the blocks has an NHWC kernel (lean ResNets); `LEAN_LAYOUT=nchw`
-    /// turns it off.
+    /// Whether the blocks run channels-last (NHWC) inside: the input is converted once (before a
+    /// 3x3 stem, which runs channels-last too; after an ImageNet stem's max-pool), and the pooled
+    /// features (or, for [`Model::forward_features`], each stage's output) come back as the NCHW
+    /// API expects. On by default on the CPU wherever every convolution in the blocks has an NHWC
+    /// kernel (lean ResNets); `LEAN_LAYOUT=nchw` turns it off.
     pub fn channels_last(&self) -> bool {
         self.channels_last
     }
@@ -236,10 +236,11 @@ impl ResNet {
     /// Each stage's output, in the inner layout; with `nchw_out`, converted back to NCHW.
     fn run_stages(&self, x: &Tensor, train: bool, nchw_out: bool) -> Result<Vec<Tensor>> {
         let nhwc = self.channels_last;
-        let mut h = self.stem_forward(x, train)?;
-        if nhwc {
-            h = to_channels_last(&h)?;
-        }
+        let mut h = match self.cfg.stem {
+            Stem::Small => self.stem.forward_stem(x, train, nhwc)?,
+            Stem::ImageNet if nhwc => to_channels_last(&self.stem_forward(x, train)?)?,
+            Stem::ImageNet => self.stem_forward(x, train)?,
+        };
         let mut out = vec![];
         for stage in &self.stages {
             for b in stage {

@@ -192,10 +192,10 @@ impl ShuffleNetV2 {
         })
     }
 
-    /// Whether the stages and conv5 run channels-last (NHWC) inside: the stem runs NCHW, its
-    /// output is converted once, and the pooled features (or, for [`Model::forward_features`],
-    /// each stage's output) come back as the NCHW API expects. On by default on the CPU;
-    /// `LEAN_LAYOUT=nchw` turns it off.
+    /// Whether the stages and conv5 run channels-last (NHWC) inside: the input is converted once
+    /// (before a 3x3 stem, which runs channels-last too; after an ImageNet stem's max-pool), and
+    /// the pooled features (or, for [`Model::forward_features`], each stage's output) come back as
+    /// the NCHW API expects. On by default on the CPU; `LEAN_LAYOUT=nchw` turns it off.
     pub fn channels_last(&self) -> bool {
         self.channels_last
     }
@@ -206,14 +206,24 @@ impl ShuffleNetV2 {
         self.channels_last = on;
     }
 
-    /// The stem's output and the stages' outputs, the latter in the inner layout; with
-    /// `nchw_out`, converted back to NCHW.
+    /// The stem's output and the stages' outputs, in the inner layout; with `nchw_out`, all in
+    /// NCHW.
     fn run_stages(&self, x: &Tensor, train: bool, nchw_out: bool) -> Result<Vec<Tensor>> {
-        let stem = self.stem(x, train)?;
-        let mut h = if self.channels_last {
-            to_channels_last(&stem)?
-        } else {
-            stem.clone()
+        let (stem, mut h) = match (self.channels_last, self.cfg.small_stem) {
+            // The small stem has no max-pool: it runs channels-last itself where it can.
+            (true, true) => {
+                let h = self.conv1.forward_stem(x, train, true)?;
+                (if nchw_out { to_channels_first(&h)? } else { h.clone() }, h)
+            }
+            (true, false) => {
+                let stem = self.stem(x, train)?;
+                let h = to_channels_last(&stem)?;
+                (stem, h)
+            }
+            (false, _) => {
+                let stem = self.stem(x, train)?;
+                (stem.clone(), stem)
+            }
         };
         let mut out = vec![stem];
         for stage in &self.stages {

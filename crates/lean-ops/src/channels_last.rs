@@ -1,6 +1,6 @@
 //! Channels-last (NHWC) operators, for networks that run their inside in NHWC: the layout
-//! conversions at the network's edges, the lean, stencil-only, depthwise 3x3 and pointwise
-//! convolutions, ShuffleNetV2's concatenation + channel shuffle, global average pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
+//! conversions at the network's edges, the lean, stencil-only, depthwise 3x3, dense 3x3 (few
+//! input channels) and pointwise convolutions, ShuffleNetV2's concatenation + channel shuffle, global average pooling, and (through [`crate::BatchNorm2d::forward_act_nhwc`]) BatchNorm with its activation.
 //! The convolutions' `_moments` forms also sum their output's per-channel statistics for the
 //! BatchNorm that follows them, in their own output pass.
 //!
@@ -183,10 +183,11 @@ impl CpuOp3 for NhwcLeanOp {
                 with_data::<T, _>(p, |ps| {
                     with_data::<T, _>(q, |qs| {
                         with_data::<T, _>(gy, |gys| {
-                            let g = self.0.backward(xs, Some(ps), Some(qs), gys);
+                            let g = self.0.backward(xs, Some(ps), Some(qs), gys, x.track_op());
+                            let gx = g.x.map(|v| tensor(v, x.dims())).transpose()?;
                             let gp = g.pointwise.map(|v| tensor(v, p.dims())).transpose()?;
                             let gq = g.stencil.map(|v| tensor(v, q.dims())).transpose()?;
-                            Ok((Some(tensor(g.x, x.dims())?), gp, gq))
+                            Ok((gx, gp, gq))
                         })
                     })
                 })
@@ -235,9 +236,11 @@ impl CpuOp2 for NhwcOneBranchOp {
                 with_data::<T, _>(w, |ws| {
                     with_data::<T, _>(gy, |gys| {
                         let (p, q) = self.weights(ws);
-                        let g = self.0.backward(xs, p, q, gys);
+                        // An input that tracks no op (a network's input) needs no gradient.
+                        let g = self.0.backward(xs, p, q, gys, x.track_op());
+                        let gx = g.x.map(|v| tensor(v, x.dims())).transpose()?;
                         let gw = g.pointwise.or(g.stencil).map(|v| tensor(v, w.dims())).transpose()?;
-                        Ok((Some(tensor(g.x, x.dims())?), gw))
+                        Ok((gx, gw))
                     })
                 })
             })
@@ -363,6 +366,41 @@ pub fn depthwise_conv2d_nhwc_moments(
     const OP: &str = "depthwise_conv2d_nhwc";
     let (_, _, _, c) = dims_nhwc(OP, x)?;
     let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
+    let req = MomentsRequest::new(shift);
+    let y = grouped_stencil_nhwc(x, &q, &cfg, Some(req.clone()))?;
+    Ok((y, req.take()))
+}
+
+/// A dense 3x3 convolution (groups 1, padding = dilation) of a channels-last input, weight
+/// (Cout, Cin, 3, 3) as [`crate::conv2d`] takes it: run as the `full` stencil with one group, a
+/// direct kernel meant for few input channels (a network's first layer), where an unfolded GEMM
+/// would have K = 9·Cin.
+pub fn dense3x3_conv2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    const OP: &str = "dense3x3_conv2d_nhwc";
+    let (_, _, _, c) = dims_nhwc(OP, x)?;
+    let (cfg, q) = crate::depthwise::dense3x3_as_stencil(OP, c, weight, stride, dilation)?;
+    let y = grouped_stencil_conv2d_nhwc(x, &q, &cfg)?;
+    add_last_dim_bias(OP, y, bias)
+}
+
+/// [`dense3x3_conv2d_nhwc`] without bias, with its output's per-channel moments summed around
+/// `shift` in the op's own output pass (see [`lean_conv2d_nhwc_moments`]).
+pub fn dense3x3_conv2d_nhwc_moments(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+    shift: &[f64],
+) -> Result<(Tensor, Option<ChannelMoments>)> {
+    const OP: &str = "dense3x3_conv2d_nhwc";
+    let (_, _, _, c) = dims_nhwc(OP, x)?;
+    let (cfg, q) = crate::depthwise::dense3x3_as_stencil(OP, c, weight, stride, dilation)?;
     let req = MomentsRequest::new(shift);
     let y = grouped_stencil_nhwc(x, &q, &cfg, Some(req.clone()))?;
     Ok((y, req.take()))

@@ -51,6 +51,34 @@ pub(crate) fn as_stencil(
     Ok((cfg, weight.reshape((cout, 1, 9))?))
 }
 
+/// A dense 3x3 convolution (groups 1) of `c` input channels as the `full` stencil with one
+/// group of all `c` channels: its configuration and the weight (Cout, C, 3, 3) seen as the
+/// stencil weight (Cout, C, 9). The channels-last path runs a network's first convolution (3
+/// input channels) this way, as a direct stencil instead of an unfolded GEMM.
+pub(crate) fn dense3x3_as_stencil(
+    op: &'static str,
+    c: usize,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+) -> Result<(LeanConv2dConfig, Tensor)> {
+    let cout = match weight.dims() {
+        &[o, i, 3, 3] if c > 0 && i == c => o,
+        d => {
+            return Err(shape_err(
+                op,
+                format!("weight must be (Cout, {c}, 3, 3) for {c} input channels, got {d:?}"),
+            ))
+        }
+    };
+    let cfg = LeanConv2dConfig::new(c, cout)
+        .stencil(Stencil::Full)
+        .group_size(c)
+        .stride(stride)
+        .dilation(dilation);
+    Ok((cfg, weight.reshape((cout, c, 9))?))
+}
+
 /// A depthwise 3x3 convolution layer with torchvision's names (`weight` (C·m, 1, 3, 3), `bias`).
 #[derive(Clone, Debug)]
 pub struct DepthwiseConv2d {

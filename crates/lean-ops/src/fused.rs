@@ -13,8 +13,8 @@
 
 use crate::activation::{activation, add_activation, Activation};
 use crate::channels_last::{
-    channel_affine_nhwc, check_lean_input, depthwise_conv2d_nhwc, dims_nhwc, geometry, lean_conv2d_nhwc,
-    pointwise_conv2d_nhwc, pointwise_geometry,
+    channel_affine_nhwc, check_lean_input, dense3x3_conv2d_nhwc, depthwise_conv2d_nhwc, dims_nhwc, geometry,
+    lean_conv2d_nhwc, pointwise_conv2d_nhwc, pointwise_geometry,
 };
 use crate::error::{shape_err, Result};
 use crate::kernels::nhwc::Prepared;
@@ -46,6 +46,16 @@ pub enum ConvWeights<'a> {
     },
     /// A depthwise 3x3 convolution, weight (C·m, 1, 3, 3), padding = dilation.
     Depthwise {
+        /// The weight.
+        weight: &'a Tensor,
+        /// The stride.
+        stride: usize,
+        /// The dilation.
+        dilation: usize,
+    },
+    /// A dense 3x3 convolution (groups 1), weight (Cout, Cin, 3, 3), padding = dilation: a
+    /// direct kernel for few input channels ([`crate::channels_last::dense3x3_conv2d_nhwc`]).
+    Dense3x3 {
         /// The weight.
         weight: &'a Tensor,
         /// The stride.
@@ -132,6 +142,18 @@ impl PreparedConv {
                     taps: Some(taps_major(&q)?),
                 }
             }
+            ConvWeights::Dense3x3 {
+                weight,
+                stride,
+                dilation,
+            } => {
+                let c = weight.dim(1)?;
+                let (_, q) = crate::depthwise::dense3x3_as_stencil("PreparedConv", c, weight, stride, dilation)?;
+                PreparedConv {
+                    pointwise_t: None,
+                    taps: Some(taps_major(&q)?),
+                }
+            }
         })
     }
 }
@@ -174,6 +196,16 @@ pub fn conv_affine_act_nhwc_prepared(
         } => {
             let (_, _, _, c) = dims_nhwc(OP, x)?;
             let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
+            let (n, h, w) = check_lean_input(OP, &cfg, x, None, &q)?;
+            (geometry(&cfg, n, h, w, false), None, Some(q))
+        }
+        ConvWeights::Dense3x3 {
+            weight,
+            stride,
+            dilation,
+        } => {
+            let (_, _, _, c) = dims_nhwc(OP, x)?;
+            let (cfg, q) = crate::depthwise::dense3x3_as_stencil(OP, c, weight, stride, dilation)?;
             let (n, h, w) = check_lean_input(OP, &cfg, x, None, &q)?;
             (geometry(&cfg, n, h, w, false), None, Some(q))
         }
@@ -310,6 +342,11 @@ fn composite(
             stride,
             dilation,
         } => depthwise_conv2d_nhwc(x, weight, None, stride, dilation)?,
+        ConvWeights::Dense3x3 {
+            weight,
+            stride,
+            dilation,
+        } => dense3x3_conv2d_nhwc(x, weight, None, stride, dilation)?,
     };
     // The activation goes after the residual add when there is one.
     let inner = if residual.is_some() { Activation::None } else { act };

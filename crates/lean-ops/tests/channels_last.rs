@@ -175,6 +175,67 @@ fn depthwise_and_stencil_only_nhwc_match_their_nchw_ops() {
 }
 
 /// Two BatchNorms' running mean and variance agree within `tol`.
+/// A network's first layer (3 input channels) as a channels-last direct stencil: the NCHW
+/// dense convolution's values and gradients, at every stride and dilation, with and without
+/// an input that asks for its gradient (a network's input does not: the op then skips it).
+#[test]
+fn dense3x3_nhwc_matches_the_nchw_dense_conv() {
+    use lean_ops::channels_last::{dense3x3_conv2d_nhwc, dense3x3_conv2d_nhwc_moments};
+    let mut k = 100;
+    for (cin, cout) in [(3, 24), (1, 5), (4, 20)] {
+        for (stride, dil) in [(1, 1), (2, 1), (1, 2)] {
+            k += 1;
+            let x = rand(&[2, cin, 9, 13], k * 5, DType::F64);
+            let wt = rand(&[cout, cin, 3, 3], k * 5 + 1, DType::F64);
+            let b = rand(&[cout], k * 5 + 2, DType::F64);
+            let vars: Vec<_> = [&x, &wt, &b].iter().map(|t| var(t)).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let what = format!("cin={cin} cout={cout} stride={stride} dil={dil}");
+            let reference = conv2d(&ts[0], &ts[1], Some(&ts[2]), stride, dil, dil).unwrap();
+            let fast = nchw(&dense3x3_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], Some(&ts[2]), stride, dil).unwrap());
+            assert_close(&fast, &reference, 1e-12, &format!("dense3x3 forward {what}"));
+            let r = rand(reference.dims(), 9, DType::F64);
+            let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+            for i in 0..3 {
+                assert_close(&gf[i], &gr[i], 1e-11, &format!("dense3x3 gradient {i} {what}"));
+            }
+            // The input as a plain tensor: the weight's gradient is the same, the input gets none.
+            let wv = var(&wt);
+            let y = dense3x3_conv2d_nhwc(&nhwc(&x), wv.as_tensor(), None, stride, dil).unwrap();
+            let g = (y * nhwc(&r)).unwrap().sum_all().unwrap().backward().unwrap();
+            let gw = g.get(wv.as_tensor()).expect("weight gradient");
+            assert_close(
+                gw,
+                &gr[1],
+                1e-11,
+                &format!("dense3x3 weight gradient, plain input, {what}"),
+            );
+        }
+    }
+    // Moments summed in the output pass (an output large enough for row tasks).
+    let x = rand(&[16, 16, 16, 3], 131, DType::F64);
+    let w = rand(&[64, 3, 3, 3], 132, DType::F64);
+    let shift = vec![0.5; 64];
+    let (y, m) = dense3x3_conv2d_nhwc_moments(&x, &w, 1, 1, &shift).unwrap();
+    assert_close(
+        &y,
+        &dense3x3_conv2d_nhwc(&x, &w, None, 1, 1).unwrap(),
+        0.0,
+        "dense3x3 moments output",
+    );
+    let m = m.expect("moments of a large output");
+    let (mean, var_) = reference_moments(&y);
+    let t = |v: &[f64]| Tensor::new(v, &Device::Cpu).unwrap();
+    assert_close(&t(&m.mean), &mean, 1e-9, "dense3x3 mean");
+    assert_close(&t(&m.var), &var_, 1e-9, "dense3x3 variance");
+    // A weight that is not (Cout, Cin, 3, 3) for the input's channels is named.
+    let err = dense3x3_conv2d_nhwc(&x, &rand(&[64, 4, 3, 3], 133, DType::F64), None, 1, 1).unwrap_err();
+    assert!(
+        err.to_string().contains("(Cout, 3, 3, 3)") && err.to_string().contains("[64, 4, 3, 3]"),
+        "{err}"
+    );
+}
+
 fn assert_same_running_stats(b: &BatchNorm2d, a: &BatchNorm2d, tol: f64, what: &str) {
     assert_close(b.running_mean(), a.running_mean(), tol, &format!("running mean {what}"));
     assert_close(b.running_var(), a.running_var(), tol, &format!("running var {what}"));

@@ -34,6 +34,7 @@ enum Case {
     Lean(LeanConv2dConfig, Tensor, Tensor),
     Pointwise(Tensor, usize),
     Depthwise(Tensor, usize, usize),
+    Dense3x3(Tensor, usize, usize),
 }
 
 impl Case {
@@ -46,6 +47,11 @@ impl Case {
             },
             Case::Pointwise(w, s) => ConvWeights::Pointwise { weight: w, stride: *s },
             Case::Depthwise(w, s, d) => ConvWeights::Depthwise {
+                weight: w,
+                stride: *s,
+                dilation: *d,
+            },
+            Case::Dense3x3(w, s, d) => ConvWeights::Dense3x3 {
                 weight: w,
                 stride: *s,
                 dilation: *d,
@@ -68,6 +74,10 @@ impl Case {
                 let v = var(w);
                 (Case::Depthwise(v.as_tensor().clone(), *s, *d), vec![v])
             }
+            Case::Dense3x3(w, s, d) => {
+                let v = var(w);
+                (Case::Dense3x3(v.as_tensor().clone(), *s, *d), vec![v])
+            }
         }
     }
     /// The convolution of an NCHW input by candle's and our NCHW ops.
@@ -76,6 +86,7 @@ impl Case {
             Case::Lean(cfg, p, q) => lean_conv2d(x, p, q, None, cfg).unwrap(),
             Case::Pointwise(w, s) => x.conv2d(w, 0, *s, 1, 1).unwrap(),
             Case::Depthwise(w, s, d) => depthwise_conv2d(x, w, None, *s, *d).unwrap(),
+            Case::Dense3x3(w, s, d) => x.conv2d(w, *d, *s, *d, 1).unwrap(),
         }
     }
     fn name(&self) -> String {
@@ -86,6 +97,7 @@ impl Case {
             ),
             Case::Pointwise(w, s) => format!("pointwise {:?} stride {s}", w.dims()),
             Case::Depthwise(w, s, d) => format!("depthwise {:?} stride {s} dilation {d}", w.dims()),
+            Case::Dense3x3(w, s, d) => format!("dense 3x3 {:?} stride {s} dilation {d}", w.dims()),
         }
     }
 }
@@ -113,6 +125,13 @@ fn cases(cin: usize, dt: DType) -> Vec<Case> {
     for (m, stride, dil) in [(1, 1, 1), (1, 2, 1), (2, 1, 2)] {
         out.push(Case::Depthwise(
             rand(&[cin * m, 1, 3, 3], 30 + m as u64, dt),
+            stride,
+            dil,
+        ));
+    }
+    for (stride, dil) in [(1, 1), (2, 1), (1, 2)] {
+        out.push(Case::Dense3x3(
+            rand(&[10, cin, 3, 3], 40 + stride as u64, dt),
             stride,
             dil,
         ));
@@ -185,7 +204,7 @@ fn the_fused_pass_equals_the_composite_ops_and_an_nchw_reference() {
                 }
             }
         }
-        assert_eq!(checked, 9 * 3 * 2 * 3);
+        assert_eq!(checked, 12 * 3 * 2 * 3);
     }
 }
 
@@ -289,7 +308,12 @@ fn outputs_split_into_row_tasks_match_the_nchw_ops() {
         Case::Depthwise(rand(&[30, 1, 3, 3], 11, dt), 1, 1),
         Case::Depthwise(rand(&[120, 1, 3, 3], 12, dt), 1, 1),
     ];
-    for (c, cases) in [(64, &wide[..]), (30, &narrow[..])] {
+    // A network's first layer: 3 input channels, every output row task's stencil direct.
+    let stem = [
+        Case::Dense3x3(rand(&[32, 3, 3, 3], 13, dt), 1, 1),
+        Case::Dense3x3(rand(&[24, 3, 3, 3], 14, dt), 2, 1),
+    ];
+    for (c, cases) in [(64, &wide[..]), (30, &narrow[..]), (3, &stem[..])] {
         let x_nchw = rand(&[n, c, 32, 32], 1, dt);
         let x = to_channels_last(&x_nchw).unwrap();
         for case in cases {
@@ -306,6 +330,7 @@ fn row_tasks_case(case: &Case, x_nchw: &Tensor, x: &Tensor, dt: DType) {
             Case::Lean(cfg, p, q) => lean_ops::channels_last::lean_conv2d_nhwc(x, p, q, None, cfg).unwrap(),
             Case::Pointwise(w, s) => lean_ops::channels_last::pointwise_conv2d_nhwc(x, w, None, *s).unwrap(),
             Case::Depthwise(w, s, d) => lean_ops::channels_last::depthwise_conv2d_nhwc(x, w, None, *s, *d).unwrap(),
+            Case::Dense3x3(w, s, d) => lean_ops::channels_last::dense3x3_conv2d_nhwc(x, w, None, *s, *d).unwrap(),
         };
         assert_close(&to_channels_first(&plain).unwrap(), &y_nchw, tol(dt), &what);
         let bn = batch_norm(cout, 8, dt);
@@ -346,8 +371,13 @@ fn prepared_weights_give_the_same_values() {
                 Case::Pointwise(rand(&[2 * c, c, 1, 1], 16, dt), 1),
                 Case::Depthwise(rand(&[c, 1, 3, 3], 18, dt), 1, 1),
                 Case::Depthwise(rand(&[2 * c, 1, 3, 3], 19, dt), 2, 1),
+                Case::Dense3x3(rand(&[16, c, 3, 3], 21, dt), 1, 1),
             ];
-            for case in cases {
+            // A dense 3x3 runs channels-last for few input channels only: skip the wide inputs.
+            for case in cases
+                .into_iter()
+                .filter(|k| c <= 24 || !matches!(k, Case::Dense3x3(..)))
+            {
                 let what = format!("{} n={n} c={c}", case.name());
                 let prepared_weights = PreparedConv::new(case.weights()).unwrap();
                 let y_nchw = case.nchw(&x_nchw);
@@ -366,7 +396,7 @@ fn prepared_weights_give_the_same_values() {
                 assert_close(&to_channels_first(&prepared).unwrap(), &reference, tol(dt), &what);
                 let plain = conv_affine_act_nhwc(&x, case.weights(), affine, None, Activation::Relu).unwrap();
                 assert_close(&prepared, &plain, tol(dt), &what);
-                if let Case::Depthwise(..) = case {
+                if let Case::Depthwise(..) | Case::Dense3x3(..) = case {
                     assert_close(&prepared, &plain, 0.0, &what);
                 }
                 // Another convolution's prepared weights: refused, the tensor named.
@@ -378,7 +408,9 @@ fn prepared_weights_give_the_same_values() {
                         Some((p.reshape((c, cout, 1, 1)).unwrap(), "transposed pointwise weight"))
                     }
                     Case::Lean(..) | Case::Pointwise(..) => None,
-                    Case::Depthwise(..) => Some((rand(&[cout + 1, 1, 3, 3], 20, dt), "taps-major stencil weight")),
+                    Case::Depthwise(..) | Case::Dense3x3(..) => {
+                        Some((rand(&[cout + 1, 1, 3, 3], 20, dt), "taps-major stencil weight"))
+                    }
                 };
                 if let Some((w, named)) = other {
                     let wrong = match named {

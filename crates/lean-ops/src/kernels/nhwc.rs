@@ -60,7 +60,8 @@ impl<T> Default for Prepared<'_, T> {
 
 /// Gradients of one backward pass.
 pub(crate) struct NhwcGrads<T> {
-    pub x: Vec<T>,
+    /// `None` where the caller did not ask for it.
+    pub x: Option<Vec<T>>,
     pub pointwise: Option<Vec<T>>,
     pub stencil: Option<Vec<T>>,
 }
@@ -72,6 +73,11 @@ pub(crate) type MeanVar = (Vec<f64>, Vec<f64>);
 
 /// The most taps a stencil has (the full 3x3).
 const MAX_TAPS: usize = 9;
+/// The most input channels of a one-group stencil (a dense 3x3: a network's first layer) that
+/// the register-blocked row kernel runs, each (tap, input channel) pair one of its taps.
+const MAX_DENSE_CIN: usize = 4;
+/// The most such taps.
+const MAX_ROW_TAPS: usize = MAX_TAPS * MAX_DENSE_CIN;
 
 /// Output pixel rows per chunk of a weight-gradient reduction (fixed: the summation order must
 /// not depend on the number of threads).
@@ -497,12 +503,22 @@ impl NhwcConv {
         });
     }
 
-    /// The channel multiplier of a stencil that [`Self::depthwise_row`] runs (depthwise, at most
-    /// [`MAX_TAPS`] taps, each input channel feeding 1, 2 or 4 output channels).
+    /// The channel multiplier of a stencil that [`Self::depthwise_row`] runs, at most
+    /// [`MAX_TAPS`] taps: depthwise with each input channel feeding 1, 2 or 4 output channels,
+    /// or 0 for one group of at most [`MAX_DENSE_CIN`] input channels (a dense convolution of
+    /// few inputs: every output channel reads every input channel).
     fn depthwise_opg(&self, st: &NhwcStencil) -> Option<usize> {
         let opg = self.cout / self.cin;
-        (st.g == 1 && st.taps.len() <= MAX_TAPS && self.cout == opg * self.cin && matches!(opg, 1 | 2 | 4))
-            .then_some(opg)
+        if st.taps.len() > MAX_TAPS {
+            return None;
+        }
+        if st.g == 1 && self.cout == opg * self.cin && matches!(opg, 1 | 2 | 4) {
+            Some(opg)
+        } else if st.g == self.cin && self.cin <= MAX_DENSE_CIN {
+            Some(0)
+        } else {
+            None
+        }
     }
 
     /// [`Self::depthwise_row`] with the multiplier of [`Self::depthwise_opg`] (which must be
@@ -521,6 +537,7 @@ impl NhwcConv {
             Some(1) => self.depthwise_row::<T, Y, 1>(st, r, x, qt, yrow, epi),
             Some(2) => self.depthwise_row::<T, Y, 2>(st, r, x, qt, yrow, epi),
             Some(4) => self.depthwise_row::<T, Y, 4>(st, r, x, qt, yrow, epi),
+            Some(0) => self.depthwise_row::<T, Y, 0>(st, r, x, qt, yrow, epi),
             _ => unreachable!("depthwise_row_any without a depthwise stencil"),
         }
     }
@@ -543,28 +560,35 @@ impl NhwcConv {
         epi: Option<&Epilogue<T>>,
     ) {
         let (c, s, d) = (self.cout, self.stride, st.dil as isize);
-        let cin = c / OPG;
+        let cin = if OPG == 0 { self.cin } else { c / OPG };
+        // One group of few channels (OPG = 0): each (tap, input channel j) pair is a tap of its
+        // own, with weights qt[(t·Cin + j)·Cout..] and one input value broadcast to all
+        // channels, in the order of the generic path (taps outer, channels inner).
+        let sub = if OPG == 0 { cin } else { 1 };
         let (ni, yo) = (r / self.ho, r % self.ho);
         // The taps whose input row exists: their weights' offset in `qt`, their column offset
         // dx·d, and the value offset in `x` of their input pixel for output column 0 (outside
         // the row where dx·d < 0). Columns lo..hi have every such tap inside the row.
-        let (mut qoff, mut ox, mut x0) = ([0usize; MAX_TAPS], [0isize; MAX_TAPS], [0isize; MAX_TAPS]);
+        let (mut qoff, mut ox, mut x0) = ([0usize; MAX_ROW_TAPS], [0isize; MAX_ROW_TAPS], [0isize; MAX_ROW_TAPS]);
         let (mut nt, mut lo, mut hi) = (0, 0, self.wo);
         for (t, &(dy, dx)) in st.taps.iter().enumerate() {
             let yi = (yo * s) as isize + dy * d;
             if yi >= 0 && yi < self.h as isize {
                 let base = ((ni * self.h + yi as usize) * self.w) as isize;
-                (qoff[nt], ox[nt], x0[nt]) = (t * c, dx * d, (base + dx * d) * cin as isize);
+                for j in 0..sub {
+                    let xoff = (base + dx * d) * cin as isize + j as isize;
+                    (qoff[nt], ox[nt], x0[nt]) = ((t * sub + j) * c, dx * d, xoff);
+                    nt += 1;
+                }
                 let (l, h) = valid_range(dx * d, s, self.w, self.wo);
                 (lo, hi) = (lo.max(l), hi.min(h));
-                nt += 1;
             }
         }
         let step = (s * cin) as isize;
         let w = self.w as isize;
         let row_off = r * self.wo * c;
         // Per pixel: the taps that exist (in order) as (weight offset, input value offset).
-        let (mut qa, mut at) = ([0usize; MAX_TAPS], [0usize; MAX_TAPS]);
+        let (mut qa, mut at) = ([0usize; MAX_ROW_TAPS], [0usize; MAX_ROW_TAPS]);
         let mut xo = 0;
         while xo < self.wo {
             let shift = xo as isize * step;
@@ -607,8 +631,9 @@ impl NhwcConv {
         }
     }
 
-    /// The gradients of x (rows_in x Cin), of P (Cout, Cin) and of Q (Cout, g, |S|).
-    pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> NhwcGrads<T> {
+    /// The gradients of x (rows_in x Cin; with `want_x`: a network's input needs none), of P
+    /// (Cout, Cin) and of Q (Cout, g, |S|).
+    pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T], want_x: bool) -> NhwcGrads<T> {
         let pointwise = p.filter(|_| self.pointwise).map(|_| {
             let xs = self.subsampled(x);
             self.pointwise_weight_grad(xs.as_deref().unwrap_or(x), gy)
@@ -619,7 +644,7 @@ impl NhwcConv {
             .zip(q)
             .map(|(st, _)| self.stencil_weight_grad(st, x, gy));
         NhwcGrads {
-            x: self.input_grad(p, q, gy),
+            x: want_x.then(|| self.input_grad(p, q, gy)),
             pointwise,
             stencil,
         }
@@ -907,8 +932,9 @@ impl PixelRun<'_> {
     }
 
     /// Channels cb..cb + B of the P pixels: += Σ over the taps of q · x (output channel o reads
-    /// input channel o / OPG), then the epilogue, in registers. Taps are added in order, as on
-    /// the one-channel path, so a value depends neither on its block nor on P.
+    /// input channel o / OPG; with OPG = 0 every channel reads the tap's one input value), then
+    /// the epilogue, in registers. Taps are added in order, as on the one-channel path, so a
+    /// value depends neither on its block nor on P.
     #[inline(always)]
     fn block<T: Real, Y: RowOut<T> + ?Sized, const B: usize, const P: usize, const OPG: usize>(
         &self,
@@ -920,16 +946,28 @@ impl PixelRun<'_> {
     ) {
         let c = self.c;
         let mut acc: [[T; B]; P] = std::array::from_fn(|p| yrow.load::<B>(self.first + p * c + cb));
-        let n = B.div_ceil(OPG);
+        // (`max(1)`: no division by zero in the code for OPG = 0, which never runs it.)
+        let (n, xoff) = if OPG == 0 {
+            (1, 0)
+        } else {
+            (B.div_ceil(OPG), cb / OPG.max(1))
+        };
         for (&q0, &a) in self.qa.iter().zip(self.at) {
             let qk: &[T; B] = qt[q0 + cb..][..B].try_into().expect("B weights");
             // The P pixels' inputs, checked once: the last one's end lies inside `x`.
-            let span = &x[a + cb / OPG..a + cb / OPG + (P - 1) * self.step + n];
+            let span = &x[a + xoff..a + xoff + (P - 1) * self.step + n];
             for p in 0..P {
                 let xp = &span[p * self.step..p * self.step + n];
                 let mut v = acc[p];
-                for l in 0..B {
-                    v[l] += qk[l] * xp[l / OPG];
+                if OPG == 0 {
+                    let xv = xp[0];
+                    for l in 0..B {
+                        v[l] += qk[l] * xv;
+                    }
+                } else {
+                    for l in 0..B {
+                        v[l] += qk[l] * xp[l / OPG.max(1)];
+                    }
                 }
                 acc[p] = v;
             }
