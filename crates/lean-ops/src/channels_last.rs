@@ -348,9 +348,7 @@ pub fn depthwise_conv2d_nhwc(
     dilation: usize,
 ) -> Result<Tensor> {
     const OP: &str = "depthwise_conv2d_nhwc";
-    let (_, _, _, c) = dims_nhwc(OP, x)?;
-    let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
-    let y = grouped_stencil_conv2d_nhwc(x, &q, &cfg)?;
+    let y = conv3x3_nhwc(OP, x, (weight, stride, dilation), crate::depthwise::as_stencil, None)?;
     add_last_dim_bias(OP, y, bias)
 }
 
@@ -363,11 +361,15 @@ pub fn depthwise_conv2d_nhwc_moments(
     dilation: usize,
     shift: &[f64],
 ) -> Result<(Tensor, Option<ChannelMoments>)> {
-    const OP: &str = "depthwise_conv2d_nhwc";
-    let (_, _, _, c) = dims_nhwc(OP, x)?;
-    let (cfg, q) = crate::depthwise::as_stencil(OP, c, weight, stride, dilation)?;
     let req = MomentsRequest::new(shift);
-    let y = grouped_stencil_nhwc(x, &q, &cfg, Some(req.clone()))?;
+    let w = (weight, stride, dilation);
+    let y = conv3x3_nhwc(
+        "depthwise_conv2d_nhwc",
+        x,
+        w,
+        crate::depthwise::as_stencil,
+        Some(req.clone()),
+    )?;
     Ok((y, req.take()))
 }
 
@@ -383,9 +385,13 @@ pub fn dense3x3_conv2d_nhwc(
     dilation: usize,
 ) -> Result<Tensor> {
     const OP: &str = "dense3x3_conv2d_nhwc";
-    let (_, _, _, c) = dims_nhwc(OP, x)?;
-    let (cfg, q) = crate::depthwise::dense3x3_as_stencil(OP, c, weight, stride, dilation)?;
-    let y = grouped_stencil_conv2d_nhwc(x, &q, &cfg)?;
+    let y = conv3x3_nhwc(
+        OP,
+        x,
+        (weight, stride, dilation),
+        crate::depthwise::dense3x3_as_stencil,
+        None,
+    )?;
     add_last_dim_bias(OP, y, bias)
 }
 
@@ -398,12 +404,29 @@ pub fn dense3x3_conv2d_nhwc_moments(
     dilation: usize,
     shift: &[f64],
 ) -> Result<(Tensor, Option<ChannelMoments>)> {
-    const OP: &str = "dense3x3_conv2d_nhwc";
-    let (_, _, _, c) = dims_nhwc(OP, x)?;
-    let (cfg, q) = crate::depthwise::dense3x3_as_stencil(OP, c, weight, stride, dilation)?;
     let req = MomentsRequest::new(shift);
-    let y = grouped_stencil_nhwc(x, &q, &cfg, Some(req.clone()))?;
+    let w = (weight, stride, dilation);
+    let as_stencil = crate::depthwise::dense3x3_as_stencil;
+    let y = conv3x3_nhwc("dense3x3_conv2d_nhwc", x, w, as_stencil, Some(req.clone()))?;
     Ok((y, req.take()))
+}
+
+/// How a 3x3 convolution's weight becomes a stencil's: (op, input channels, weight, stride,
+/// dilation) -> (configuration, stencil weight).
+type AsStencil = fn(&'static str, usize, &Tensor, usize, usize) -> Result<(LeanConv2dConfig, Tensor)>;
+
+/// A 3x3 convolution (weight, stride, dilation) of a channels-last input through the stencil
+/// kernels, seen as a stencil by `as_stencil`.
+fn conv3x3_nhwc(
+    op: &'static str,
+    x: &Tensor,
+    (weight, stride, dilation): (&Tensor, usize, usize),
+    as_stencil: AsStencil,
+    req: Option<MomentsRequest>,
+) -> Result<Tensor> {
+    let (_, _, _, c) = dims_nhwc(op, x)?;
+    let (cfg, q) = as_stencil(op, c, weight, stride, dilation)?;
+    grouped_stencil_nhwc(x, &q, &cfg, req)
 }
 
 /// The lean convolution of a channels-last input (N, H, W, Cin) -> (N, Ho, Wo, Cout), with the

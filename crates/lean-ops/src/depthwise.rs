@@ -35,20 +35,7 @@ pub(crate) fn as_stencil(
     stride: usize,
     dilation: usize,
 ) -> Result<(LeanConv2dConfig, Tensor)> {
-    let cout = match weight.dims() {
-        &[o, 1, 3, 3] if c > 0 && o % c == 0 => o,
-        d => {
-            return Err(shape_err(
-                op,
-                format!("weight must be (C·m, 1, 3, 3) for {c} input channels, got {d:?}"),
-            ))
-        }
-    };
-    let cfg = LeanConv2dConfig::new(c, cout)
-        .stencil(Stencil::Full)
-        .stride(stride)
-        .dilation(dilation);
-    Ok((cfg, weight.reshape((cout, 1, 9))?))
+    conv3x3_as_stencil(op, c, weight, stride, dilation, false)
 }
 
 /// A dense 3x3 convolution (groups 1) of `c` input channels as the `full` stencil with one
@@ -62,21 +49,40 @@ pub(crate) fn dense3x3_as_stencil(
     stride: usize,
     dilation: usize,
 ) -> Result<(LeanConv2dConfig, Tensor)> {
-    let cout = match weight.dims() {
-        &[o, i, 3, 3] if c > 0 && i == c => o,
-        d => {
+    conv3x3_as_stencil(op, c, weight, stride, dilation, true)
+}
+
+/// [`as_stencil`] (depthwise) or [`dense3x3_as_stencil`] (`dense`).
+fn conv3x3_as_stencil(
+    op: &'static str,
+    c: usize,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+    dense: bool,
+) -> Result<(LeanConv2dConfig, Tensor)> {
+    let cout = match (weight.dims(), dense) {
+        (&[o, 1, 3, 3], false) if c > 0 && o % c == 0 => o,
+        (&[o, i, 3, 3], true) if c > 0 && i == c => o,
+        (d, _) => {
+            let want = if dense {
+                format!("(Cout, {c}, 3, 3)")
+            } else {
+                "(C·m, 1, 3, 3)".to_string()
+            };
             return Err(shape_err(
                 op,
-                format!("weight must be (Cout, {c}, 3, 3) for {c} input channels, got {d:?}"),
-            ))
+                format!("weight must be {want} for {c} input channels, got {d:?}"),
+            ));
         }
     };
+    let g = if dense { c } else { 1 };
     let cfg = LeanConv2dConfig::new(c, cout)
         .stencil(Stencil::Full)
-        .group_size(c)
+        .group_size(g)
         .stride(stride)
         .dilation(dilation);
-    Ok((cfg, weight.reshape((cout, c, 9))?))
+    Ok((cfg, weight.reshape((cout, g, 9))?))
 }
 
 /// A depthwise 3x3 convolution layer with torchvision's names (`weight` (C·m, 1, 3, 3), `bias`).
