@@ -111,6 +111,8 @@ pub fn transpose_pointwise(weight: &Tensor) -> Result<Tensor> {
 #[derive(Clone, Debug)]
 pub struct PreparedConv {
     pointwise_t: Option<Tensor>,
+    /// P in the AVX2 kernel's panels (`kernels::fused_avx2`), where Cout is a multiple of 8.
+    panels: Option<Tensor>,
     taps: Option<Tensor>,
 }
 
@@ -121,14 +123,22 @@ impl PreparedConv {
         // (Cout, g, |S|) -> (|S|, g, Cout).
         let taps_major = |q: &Tensor| -> Result<Tensor> { Ok(q.permute((2, 1, 0))?.contiguous()?) };
         Ok(match conv {
-            ConvWeights::Lean { pointwise, stencil, .. } => PreparedConv {
-                pointwise_t: Some(transpose_pointwise(pointwise)?),
-                taps: Some(taps_major(stencil)?),
-            },
-            ConvWeights::Pointwise { weight, .. } => PreparedConv {
-                pointwise_t: Some(transpose_pointwise(weight)?),
-                taps: None,
-            },
+            ConvWeights::Lean { pointwise, stencil, .. } => {
+                let pt = transpose_pointwise(pointwise)?;
+                PreparedConv {
+                    panels: panels(&pt)?,
+                    pointwise_t: Some(pt),
+                    taps: Some(taps_major(stencil)?),
+                }
+            }
+            ConvWeights::Pointwise { weight, .. } => {
+                let pt = transpose_pointwise(weight)?;
+                PreparedConv {
+                    panels: panels(&pt)?,
+                    pointwise_t: Some(pt),
+                    taps: None,
+                }
+            }
             ConvWeights::Depthwise {
                 weight,
                 stride,
@@ -139,6 +149,7 @@ impl PreparedConv {
                 let (_, q) = crate::depthwise::as_stencil("PreparedConv", c.max(1), weight, stride, dilation)?;
                 PreparedConv {
                     pointwise_t: None,
+                    panels: None,
                     taps: Some(taps_major(&q)?),
                 }
             }
@@ -151,11 +162,36 @@ impl PreparedConv {
                 let (_, q) = crate::depthwise::dense3x3_as_stencil("PreparedConv", c, weight, stride, dilation)?;
                 PreparedConv {
                     pointwise_t: None,
+                    panels: None,
                     taps: Some(taps_major(&q)?),
                 }
             }
         })
     }
+}
+
+/// Pᵀ (Cin, Cout) packed as `kernels::fused_avx2::pack_panels` packs P: for each block of 16
+/// output channels (the last one 8 wide), its columns k-major; `None` where Cout is not a
+/// multiple of 8 (the kernel does not run those).
+fn panels(pt: &Tensor) -> Result<Option<Tensor>> {
+    use crate::kernels::fused_avx2::PANEL;
+    let (cin, cout) = pt.dims2()?;
+    if cout == 0 || !cout.is_multiple_of(8) {
+        return Ok(None);
+    }
+    let full = cout / PANEL * PANEL;
+    let mut parts = Vec::new();
+    if full > 0 {
+        let wide = pt
+            .narrow(1, 0, full)?
+            .contiguous()?
+            .reshape((cin, full / PANEL, PANEL))?;
+        parts.push(wide.permute((1, 0, 2))?.contiguous()?.flatten_all()?);
+    }
+    if full < cout {
+        parts.push(pt.narrow(1, full, cout - full)?.contiguous()?.flatten_all()?);
+    }
+    Ok(Some(Tensor::cat(&parts, 0)?))
 }
 
 /// [`conv_affine_act_nhwc`] with the convolution's weights also given as prepared once for
@@ -213,12 +249,18 @@ pub fn conv_affine_act_nhwc_prepared(
     let out_shape = [geom.n, geom.ho, geom.wo, geom.cout];
     let cout = geom.cout;
     let pointwise_t = prepared.and_then(|w| w.pointwise_t.as_ref()).filter(|_| p.is_some());
+    let panels = prepared.and_then(|w| w.panels.as_ref()).filter(|_| p.is_some());
     let taps = prepared.and_then(|w| w.taps.as_ref()).filter(|_| q.is_some());
     for (t, what, want) in [
         (
             pointwise_t,
             "transposed pointwise weight",
             p.as_ref().map(|_| vec![geom.cin, cout]),
+        ),
+        (
+            panels,
+            "packed pointwise weight",
+            p.as_ref().map(|_| vec![geom.cin * cout]),
         ),
         (
             taps,
@@ -290,6 +332,7 @@ pub fn conv_affine_act_nhwc_prepared(
     let on_cpu = x.device().is_cpu()
         && residual.is_none_or(|r| r.device().is_cpu())
         && pointwise_t.is_none_or(|t| t.device().is_cpu())
+        && panels.is_none_or(|t| t.device().is_cpu())
         && taps.is_none_or(|t| t.device().is_cpu());
     if grads_wanted || !on_cpu {
         return composite(x, conv, affine, residual, act);
@@ -302,15 +345,21 @@ pub fn conv_affine_act_nhwc_prepared(
                     with_opt::<T, _>(q.as_ref(), |qs| {
                         with_opt::<T, _>(residual, |rs| {
                             with_opt::<T, _>(pointwise_t, |pts| {
-                                with_opt::<T, _>(taps, |qts| {
-                                    let epi = Epilogue {
-                                        scale: &scale,
-                                        shift: &shift,
-                                        residual: rs,
-                                        act,
-                                    };
-                                    let prepared = Prepared { pt: pts, qt: qts };
-                                    tensor(geom.forward(xs, ps, qs, Some(&epi), prepared), &out_shape)
+                                with_opt::<T, _>(panels, |pps| {
+                                    with_opt::<T, _>(taps, |qts| {
+                                        let epi = Epilogue {
+                                            scale: &scale,
+                                            shift: &shift,
+                                            residual: rs,
+                                            act,
+                                        };
+                                        let prepared = Prepared {
+                                            pt: pts,
+                                            panels: pps,
+                                            qt: qts,
+                                        };
+                                        tensor(geom.forward(xs, ps, qs, Some(&epi), prepared), &out_shape)
+                                    })
                                 })
                             })
                         })

@@ -9,8 +9,27 @@ pub(crate) trait Real: WithDType + num_traits::Float + Default + std::iter::Sum 
     fn f(self) -> f64 {
         WithDType::to_f64(self)
     }
+    /// The values as f32, for kernels that only exist in f32 (`None` for f64).
+    #[inline]
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// [`Real::as_f32`] for an output to be written.
+    #[inline]
+    fn as_f32_out(_: &mut [std::mem::MaybeUninit<Self>]) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
+        None
+    }
 }
-impl Real for f32 {}
+impl Real for f32 {
+    #[inline]
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline]
+    fn as_f32_out(s: &mut [std::mem::MaybeUninit<f32>]) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
+        Some(s)
+    }
+}
 impl Real for f64 {}
 
 /// The contiguous data of a storage seen through `layout`.

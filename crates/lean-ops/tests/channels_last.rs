@@ -494,12 +494,12 @@ fn convolutions_sum_their_output_moments_in_their_own_pass() {
                 let (p, q) = (rand(&[64, 32, 1, 1], 62, dt), rand(&[64, 1, 5], 63, dt));
                 let (y, m) = lean_conv2d_nhwc_moments(&x, &p, &q, &cfg, &shift).unwrap();
                 let expected = lean_conv2d_nhwc(&x, &p, &q, None, &cfg).unwrap();
-                if stride == 1 {
-                    check(&format!("lean {dt:?}"), &y, m, &expected);
+                if stride == 1 || m.is_some() {
+                    // (At stride 2 the fused AVX2 kernel's smaller row tasks, f32 only.)
+                    check(&format!("lean {dt:?} stride {stride}"), &y, m, &expected);
                 } else {
-                    // 8 x 8 outputs: too few rows for row tasks; the BatchNorm sums them.
+                    // 8 x 8 outputs: too few rows for 128 KiB row tasks; the BatchNorm sums them.
                     assert_close(&y, &expected, 0.0, "strided lean output");
-                    assert!(m.is_none(), "moments of an output without row tasks");
                 }
             }
             let w = rand(&[64, 32, 1, 1], 64, dt);

@@ -74,6 +74,59 @@ fn outputs(dt: DType) -> Vec<Vec<f64>> {
     for v in [&x, &res] {
         out.push(flat(grads.get(v.as_tensor()).unwrap()));
     }
+    out.extend(row_task_outputs(dt).iter().map(flat));
+    out
+}
+
+/// Channels-last convolutions large enough to be split into row tasks (where AVX2 runs the
+/// GEMM, the stencil and the epilogue in one register pass, `kernels::fused_avx2`): lean at
+/// stride 1 and 2 (channel multiplier 2), with the full stencil at dilation 2, a pointwise
+/// layer of 40 output channels (a panel one vector wide), each plain, fused with BatchNorm +
+/// residual + ReLU6, and with prepared weights.
+fn row_task_outputs(dt: DType) -> Vec<Tensor> {
+    use lean_ops::channels_last::{lean_conv2d_nhwc, pointwise_conv2d_nhwc, to_channels_last};
+    use lean_ops::fused::{
+        conv_affine_act_nhwc, conv_affine_act_nhwc_prepared, ChannelAffine, ConvWeights, PreparedConv,
+    };
+    let mut out = vec![];
+    let cases = [
+        (8, 32, 32, 32, 1, Stencil::Five, 1),
+        (16, 32, 32, 64, 2, Stencil::Five, 1),
+        (8, 32, 32, 32, 1, Stencil::Full, 2),
+        (8, 32, 32, 40, 1, Stencil::Five, 1),
+    ];
+    for (n, hw, cin, cout, stride, stencil, dilation) in cases {
+        let x = to_channels_last(&rand(&[n, cin, hw, hw], 11, dt)).unwrap();
+        let p = rand(&[cout, cin, 1, 1], 12, dt);
+        let q = rand(&[cout, 1, stencil.len()], 13, dt);
+        let cfg = LeanConv2dConfig::new(cin, cout)
+            .stride(stride)
+            .stencil(stencil)
+            .dilation(dilation);
+        let (y, w) = if cout == 40 {
+            let w = ConvWeights::Pointwise { weight: &p, stride };
+            (pointwise_conv2d_nhwc(&x, &p, None, stride).unwrap(), w)
+        } else {
+            let w = ConvWeights::Lean {
+                pointwise: &p,
+                stencil: &q,
+                cfg: &cfg,
+            };
+            (lean_conv2d_nhwc(&x, &p, &q, None, &cfg).unwrap(), w)
+        };
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, dt, &candle_core::Device::Cpu);
+        let bn = BatchNorm2d::new(cout, BatchNormConfig::default(), vb).unwrap();
+        let r = rand(y.dims(), 14, dt);
+        let affine = ChannelAffine::BatchNorm(&bn);
+        let fused = conv_affine_act_nhwc(&x, w, affine, Some(&r), Activation::Relu6).unwrap();
+        let prepared = PreparedConv::new(w).unwrap();
+        let b = (rand(&[cout], 15, dt) * 4.0).unwrap();
+        let folded =
+            conv_affine_act_nhwc_prepared(&x, w, Some(&prepared), ChannelAffine::Bias(&b), None, Activation::Relu)
+                .unwrap();
+        out.extend([y, fused, folded]);
+    }
     out
 }
 

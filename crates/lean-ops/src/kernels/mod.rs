@@ -3,6 +3,7 @@
 //! in the parent modules split the work across rayon threads.
 
 pub(crate) mod conv_sum;
+pub(crate) mod fused_avx2;
 pub(crate) mod gemm_conv;
 pub(crate) mod gemm_small;
 pub(crate) mod nhwc;

@@ -10,6 +10,7 @@
 //! (Longer than our usual file: forward, input gradient and weight gradient of the same loop
 //! nest belong side by side, so a change to one is seen against the others.)
 
+use super::fused_avx2;
 use super::gemm_conv::{gemm_new, gemm_write, valid_range, zeroed};
 use super::gemm_small::{gemm_small_m, prefers_small_m};
 use super::par_new;
@@ -44,18 +45,31 @@ pub(crate) struct NhwcConv {
 }
 
 /// Weights rearranged once for inference (`crate::fused::PreparedConv`), read in place of
-/// rearranging them per call: P transposed to (Cin, Cout), the stencil's Q taps-major (|S|, g,
-/// Cout).
+/// rearranging them per call: P transposed to (Cin, Cout), P packed in panels for
+/// `fused_avx2`, the stencil's Q taps-major (|S|, g, Cout).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Prepared<'a, T> {
     pub pt: Option<&'a [T]>,
+    pub panels: Option<&'a [T]>,
     pub qt: Option<&'a [T]>,
 }
 
 impl<T> Default for Prepared<'_, T> {
     fn default() -> Self {
-        Prepared { pt: None, qt: None }
+        Prepared {
+            pt: None,
+            panels: None,
+            qt: None,
+        }
     }
+}
+
+/// The operands of [`fused_avx2::run`] for one forward pass.
+struct FusedOperands<'a> {
+    x: &'a [f32],
+    panels: std::borrow::Cow<'a, [f32]>,
+    stencil: Option<fused_avx2::FusedStencil<'a>>,
+    epi: Option<Epilogue<'a, f32>>,
 }
 
 /// Gradients of one backward pass.
@@ -96,6 +110,10 @@ const FWD_TASK_MIN_PIXELS: usize = 64;
 /// inside the GEMM); a constant, so that the choice, and the results, do not depend on the
 /// number of threads.
 const FWD_MIN_TASKS: usize = 8;
+
+/// The fewest output pixels of a convolution that runs [`fused_avx2`] (smaller ones, batch 1's
+/// late stages, keep the GEMM paths tuned for few rows below).
+const FUSED_MIN_PIXELS: usize = 256;
 
 /// Pixel rows per task of [`gemm_prepared_tasks`]: no more than the `gemm` crate's default
 /// limit for reading a column-major left operand in place on one thread (8 panels of its
@@ -183,10 +201,10 @@ macro_rules! for_each_tap_pixel {
 }
 
 impl NhwcConv {
-    fn rows_in(&self) -> usize {
+    pub(crate) fn rows_in(&self) -> usize {
         self.n * self.h * self.w
     }
-    fn rows_out(&self) -> usize {
+    pub(crate) fn rows_out(&self) -> usize {
         self.n * self.ho * self.wo
     }
     fn par() -> Parallelism {
@@ -260,18 +278,34 @@ impl NhwcConv {
         moments: Option<Vec<f64>>,
     ) -> (Vec<T>, Option<MeanVar>) {
         let moments = moments.filter(|m| m.len() == self.cout).map(|shift| {
-            let (_, per_task) = self.tasks();
+            let (_, per_task) = self.tasks(self.runs_fused(x, p));
             MomentsSink::new(shift, self.rows_out(), per_task * self.wo)
         });
         let y = self.forward_sink(x, p, q, None, Prepared::default(), moments.as_ref());
         (y, moments.and_then(MomentsSink::finish))
     }
 
-    /// (output values per image row, image rows per row task).
-    fn tasks(&self) -> (usize, usize) {
+    /// (output values per image row, image rows per row task), for the fused AVX2 kernel
+    /// with `fused` (whose tasks need no minimum size: at least [`FWD_MIN_TASKS`] of them
+    /// where the output has the rows).
+    fn tasks(&self, fused: bool) -> (usize, usize) {
         let row_len = self.wo * self.cout;
         let per_task = (FWD_TASK_VALUES / row_len.max(1)).max(FWD_TASK_MIN_PIXELS.div_ceil(self.wo.max(1)));
+        if fused {
+            let image_rows = self.n * self.ho;
+            return (row_len, per_task.min(image_rows.div_ceil(FWD_MIN_TASKS)).max(1));
+        }
         (row_len, per_task)
+    }
+
+    /// Whether the forward pass runs [`fused_avx2`] (f32, a pointwise branch, an output of at
+    /// least [`FUSED_MIN_PIXELS`] pixels, [`fused_avx2::applies`]).
+    fn runs_fused<T: Real>(&self, x: &[T], p: Option<&[T]>) -> bool {
+        let stencil = self.stencil.as_ref().map(|st| (st, self.depthwise_opg(st)));
+        T::as_f32(x).is_some()
+            && p.is_some()
+            && self.rows_out() >= FUSED_MIN_PIXELS
+            && fused_avx2::applies(self, stencil)
     }
 
     /// [`NhwcConv::forward_moments`] without moments.
@@ -301,8 +335,6 @@ impl NhwcConv {
         if let Some(pt) = pt {
             assert_eq!(pt.len(), cin * cout, "nhwc forward: transposed weight size");
         }
-        let xs = p.and_then(|_| self.subsampled(x));
-        let a = xs.as_deref().unwrap_or(x);
         let stencil = self.stencil.as_ref().zip(q).map(|(st, q)| match prepared.qt {
             Some(qt) => {
                 assert_eq!(qt.len(), q.len(), "nhwc forward: taps-major weight size");
@@ -310,7 +342,8 @@ impl NhwcConv {
             }
             None => (st, std::borrow::Cow::Owned(self.taps_major(st, q))),
         });
-        let (row_len, per_task) = self.tasks();
+        let runs_fused = self.runs_fused(x, p);
+        let (row_len, per_task) = self.tasks(runs_fused);
         let image_rows = self.n * self.ho;
         // The stencil (unless `stencil_done`) and the epilogue of output image rows r0..
         // (already holding the GEMM).
@@ -321,7 +354,7 @@ impl NhwcConv {
                 .map(|(st, qt)| (*st, &qt[..]));
             crate::isa::isa_dispatch!(self.finish_rows(stencil, epi, r0, x, out))
         };
-        let few_tasks = image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS;
+        let few_tasks = image_rows.div_ceil(per_task.max(1)) < FWD_MIN_TASKS && !runs_fused;
         if let (true, None, Some((st, qt))) = (few_tasks && row_len > 0, p, &stencil) {
             if self.depthwise_opg(st).is_some() {
                 // A depthwise layer alone (MobileNetV2's, at batch 1): fresh rows, each finished
@@ -335,6 +368,8 @@ impl NhwcConv {
             }
         }
         if few_tasks || row_len == 0 {
+            let xs = p.and_then(|_| self.subsampled(x));
+            let a = xs.as_deref().unwrap_or(x);
             // y (rows x Cout) = xs (rows x Cin) · Pᵀ.
             let mut y = match (p, pt) {
                 // Few rows and a large weight: Pᵀ prepared is read in place (2-3x the kernel
@@ -365,20 +400,34 @@ impl NhwcConv {
             }
             return y;
         }
+        // On AVX2 (f32) the GEMM, the stencil and the epilogue in one register pass.
+        let fused = p.filter(|_| runs_fused).and_then(|p| {
+            let st = stencil.as_ref().map(|(st, qt)| (*st, &qt[..]));
+            self.fused_operands(x, p, prepared.panels, st, epi)
+        });
+        let xs = p.filter(|_| fused.is_none()).and_then(|_| self.subsampled(x));
+        let a = xs.as_deref().unwrap_or(x);
         // Pᵀ (Cin x Cout), once for all tasks: with the weight contiguous along output channels
         // each task's GEMM uses it in place, where P as stored would be repacked by every task.
-        let transposed = match pt {
-            Some(_) => None,
-            None => p.map(|p| transpose_samples(p, 1, cout, cin)),
+        let transposed = match (pt, &fused) {
+            (None, None) => p.map(|p| transpose_samples(p, 1, cout, cin)),
+            _ => None,
         };
         let pt = pt.or(transposed.as_deref());
-        // Every value written: each task's chunk is initialised whole by `gemm_write` or
-        // `zeroed`, which return it initialised.
+        // Every value written: each task's chunk is initialised whole by `fused_avx2::run`,
+        // `gemm_write` or `zeroed`, which return it initialised.
         par_new(rows * cout, per_task * row_len, |first, chunk| {
             let r0 = first / row_len;
             let pixels = chunk.len() / cout;
-            let (out, stencil_done) = match (pt, &stencil) {
-                (Some(pt), _) => {
+            let (out, stencil_done) = match (&fused, pt, &stencil) {
+                (Some(f), _, _) => {
+                    let out32 = T::as_f32_out(chunk).expect("fused operands are f32");
+                    let st = f.stencil.as_ref();
+                    fused_avx2::run(self, f.x, &f.panels, st, f.epi.as_ref(), r0 * self.wo, out32);
+                    // SAFETY: `fused_avx2::run` writes every value of the chunk it is given.
+                    (unsafe { super::assume_written(chunk) }, true)
+                }
+                (None, Some(pt), _) => {
                     let a = &a[r0 * self.wo * cin..(r0 * self.wo + pixels) * cin];
                     let out = gemm_write(
                         (pixels, cout, cin),
@@ -393,13 +442,13 @@ impl NhwcConv {
                 }
                 // A stencil alone with a register-blocked kernel writes its output fresh: no
                 // zero fill to add into (the depthwise layers of MobileNetV2 and ShuffleNetV2).
-                (None, Some((st, qt))) if self.depthwise_opg(st).is_some() => {
+                (None, None, Some((st, qt))) if self.depthwise_opg(st).is_some() => {
                     crate::isa::isa_dispatch!(self.depthwise_rows(st, r0, x, qt, epi, chunk));
                     // SAFETY: the chunk is whole output rows (tasks split at row boundaries)
                     // and `depthwise_rows` stores every value of the rows it is given.
                     (unsafe { super::assume_written(chunk) }, true)
                 }
-                (None, _) => (zeroed(chunk), false),
+                (None, None, _) => (zeroed(chunk), false),
             };
             if !stencil_done {
                 finish(r0, out, false);
@@ -407,6 +456,53 @@ impl NhwcConv {
             if let Some(m) = moments {
                 crate::isa::isa_dispatch!(m.add(r0 * self.wo, out));
             }
+        })
+    }
+
+    /// The operands of [`fused_avx2::run`] as f32 where it runs this convolution
+    /// ([`fused_avx2::applies`]); P packed into panels unless prepared so.
+    fn fused_operands<'a, T: Real>(
+        &self,
+        x: &'a [T],
+        p: &'a [T],
+        panels: Option<&'a [T]>,
+        stencil: Option<(&'a NhwcStencil, &'a [T])>,
+        epi: Option<&'a Epilogue<'a, T>>,
+    ) -> Option<FusedOperands<'a>> {
+        let x = T::as_f32(x)?;
+        let (cin, cout) = (self.cin, self.cout);
+        let panels = match panels {
+            Some(pp) => std::borrow::Cow::Borrowed(T::as_f32(pp)?),
+            None => {
+                let p = T::as_f32(p)?;
+                std::borrow::Cow::Owned(fused_avx2::pack_panels(cin, cout, |k, co| p[co * cin + k]))
+            }
+        };
+        let stencil = match stencil {
+            Some((st, qt)) => Some(fused_avx2::FusedStencil {
+                st,
+                qt: T::as_f32(qt)?,
+                opg: self.depthwise_opg(st)?,
+            }),
+            None => None,
+        };
+        let epi = match epi {
+            Some(e) => Some(Epilogue {
+                scale: T::as_f32(e.scale)?,
+                shift: T::as_f32(e.shift)?,
+                residual: match e.residual {
+                    Some(r) => Some(T::as_f32(r)?),
+                    None => None,
+                },
+                act: e.act,
+            }),
+            None => None,
+        };
+        Some(FusedOperands {
+            x,
+            panels,
+            stencil,
+            epi,
         })
     }
 
