@@ -81,29 +81,33 @@ fn outputs(dt: DType) -> Vec<Vec<f64>> {
 /// Channels-last convolutions large enough to be split into row tasks (where AVX2 runs the
 /// GEMM, the stencil and the epilogue in one register pass, `kernels::fused_avx2`): lean at
 /// stride 1 and 2 (channel multiplier 2), with the full stencil at dilation 2, a pointwise
-/// layer of 40 output channels (a panel one vector wide), each plain, fused with BatchNorm +
-/// residual + ReLU6, and with prepared weights.
+/// layer of 40 output channels (a panel one vector wide) and a square one, each plain, fused
+/// with BatchNorm + residual + ReLU6, with prepared weights, and the input gradient.
 fn row_task_outputs(dt: DType) -> Vec<Tensor> {
     use lean_ops::channels_last::{lean_conv2d_nhwc, pointwise_conv2d_nhwc, to_channels_last};
     use lean_ops::fused::{
         conv_affine_act_nhwc, conv_affine_act_nhwc_prepared, ChannelAffine, ConvWeights, PreparedConv,
     };
     let mut out = vec![];
+    // (n, size, Cin, Cout, stride, stencil, dilation, lean or pointwise)
     let cases = [
-        (8, 32, 32, 32, 1, Stencil::Five, 1),
-        (16, 32, 32, 64, 2, Stencil::Five, 1),
-        (8, 32, 32, 32, 1, Stencil::Full, 2),
-        (8, 32, 32, 40, 1, Stencil::Five, 1),
+        (8, 32, 32, 32, 1, Stencil::Five, 1, true),
+        (16, 32, 32, 64, 2, Stencil::Five, 1, true),
+        (8, 32, 32, 32, 1, Stencil::Full, 2, true),
+        (8, 32, 32, 40, 1, Stencil::Five, 1, false),
+        (8, 32, 32, 32, 1, Stencil::Five, 1, false),
     ];
-    for (n, hw, cin, cout, stride, stencil, dilation) in cases {
-        let x = to_channels_last(&rand(&[n, cin, hw, hw], 11, dt)).unwrap();
+    for (n, hw, cin, cout, stride, stencil, dilation, lean) in cases {
+        let xv = var(&to_channels_last(&rand(&[n, cin, hw, hw], 11, dt)).unwrap());
+        // The forward calls on an input that asks for no gradient (the fused paths).
+        let x = xv.as_tensor().detach();
         let p = rand(&[cout, cin, 1, 1], 12, dt);
         let q = rand(&[cout, 1, stencil.len()], 13, dt);
         let cfg = LeanConv2dConfig::new(cin, cout)
             .stride(stride)
             .stencil(stencil)
             .dilation(dilation);
-        let (y, w) = if cout == 40 {
+        let (y, w) = if !lean {
             let w = ConvWeights::Pointwise { weight: &p, stride };
             (pointwise_conv2d_nhwc(&x, &p, None, stride).unwrap(), w)
         } else {
@@ -125,7 +129,14 @@ fn row_task_outputs(dt: DType) -> Vec<Tensor> {
         let folded =
             conv_affine_act_nhwc_prepared(&x, w, Some(&prepared), ChannelAffine::Bias(&b), None, Activation::Relu)
                 .unwrap();
-        out.extend([y, fused, folded]);
+        let tracked = match w {
+            ConvWeights::Lean { .. } => lean_conv2d_nhwc(xv.as_tensor(), &p, &q, None, &cfg).unwrap(),
+            _ => pointwise_conv2d_nhwc(xv.as_tensor(), &p, None, stride).unwrap(),
+        };
+        let gy = rand(y.dims(), 16, dt);
+        let grads = (tracked * gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(xv.as_tensor()).unwrap().clone();
+        out.extend([y, fused, folded, gx]);
     }
     out
 }
