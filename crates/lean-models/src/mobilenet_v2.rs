@@ -60,10 +60,17 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
     (6, 320, 1, 1),
 ];
 
+/// Values of a block's expanded tensor per chunk of samples at channels-last inference (2.5 MiB
+/// of f32: it stays in the caches between the block's layers; 1 MiB measured the same, 384 KiB
+/// slower: more, smaller calls).
+const CHUNK_HIDDEN_VALUES: usize = 640 << 10;
+
 #[derive(Debug)]
 struct InvertedResidual {
     layers: Vec<ConvBnAct>,
     residual: bool,
+    /// Channels of the expanded tensor.
+    hidden: usize,
 }
 
 impl InvertedResidual {
@@ -100,11 +107,31 @@ impl InvertedResidual {
         Ok(InvertedResidual {
             layers,
             residual: stride == 1 && inp == oup,
+            hidden,
         })
     }
 
     /// The block on an NCHW input, or on a channels-last one with `nhwc`.
     fn forward_layout(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
+        if !train && nhwc {
+            let (n, h, w, _) = x.dims4()?;
+            let chunk = (CHUNK_HIDDEN_VALUES / (h * w * self.hidden).max(1)).max(1);
+            if n > chunk {
+                // Inference, a few samples at a time: the expanded tensor (t times the block's
+                // input) stays in cache between the three layers instead of making a round trip
+                // through memory. Every value is per sample, so chunks give the same values.
+                let mut outs = Vec::with_capacity(n.div_ceil(chunk));
+                for s in (0..n).step_by(chunk) {
+                    outs.push(self.forward_block(&x.narrow(0, s, chunk.min(n - s))?, train, nhwc)?);
+                }
+                return Ok(Tensor::cat(&outs, 0)?);
+            }
+        }
+        self.forward_block(x, train, nhwc)
+    }
+
+    /// [`Self::forward_layout`] on the whole batch.
+    fn forward_block(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
         let (last, first) = self.layers.split_last().expect("a block has layers");
         let mut h = x.clone();
         for l in first {

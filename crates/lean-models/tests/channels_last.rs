@@ -213,6 +213,10 @@ fn fused_channels_last_inference_matches_nchw() {
     let x = Tensor::randn(0f64, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
     let build = |vb: VarBuilder| MobileNetV2::new(&cfg, vb).unwrap();
     check_fused_inference(&build, &x, MobileNetV2::set_channels_last, "mobilenet_v2");
+    // 16 samples: the early blocks run a chunk of samples at a time (their expanded tensors of
+    // 32x32x48 per sample exceed the chunk size at this batch).
+    let x16 = Tensor::randn(0f64, 1., (16, 3, 32, 32), &Device::Cpu).unwrap();
+    check_fused_inference(&build, &x16, MobileNetV2::set_channels_last, "mobilenet_v2 chunked");
     let cfg = small_shufflenet(true);
     let build = |vb: VarBuilder| ShuffleNetV2::new(&cfg, vb).unwrap();
     check_fused_inference(&build, &x, ShuffleNetV2::set_channels_last, "shufflenet_v2");
