@@ -21,6 +21,31 @@ fn stem_pool() -> Pool2dConfig {
 }
 
 /// Applies the ImageNet stem's max-pool.
+/// Values of a block's widest intermediate tensor per chunk of samples at channels-last
+/// inference (2.5 MiB of f32: it stays in the caches between the block's layers; for
+/// MobileNetV2 at batch 64, 1 MiB measured the same, 384 KiB slower: more, smaller calls).
+const CHUNK_VALUES: usize = 640 << 10;
+
+/// A block's channels-last inference `f` on the batch `x` (N, H, W, C), a chunk of samples at a
+/// time where a sample's widest intermediate tensor (`per_sample` values) times the batch
+/// exceeds [`CHUNK_VALUES`]: the intermediates stay in cache instead of making a round trip
+/// through memory. Every value of such a block is per sample (eval-mode BatchNorm), so the
+/// chunks give the same values as one call. Worth it where a block widens its input
+/// (MobileNetV2's expansion); the lean ResNet's and ShuffleNetV2's blocks measured 0.93x and
+/// 0.87x chunked at batch 64 (calls on fewer rows cost more than the traffic saved).
+pub(crate) fn in_sample_chunks(x: &Tensor, per_sample: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let chunk = (CHUNK_VALUES / per_sample.max(1)).max(1);
+    if n <= chunk {
+        return f(x);
+    }
+    let outs = (0..n)
+        .step_by(chunk)
+        .map(|s| f(&x.narrow(0, s, chunk.min(n - s))?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
 pub(crate) fn stem_max_pool(x: &Tensor) -> Result<Tensor> {
     Ok(max_pool2d(x, &stem_pool())?)
 }

@@ -1,6 +1,6 @@
 //! MobileNetV2 in torchvision's layout (`features.*`, `classifier.1`), any width multiplier.
 
-use crate::layers::{Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
+use crate::layers::{in_sample_chunks, Classifier, Conv, Conv3x3Kind, ConvBnAct, Trace};
 use crate::model::Model;
 use crate::registry::{Family, InputSpec, ModelEntry, ModelOption, BASE_OPTIONS};
 use crate::{Error, Result};
@@ -60,11 +60,6 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
     (6, 320, 1, 1),
 ];
 
-/// Values of a block's expanded tensor per chunk of samples at channels-last inference (2.5 MiB
-/// of f32: it stays in the caches between the block's layers; 1 MiB measured the same, 384 KiB
-/// slower: more, smaller calls).
-const CHUNK_HIDDEN_VALUES: usize = 640 << 10;
-
 #[derive(Debug)]
 struct InvertedResidual {
     layers: Vec<ConvBnAct>,
@@ -114,18 +109,9 @@ impl InvertedResidual {
     /// The block on an NCHW input, or on a channels-last one with `nhwc`.
     fn forward_layout(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
         if !train && nhwc {
-            let (n, h, w, _) = x.dims4()?;
-            let chunk = (CHUNK_HIDDEN_VALUES / (h * w * self.hidden).max(1)).max(1);
-            if n > chunk {
-                // Inference, a few samples at a time: the expanded tensor (t times the block's
-                // input) stays in cache between the three layers instead of making a round trip
-                // through memory. Every value is per sample, so chunks give the same values.
-                let mut outs = Vec::with_capacity(n.div_ceil(chunk));
-                for s in (0..n).step_by(chunk) {
-                    outs.push(self.forward_block(&x.narrow(0, s, chunk.min(n - s))?, train, nhwc)?);
-                }
-                return Ok(Tensor::cat(&outs, 0)?);
-            }
+            // The expanded tensor (t times the input's channels) stays in cache.
+            let (_, h, w, _) = x.dims4()?;
+            return in_sample_chunks(x, h * w * self.hidden, |x| self.forward_block(x, train, nhwc));
         }
         self.forward_block(x, train, nhwc)
     }
