@@ -14,6 +14,9 @@
 //! separate multiply and add (as the depthwise row kernel does), then the epilogue as
 //! `rows::Epilogue::apply` does it.
 
+// Elsewhere than on x86-64 nothing calls the kernel (`applies` is false there).
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_macros, unused_variables))]
+
 use super::nhwc::{NhwcConv, NhwcStencil};
 use super::rows::Epilogue;
 use crate::activation::Activation;
