@@ -358,6 +358,18 @@ fn global_average_pool_nhwc_matches_nchw() {
         1e-14,
         "pool",
     );
+    // f32, more channels than a vector, and the gradient: gy / (H·W) at every pixel.
+    let x = rand(&[2, 3, 4, 21], 32, DType::F32);
+    let reference = x.reshape((2, 12, 21)).unwrap().mean(1).unwrap();
+    let v = var(&x);
+    let pooled = global_avg_pool_nhwc(v.as_tensor()).unwrap();
+    assert_close(&pooled, &reference, 1e-6, "pool f32");
+    let r = rand(&[2, 21], 33, DType::F32);
+    let g = grads_of(std::slice::from_ref(&v), &pooled, &r);
+    let want = (r / 12.0).unwrap().reshape((2, 1, 1, 21)).unwrap();
+    assert_close(&g[0], &want.broadcast_as((2, 3, 4, 21)).unwrap(), 1e-7, "pool gradient");
+    let e = global_avg_pool_nhwc(&rand(&[2, 3, 4], 1, DType::F32)).unwrap_err().to_string();
+    assert!(e.contains("global_avg_pool_nhwc") && e.contains("[2, 3, 4]"), "{e}");
 }
 
 #[test]
