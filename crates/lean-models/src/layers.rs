@@ -6,7 +6,7 @@ use crate::Result;
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use lean_ops::channels_last::ChannelMoments;
-use lean_ops::fused::{conv_affine_act_nhwc_prepared, ChannelAffine, ConvWeights, PreparedConv};
+use lean_ops::fused::{conv_affine_act_nhwc_prepared, ChainLayer, ChannelAffine, ConvWeights, PreparedConv};
 use lean_ops::{
     activation, add_activation, channels_last, max_pool2d, Activation, BatchNorm2d, BatchNormConfig, Conv2d,
     Conv2dConfig, Cost, CostModel, DepthwiseConv2d, LeanConv2d, LeanConv2dConfig, LeanInit, Pool2dConfig, Stencil,
@@ -490,6 +490,23 @@ impl ConvBnAct {
             )?)),
             None => Ok(None),
         }
+    }
+
+    /// The layer as a link of a fused chain ([`lean_ops::fused::conv_chain_nhwc`]), in eval
+    /// mode; `None` where it has no channels-last weights or both a bias and a BatchNorm.
+    pub fn chain_layer(&self) -> Option<ChainLayer<'_>> {
+        let affine = match (&self.bn, self.conv.bias()) {
+            (Some(bn), None) => ChannelAffine::BatchNorm(bn),
+            (None, Some(b)) => ChannelAffine::Bias(b),
+            (None, None) => ChannelAffine::Identity,
+            (Some(_), Some(_)) => return None,
+        };
+        Some(ChainLayer {
+            conv: self.conv.nhwc_weights()?,
+            prepared: self.prepared.as_ref(),
+            affine,
+            act: self.act,
+        })
     }
 
     /// [`ConvBnAct::forward_t_nhwc`] with `nhwc`, else [`ConvBnAct::forward_t`]: for blocks that

@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use lean_ops::channels_last::{global_avg_pool_nhwc, to_channels_first};
+use lean_ops::fused::conv_chain_nhwc;
 use lean_ops::{add_activation, global_avg_pool2d, Activation, DepthwiseConv2d};
 
 /// Everything that defines a MobileNetV2.
@@ -109,7 +110,15 @@ impl InvertedResidual {
     /// The block on an NCHW input, or on a channels-last one with `nhwc`.
     fn forward_layout(&self, x: &Tensor, train: bool, nhwc: bool) -> Result<Tensor> {
         if !train && nhwc {
-            // The expanded tensor (t times the input's channels) stays in cache.
+            // The expanded tensor (t times the input's channels) stays in cache: one sample at a
+            // time through all the layers where the fused chain runs, else a chunk of samples
+            // at a time through each layer.
+            let chain: Option<Vec<_>> = self.layers.iter().map(ConvBnAct::chain_layer).collect();
+            if let Some(chain) = chain {
+                if let Some(y) = conv_chain_nhwc(x, &chain, self.residual)? {
+                    return Ok(y);
+                }
+            }
             let (_, h, w, _) = x.dims4()?;
             return in_sample_chunks(x, h * w * self.hidden, |x| self.forward_block(x, train, nhwc));
         }

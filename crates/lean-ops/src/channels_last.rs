@@ -702,6 +702,8 @@ impl CpuOp1 for GlobalAvgPoolOp {
     fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (n, h, w, c) = x.dims4()?;
         let g = (gy / (h * w) as f64)?.reshape((n, 1, c))?;
-        Ok(Some(g.broadcast_as((n, h * w, c))?.contiguous()?.reshape((n, h, w, c))?))
+        Ok(Some(
+            g.broadcast_as((n, h * w, c))?.contiguous()?.reshape((n, h, w, c))?,
+        ))
     }
 }

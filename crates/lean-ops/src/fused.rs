@@ -24,6 +24,9 @@ use crate::real::{dispatch_dtype, tensor, with_data, Real};
 use crate::BatchNorm2d;
 use candle_core::Tensor;
 
+mod chain;
+pub use chain::{conv_chain_nhwc, ChainLayer};
+
 /// The convolution of [`conv_affine_act_nhwc`], with the weights in their NCHW (torchvision)
 /// shapes, as the channels-last ops take them.
 #[derive(Clone, Copy, Debug)]

@@ -368,7 +368,9 @@ fn global_average_pool_nhwc_matches_nchw() {
     let g = grads_of(std::slice::from_ref(&v), &pooled, &r);
     let want = (r / 12.0).unwrap().reshape((2, 1, 1, 21)).unwrap();
     assert_close(&g[0], &want.broadcast_as((2, 3, 4, 21)).unwrap(), 1e-7, "pool gradient");
-    let e = global_avg_pool_nhwc(&rand(&[2, 3, 4], 1, DType::F32)).unwrap_err().to_string();
+    let e = global_avg_pool_nhwc(&rand(&[2, 3, 4], 1, DType::F32))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("global_avg_pool_nhwc") && e.contains("[2, 3, 4]"), "{e}");
 }
 

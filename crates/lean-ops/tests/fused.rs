@@ -462,3 +462,114 @@ fn prepared_weights_give_the_same_values() {
         .to_string();
     assert!(e.contains("(Cout, Cin, 1, 1)") && e.contains("[4, 4, 3, 3]"), "{e}");
 }
+
+/// MobileNetV2-like blocks as fused chains (`conv_chain_nhwc`): where the one-sample-at-a-time
+/// path runs (f32 on the AVX2 kernels) it gives the layer-by-layer fused ops' values to the
+/// bit, prepared or not, with and without the residual, at stride 1 and 2; elsewhere, and for
+/// inputs it does not take, it declines (`None`) and the caller composes the layers.
+#[test]
+fn a_chain_run_one_sample_at_a_time_equals_its_layers_run_one_by_one() {
+    use lean_ops::fused::{conv_affine_act_nhwc_prepared, conv_chain_nhwc, ChainLayer};
+    // (`active` is AVX2 only where the CPU has AVX2 and FMA.)
+    let runs = lean_ops::isa::active() == lean_ops::isa::Isa::Avx2;
+    // (input channels, hidden, output channels, stride, image side): 8 samples of at least
+    // 8 x 8 output pixels, so that the layer-by-layer ops also run the fused kernels.
+    for (k, &(cin, hidden, cout, stride, side)) in [(16, 48, 16, 1, 8), (24, 72, 32, 2, 16), (8, 24, 8, 1, 6)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 100 + 10 * k as u64;
+        let x = nhwc_of(&rand(&[8, cin, side, side], seed, DType::F32));
+        let expand = rand(&[hidden, cin, 1, 1], seed + 1, DType::F32);
+        let dw = rand(&[hidden, 1, 3, 3], seed + 2, DType::F32);
+        let project = rand(&[cout, hidden, 1, 1], seed + 3, DType::F32);
+        let (bn1, bn2) = (
+            batch_norm(hidden, seed + 4, DType::F32),
+            batch_norm(hidden, seed + 5, DType::F32),
+        );
+        let bias = rand(&[cout], seed + 6, DType::F32);
+        let convs = [
+            ConvWeights::Pointwise {
+                weight: &expand,
+                stride: 1,
+            },
+            ConvWeights::Depthwise {
+                weight: &dw,
+                stride,
+                dilation: 1,
+            },
+            ConvWeights::Pointwise {
+                weight: &project,
+                stride: 1,
+            },
+        ];
+        let affines = [
+            ChannelAffine::BatchNorm(&bn1),
+            ChannelAffine::BatchNorm(&bn2),
+            ChannelAffine::Bias(&bias),
+        ];
+        let acts = [Activation::Relu6, Activation::Relu6, Activation::None];
+        let prepared: Vec<PreparedConv> = convs.iter().map(|c| PreparedConv::new(*c).unwrap()).collect();
+        let residual = stride == 1 && cin == cout;
+        for with_prepared in [false, true] {
+            let layers: Vec<ChainLayer> = (0..3)
+                .map(|i| ChainLayer {
+                    conv: convs[i],
+                    prepared: with_prepared.then(|| &prepared[i]),
+                    affine: affines[i],
+                    act: acts[i],
+                })
+                .collect();
+            let mut want = x.clone();
+            for (i, l) in layers.iter().enumerate() {
+                let res = (i == 2 && residual).then_some(&x);
+                want = conv_affine_act_nhwc_prepared(&want, l.conv, l.prepared, l.affine, res, l.act).unwrap();
+            }
+            let what = format!("case {k}, prepared {with_prepared}");
+            match conv_chain_nhwc(&x, &layers, residual).unwrap() {
+                Some(got) => {
+                    assert!(runs, "{what}: the chain ran where its kernels do not");
+                    assert_close(&got, &want, 0.0, &what);
+                }
+                None => assert!(!runs, "{what}: the chain declined where its kernels run"),
+            }
+            // Inputs it does not take: 3 samples, f64, an input that asks for gradients, a
+            // residual of another shape, a layer of a kind it lacks.
+            let few = x.narrow(0, 0, 3).unwrap();
+            assert!(
+                conv_chain_nhwc(&few, &layers, residual).unwrap().is_none(),
+                "{what}: 3 samples"
+            );
+            let x64 = x.to_dtype(DType::F64).unwrap();
+            assert!(
+                conv_chain_nhwc(&x64, &layers, residual).unwrap().is_none(),
+                "{what}: f64"
+            );
+            let tracked = candle_core::Var::from_tensor(&x).unwrap();
+            let chain = conv_chain_nhwc(tracked.as_tensor(), &layers, residual).unwrap();
+            assert!(chain.is_none(), "{what}: gradients");
+            if !residual {
+                assert!(
+                    conv_chain_nhwc(&x, &layers, true).unwrap().is_none(),
+                    "{what}: residual"
+                );
+            }
+            let dense = rand(&[hidden, hidden, 3, 3], seed + 7, DType::F32);
+            let mut other = layers.clone();
+            other[1].conv = ConvWeights::Dense3x3 {
+                weight: &dense,
+                stride,
+                dilation: 1,
+            };
+            other[1].prepared = None;
+            assert!(
+                conv_chain_nhwc(&x, &other, residual).unwrap().is_none(),
+                "{what}: dense 3x3"
+            );
+        }
+    }
+}
+
+fn nhwc_of(x: &Tensor) -> Tensor {
+    to_channels_last(x).unwrap()
+}

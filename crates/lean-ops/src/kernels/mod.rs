@@ -2,6 +2,7 @@
 //! plane at a time; `nhwc` and `rows` work on channels-last (pixel rows x channels) data. The ops
 //! in the parent modules split the work across rayon threads.
 
+pub(crate) mod chain;
 pub(crate) mod conv_sum;
 pub(crate) mod fused_avx2;
 pub(crate) mod gemm_conv;

@@ -550,7 +550,7 @@ impl NhwcConv {
     /// The depthwise stencil alone, then the epilogue (if any), into fresh output rows r0..
     /// (`chunk`, whole rows): every value of the chunk is stored.
     #[inline(always)]
-    fn depthwise_rows<T: Real>(
+    pub(crate) fn depthwise_rows<T: Real>(
         &self,
         st: &NhwcStencil,
         r0: usize,
@@ -603,7 +603,7 @@ impl NhwcConv {
     /// [`MAX_TAPS`] taps: depthwise with each input channel feeding 1, 2 or 4 output channels,
     /// or 0 for one group of at most [`MAX_DENSE_CIN`] input channels (a dense convolution of
     /// few inputs: every output channel reads every input channel).
-    fn depthwise_opg(&self, st: &NhwcStencil) -> Option<usize> {
+    pub(crate) fn depthwise_opg(&self, st: &NhwcStencil) -> Option<usize> {
         let opg = self.cout / self.cin;
         if st.taps.len() > MAX_TAPS {
             return None;
