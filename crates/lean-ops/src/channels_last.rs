@@ -546,19 +546,7 @@ pub(crate) fn pointwise_geometry(op: &'static str, x: &Tensor, weight: &Tensor, 
             ),
         ));
     }
-    let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-    Ok(NhwcConv {
-        n,
-        h,
-        w,
-        cin,
-        cout,
-        stride,
-        ho,
-        wo,
-        pointwise: true,
-        stencil: None,
-    })
+    Ok(NhwcConv::pointwise_only(n, h, w, cin, cout, stride))
 }
 
 /// Interleaves the channels of two equally shaped channels-last tensors: out[.., 2j] = a[.., j],

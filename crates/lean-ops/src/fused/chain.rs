@@ -125,20 +125,7 @@ fn plan(
                     crate::kernels::fused_avx2::pack_panels(cin, cout, |k, co| p[co * cin + k])
                 }
             };
-            let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
-            let conv = NhwcConv {
-                n: 1,
-                h,
-                w,
-                cin,
-                cout,
-                stride,
-                ho,
-                wo,
-                pointwise: true,
-                stencil: None,
-            };
-            Some((conv, panels))
+            Some((NhwcConv::pointwise_only(1, h, w, cin, cout, stride), panels))
         }
         ConvWeights::Depthwise {
             weight,

@@ -201,6 +201,22 @@ macro_rules! for_each_tap_pixel {
 }
 
 impl NhwcConv {
+    /// An unpadded 1x1 convolution (no stencil) of N x H x W x Cin at `stride` (≥ 1).
+    pub(crate) fn pointwise_only(n: usize, h: usize, w: usize, cin: usize, cout: usize, stride: usize) -> Self {
+        NhwcConv {
+            n,
+            h,
+            w,
+            cin,
+            cout,
+            stride,
+            ho: (h - 1) / stride + 1,
+            wo: (w - 1) / stride + 1,
+            pointwise: true,
+            stencil: None,
+        }
+    }
+
     pub(crate) fn rows_in(&self) -> usize {
         self.n * self.h * self.w
     }
