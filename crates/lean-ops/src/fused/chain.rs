@@ -15,8 +15,8 @@ use candle_core::{DType, Tensor};
 /// constant: whether the chain runs never depends on the number of threads.
 const MIN_SAMPLES: usize = 4;
 
-/// One layer of [`conv_chain_nhwc`]: act(affine(conv(x))), as [`super::conv_affine_act_nhwc_prepared`]
-/// takes it.
+/// One layer of [`conv_chain_nhwc`]: act(affine(conv(x))), as
+/// [`super::conv_affine_act_nhwc_prepared`] takes it.
 #[derive(Clone, Copy, Debug)]
 pub struct ChainLayer<'a> {
     /// The convolution: the chain runs [`ConvWeights::Pointwise`] and [`ConvWeights::Depthwise`].
@@ -40,9 +40,8 @@ pub struct ChainLayer<'a> {
 ///
 /// `Ok(None)` where this path does not run the chain: another device, dtype or instruction
 /// set, an input that asks for gradients, fewer than 4 samples, layers other than 1x1 and
-/// depthwise ones, shapes that do not chain. The caller then
-/// runs the layers one by one with [`super::conv_affine_act_nhwc_prepared`], which also reports
-/// what is wrong with a shape.
+/// depthwise ones, shapes that do not chain. The caller then runs the layers one by one with
+/// [`super::conv_affine_act_nhwc_prepared`], which also reports what is wrong with a shape.
 pub fn conv_chain_nhwc(x: &Tensor, layers: &[ChainLayer<'_>], residual: bool) -> Result<Option<Tensor>> {
     const OP: &str = "conv_chain_nhwc";
     let usable = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
