@@ -12,14 +12,13 @@
 
 use std::path::PathBuf;
 
-/// Where the tests look for the PyTorch reference files: `$LEAN_GOLDEN_DIR` where set, else a
-/// default location (a `shared/golden/` folder beside the checkout, which the project's CI
-/// machines provide). The path is all this function knows: what the files hold, the tolerances
-/// and how to write a set with `benches/pytorch/make_golden.py` are in docs/golden.md.
+/// Where the tests look for the PyTorch reference files: `$LEAN_GOLDEN_DIR` where set, else the
+/// workspace's own `golden/` folder (ignored by git: `benches/pytorch/make_golden.py --out
+/// golden` writes a set there). What the files hold and the tolerances are in docs/golden.md.
 pub fn golden_root() -> PathBuf {
     match std::env::var_os("LEAN_GOLDEN_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden"),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../golden"),
     }
 }
 
