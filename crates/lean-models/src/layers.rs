@@ -20,7 +20,6 @@ fn stem_pool() -> Pool2dConfig {
     Pool2dConfig::new(3, 2, 1)
 }
 
-/// Applies the ImageNet stem's max-pool.
 /// Values of a block's widest intermediate tensor per chunk of samples at channels-last
 /// inference (2.5 MiB of f32: it stays in the caches between the block's layers; for
 /// MobileNetV2 at batch 64, 1 MiB measured the same, 384 KiB slower: more, smaller calls).
@@ -46,6 +45,7 @@ pub(crate) fn in_sample_chunks(x: &Tensor, per_sample: usize, f: impl Fn(&Tensor
     Ok(Tensor::cat(&outs, 0)?)
 }
 
+/// Applies the ImageNet stem's max-pool.
 pub(crate) fn stem_max_pool(x: &Tensor) -> Result<Tensor> {
     Ok(max_pool2d(x, &stem_pool())?)
 }

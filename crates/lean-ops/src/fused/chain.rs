@@ -138,16 +138,13 @@ fn plan(
             if cfg.validate().is_err() || !usable(weight) || q.dims() != [cout, 1, nt] {
                 return Ok(None);
             }
-            let taps = match prepared.and_then(|p| p.taps.as_ref()) {
-                Some(t) if t.dims() == [nt, 1, cout] && usable(t) => host(t)?,
-                Some(_) => return Ok(None),
-                None => {
-                    // (Cout, 1, |S|) -> (|S|, 1, Cout).
-                    let q = host(&q)?;
-                    (0..nt * cout).map(|i| q[(i % cout) * nt + i / cout]).collect()
-                }
+            let conv = geometry(&cfg, 1, h, w, false);
+            let taps = match (prepared.and_then(|p| p.taps.as_ref()), &conv.stencil) {
+                (Some(t), _) if t.dims() == [nt, 1, cout] && usable(t) => host(t)?,
+                (None, Some(st)) => conv.taps_major(st, &host(&q)?),
+                _ => return Ok(None),
             };
-            Some((geometry(&cfg, 1, h, w, false), taps))
+            Some((conv, taps))
         }
         ConvWeights::Lean { .. } | ConvWeights::Dense3x3 { .. } => None,
     })

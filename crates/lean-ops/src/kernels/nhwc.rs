@@ -257,7 +257,7 @@ impl NhwcConv {
     }
 
     /// (Cout, g, |S|) -> (|S|, g, Cout): each tap's weights contiguous over output channels.
-    fn taps_major<T: Real>(&self, st: &NhwcStencil, q: &[T]) -> Vec<T> {
+    pub(crate) fn taps_major<T: Real>(&self, st: &NhwcStencil, q: &[T]) -> Vec<T> {
         let (g, nt, cout) = (st.g, st.taps.len(), self.cout);
         let mut qt = vec![T::zero(); q.len()];
         for co in 0..cout {
