@@ -14,6 +14,11 @@ pub(crate) trait Real: WithDType + num_traits::Float + Default + std::iter::Sum 
     fn as_f32(_: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// [`Real::as_f32`] for values to update in place.
+    #[inline]
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
     /// [`Real::as_f32`] for an output to be written.
     #[inline]
     fn as_f32_out(_: &mut [std::mem::MaybeUninit<Self>]) -> Option<&mut [std::mem::MaybeUninit<f32>]> {
@@ -23,6 +28,10 @@ pub(crate) trait Real: WithDType + num_traits::Float + Default + std::iter::Sum 
 impl Real for f32 {
     #[inline]
     fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline]
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
     #[inline]

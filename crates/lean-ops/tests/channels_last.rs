@@ -113,6 +113,53 @@ fn lean_conv_nhwc_is_exact_for_a_single_sample_and_large_batches_alike() {
     }
 }
 
+/// In f32 at sizes where the CPU kernels take their fast paths (whole vectors of channels,
+/// hundreds of pixels): the depthwise weight gradient in registers, the strided input gradient
+/// written row by row, a depthwise layer's input gradient as the transposed forward.
+#[test]
+fn nhwc_gradients_in_f32_at_vector_sizes_match_nchw() {
+    let (n, h, w) = (4, 12, 10);
+    for (cin, cout) in [(16, 16), (16, 32)] {
+        for stride in [1, 2] {
+            for stencil in [Stencil::Five, Stencil::Full] {
+                let cfg = LeanConv2dConfig::new(cin, cout).stencil(stencil).stride(stride);
+                let s = (cin + cout + stride) as u64;
+                let x = rand(&[n, cin, h, w], s, DType::F32);
+                let p = rand(&[cout, cin, 1, 1], s + 1, DType::F32);
+                let q = rand(&[cout, 1, stencil.len()], s + 2, DType::F32);
+                let vars: Vec<_> = [&x, &p, &q].iter().map(|t| var(t)).collect();
+                let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let what = format!("lean {cin}->{cout} stride {stride} {stencil:?}");
+                let reference = lean_conv2d(&ts[0], &ts[1], &ts[2], None, &cfg).unwrap();
+                let fast = nchw(&lean_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], &ts[2], None, &cfg).unwrap());
+                let r = rand(reference.dims(), s + 3, DType::F32);
+                let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+                for (k, name) in ["input", "pointwise", "stencil"].iter().enumerate() {
+                    assert_close(&gf[k], &gr[k], 1e-4, &format!("{name} gradient {what}"));
+                }
+            }
+            // A depthwise layer alone.
+            let m = cout / cin;
+            let x = rand(&[n, cin, h, w], 90 + stride as u64, DType::F32);
+            let wt = rand(&[cout, 1, 3, 3], 91, DType::F32);
+            let vars: Vec<_> = [&x, &wt].iter().map(|t| var(t)).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let reference = depthwise_conv2d(&ts[0], &ts[1], None, stride, 1).unwrap();
+            let fast = nchw(&depthwise_conv2d_nhwc(&nhwc(&ts[0]), &ts[1], None, stride, 1).unwrap());
+            let r = rand(reference.dims(), 92, DType::F32);
+            let (gf, gr) = (grads_of(&vars, &fast, &r), grads_of(&vars, &reference, &r));
+            for k in 0..2 {
+                assert_close(
+                    &gf[k],
+                    &gr[k],
+                    1e-4,
+                    &format!("depthwise gradient {k} m={m} stride {stride}"),
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn pointwise_conv_nhwc_matches_the_nchw_dense_conv() {
     for (stride, bias) in [(1, false), (2, true), (3, false)] {

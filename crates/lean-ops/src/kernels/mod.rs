@@ -10,6 +10,7 @@ pub(crate) mod gemm_small;
 pub(crate) mod nhwc;
 pub(crate) mod rows;
 pub(crate) mod stencil;
+pub(crate) mod wgrad_avx2;
 pub(crate) mod winograd;
 
 use rayon::prelude::*;
