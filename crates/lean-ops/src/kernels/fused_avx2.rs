@@ -29,6 +29,8 @@ pub(crate) const PANEL: usize = 16;
 const MR: usize = 6;
 /// The most taps of a stencil this kernel runs (the full 3x3).
 const MAX_TAPS: usize = 9;
+/// Pixels ahead of the tile whose last tap's input is prefetched (`Kernel::prefetch_last_tap`).
+const PF_AHEAD: usize = 2 * MR;
 
 /// P (Cout, Cin), read as `at(k, co)` = P[co, k], packed into panels of [`PANEL`] output
 /// channels: panel j0.. starts at value j0·Cin and holds (k, jj) at k·width + jj.
@@ -258,6 +260,9 @@ impl Kernel<'_> {
             while p0 < self.pixels {
                 // SAFETY: as in `run` (j0 < Cout, p0 < pixels).
                 unsafe {
+                    if j0 == 0 && OPG > 0 {
+                        self.prefetch_last_tap(p0 + PF_AHEAD);
+                    }
                     if cout - j0 >= PANEL {
                         self.tile::<2, OPG>(j0, p0);
                     } else {
@@ -265,6 +270,33 @@ impl Kernel<'_> {
                     }
                 }
                 p0 += MR;
+            }
+        }
+    }
+
+    /// Prefetches the input pixels that the last tap (the row below, in every stencil we
+    /// define) reads for pixels p0..p0 + MR, all Cin channels. The first panel's tiles are
+    /// the first to touch them, a row of pixels ahead of the GEMM's sequential reads where the
+    /// hardware prefetcher had not fetched them: the stencil's loads waited on memory
+    /// (batch 64, 32x32x64: 6.9-7.3 -> 5.1-6.0 ms a forward; inference 1.04-1.06x faster).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn prefetch_last_tap(&self, p0: usize) {
+        use std::arch::x86_64::*;
+        let Some(s) = self.stencil else { return };
+        let nt = s.st.taps.len();
+        let bytes = self.conv.cin * 4;
+        for p in p0..(p0 + MR).min(self.pixels) {
+            // SAFETY: p < pixels, and the tap table holds nt pointers per pixel (see `run`).
+            // A prefetch does not fault: any address may be prefetched, and the offsets stay
+            // within the pixel's Cin values (`wrapping_add` forms no out-of-bounds reference).
+            unsafe {
+                let ptr = (*self.taps.get_unchecked(p * nt + nt - 1)).cast::<i8>();
+                let mut off = 0;
+                while off < bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(off));
+                    off += 64;
+                }
             }
         }
     }

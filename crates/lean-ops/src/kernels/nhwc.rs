@@ -801,9 +801,24 @@ impl NhwcConv {
         if self.stride == 1 && self.rows_out() == self.rows_in() {
             if let Some(p) = pw {
                 let mut gx = pointwise_grad(p);
-                gx.par_chunks_mut(row_len)
-                    .enumerate()
-                    .for_each(|(r, row)| add_stencil(r, row));
+                // The stencil's transpose as a stencil where it is one: the forward's
+                // register-blocked rows (each value of gx read and written once, not per tap).
+                let transposed = q.and_then(|q| self.flipped(q)).map(|(t, flipped)| {
+                    let st = t.stencil.clone().expect("a flipped stencil");
+                    let qt = t.taps_major(&st, &flipped);
+                    (t, st, qt)
+                });
+                match &transposed {
+                    Some((t, st, qt)) if t.depthwise_opg(st).is_some() => {
+                        gx.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+                            crate::isa::isa_dispatch!(t.finish_rows(Some((st, qt)), None, r, gy, row))
+                        })
+                    }
+                    _ => gx
+                        .par_chunks_mut(row_len)
+                        .enumerate()
+                        .for_each(|(r, row)| add_stencil(r, row)),
+                }
                 return gx;
             }
         }
@@ -834,17 +849,27 @@ impl NhwcConv {
         })
     }
 
-    /// A depthwise layer's input gradient as the forward pass of its transpose, which is a
-    /// depthwise layer too at stride 1 with "same" padding, multiplier 1 and a point-symmetric
-    /// tap set (every stencil we define): gx = stencil(gy; Q with each tap's weights moved to
-    /// the opposite tap). It then runs on the forward's register-blocked rows (1.5-2.3x the
-    /// per-tap passes). `None` elsewhere, and with a pointwise branch: there the forward's fused
-    /// kernel measured no faster than the `gemm` crate's GEMM plus the stencil pass, and slower
-    /// at 256-512 channels.
+    /// A depthwise layer's input gradient as the forward pass of its transpose ([`Self::flipped`]):
+    /// on the forward's register-blocked rows, 1.5-2.3x the per-tap passes. `None` for other
+    /// layers (with a pointwise branch the forward's fused kernel measured no faster than the
+    /// `gemm` crate's GEMM plus the stencil rows, and slower at 256-512 channels).
     fn input_grad_as_forward<T: Real>(&self, p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> Option<Vec<T>> {
+        if self.pointwise && p.is_some() {
+            return None;
+        }
+        let (transposed, flipped) = self.flipped(q?)?;
+        Some(transposed.forward(gy, None, Some(&flipped), None, Prepared::default()))
+    }
+
+    /// The stencil branch's transpose as a stencil branch, where it is one: at stride 1 with
+    /// "same" padding, a depthwise stencil of multiplier 1 and a point-symmetric tap set (every
+    /// stencil we define), the input gradient of the branch is the branch itself applied to the
+    /// output gradient with each tap's weights moved to the opposite tap. Returns that geometry
+    /// (no pointwise branch) and those weights, (Cout, 1, |S|).
+    fn flipped<T: Real>(&self, q: &[T]) -> Option<(NhwcConv, Vec<T>)> {
+        let st = self.stencil.as_ref()?;
         let same = self.stride == 1 && self.ho == self.h && self.wo == self.w;
-        let (st, q) = self.stencil.as_ref().zip(q)?;
-        if !same || (self.pointwise && p.is_some()) || st.g != 1 || self.cin != self.cout {
+        if !same || st.g != 1 || self.cin != self.cout {
             return None;
         }
         let nt = st.taps.len();
@@ -864,7 +889,7 @@ impl NhwcConv {
             pointwise: false,
             ..self.clone()
         };
-        Some(transposed.forward(gy, None, Some(&flipped), None, Prepared::default()))
+        Some((transposed, flipped))
     }
 
     /// gxrow (W x Cin) += the stencil branch's transpose into input row `r` = (sample, yi).

@@ -274,10 +274,13 @@ pub(crate) fn bn_input_grad<T: Real>(
         y.len(),
         x.len()
     );
+    // The coefficients as five contiguous vectors (channels along each), so that the loop
+    // over a row's channels vectorises (read as [f64; 5] per channel it did not).
+    let soa: [Vec<f64>; 5] = std::array::from_fn(|j| coef.iter().map(|k| k[j]).collect());
     // Every value written: chunks of whole rows, each zipped with the same rows of gy, y, x.
     par_new(x.len(), ROWS * c, |i, o| {
         let r = i..i + o.len();
-        isa_dispatch!(bn_input_grad_chunk(o, &gy[r.clone()], &y[r.clone()], d, &x[r], coef))
+        isa_dispatch!(bn_input_grad_chunk(o, &gy[r.clone()], &y[r.clone()], d, &x[r], &soa))
     })
 }
 
@@ -288,14 +291,16 @@ fn bn_input_grad_chunk<T: Real>(
     y: &[T],
     d: impl Fn(T, T) -> T,
     x: &[T],
-    coef: &[[f64; 5]],
+    [k, mu, is, a, bsum]: &[Vec<f64>; 5],
 ) {
-    let c = coef.len();
+    let c = k.len();
     let rows = gx.chunks_exact_mut(c).zip(gy.chunks_exact(c)).zip(y.chunks_exact(c));
     for (((o, g), y), x) in rows.zip(x.chunks_exact(c)) {
-        for ((((o, g), y), x), &[k, mu, is, a, bsum]) in o.iter_mut().zip(g).zip(y).zip(x).zip(coef) {
-            let xhat = (x.f() - mu) * is;
-            o.write(T::from_f64(k * (d(*g, *y).f() - a - xhat * bsum)));
+        // Slices of the row's length: no bounds checks in the loop below.
+        let (k, mu, is, a, bsum) = (&k[..c], &mu[..c], &is[..c], &a[..c], &bsum[..c]);
+        for i in 0..c {
+            let xhat = (x[i].f() - mu[i]) * is[i];
+            o[i].write(T::from_f64(k[i] * (d(g[i], y[i]).f() - a[i] - xhat * bsum[i])));
         }
     }
 }
