@@ -1005,8 +1005,8 @@ impl NhwcConv {
     fn stencil_weight_grad_row<T: Real>(&self, st: &NhwcStencil, r: usize, x: &[T], gy: &[T], acc: &mut [T]) {
         let (cin, cout, g) = (self.cin, self.cout, st.g);
         let opg = cout / (cin / g);
-        // f32 depthwise rows on AVX2 in registers (rows at the image's top and bottom edge and
-        // other stencils: the per-tap passes below, which give the same sums).
+        // f32 depthwise stencils on AVX2 in registers (other stencils and paths: the per-tap
+        // passes below, which give the same sums).
         if let (Some(x32), Some(gy32), Some(acc32)) = (T::as_f32(x), T::as_f32(gy), T::as_f32_mut(acc)) {
             if super::wgrad_avx2::depthwise_row(self, st, r, x32, gy32, acc32) {
                 return;
