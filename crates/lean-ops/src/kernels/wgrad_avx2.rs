@@ -39,8 +39,9 @@ pub(crate) fn depthwise_row(
         && cout == opg * cin
         && cout.is_multiple_of(8)
         && nt <= MAX_TAPS
+        // (`isa::active` is AVX2 or above only where the CPU reports AVX2 and FMA.)
         && crate::isa::active() >= crate::isa::Isa::Avx2;
-    if !applies || !avx2_fma() {
+    if !applies {
         return false;
     }
     let (s, d) = (conv.stride, st.dil as isize);
@@ -71,7 +72,7 @@ pub(crate) fn depthwise_row(
     assert!(x.len() >= conv.rows_in() * cin, "wgrad_avx2: input size");
     assert!(acc.len() >= nt * cout, "wgrad_avx2: sums size");
     let grow = &gy[r * conv.wo * cout..(r + 1) * conv.wo * cout];
-    // SAFETY: the CPU has AVX2 and FMA (checked above). The kernel reads `grow` at pixels < Wo
+    // SAFETY: the CPU has AVX2 and FMA (`isa::active` checked above). The kernel reads `grow` at pixels < Wo
     // and channels < Cout (its length is Wo·Cout); `acc` at taps < |S| and channels < Cout
     // (asserted long enough); `x` only for (tap, column) pairs in the tap's valid range, where
     // the input pixel is (ni, yi, xo·s + dx·d) with yi and the column inside the image (checked
@@ -97,17 +98,6 @@ pub(crate) fn depthwise_row(
         }
     }
     true
-}
-
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Where each tap reads along the row (see [`depthwise_row`]).
@@ -223,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_row_in_registers_has_the_per_tap_passes_sums_to_the_bit() {
-        if crate::isa::active() < crate::isa::Isa::Avx2 || !avx2_fma() {
+        if crate::isa::active() < crate::isa::Isa::Avx2 {
             // The kernel declines on this path: nothing to compare (the callers' tests cover
             // the per-tap passes).
             let conv = NhwcConv::pointwise_only(1, 4, 4, 8, 8, 1);
