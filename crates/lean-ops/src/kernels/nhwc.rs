@@ -11,7 +11,7 @@
 //! nest belong side by side, so a change to one is seen against the others.)
 
 use super::fused_avx2;
-use super::gemm_conv::{gemm_new, gemm_write, valid_range, zeroed};
+use super::gemm_conv::{gemm_new, gemm_rm, gemm_write, valid_range, zeroed};
 use super::gemm_small::{gemm_small_m, prefers_small_m};
 use super::par_new;
 use super::rows::{Epilogue, MomentsSink};
@@ -98,6 +98,14 @@ const MAX_ROW_TAPS: usize = MAX_TAPS * MAX_DENSE_CIN;
 const WGRAD_ROWS: usize = 4;
 /// Pixels per chunk of the pointwise weight gradient's split reduction.
 const PGRAD_PIXELS: usize = 4096;
+/// Values of the larger of x and gy per band of the one-pass backward (128 KiB of f32: a
+/// band's x, gy and gx stay in the core's L2 between the GEMMs and the stencil passes).
+const ONE_PASS_BAND_VALUES: usize = 32 << 10;
+/// The one-pass backward runs where the output has at least this many pixels per output
+/// channel (its per-task partial sums of gP are then small against the activations).
+const ONE_PASS_MIN_PIXELS_PER_WEIGHT: usize = 16;
+/// The fewest tasks of the one-pass backward.
+const ONE_PASS_MIN_TASKS: usize = 8;
 /// Output values per task of the forward pass (128 KiB of f32: the task's GEMM output stays in
 /// the core's L2 for the stencil and the epilogue that follow it).
 const FWD_TASK_VALUES: usize = 32 << 10;
@@ -751,6 +759,23 @@ impl NhwcConv {
     /// The gradients of x (rows_in x Cin; with `want_x`: a network's input needs none), of P
     /// (Cout, Cin) and of Q (Cout, g, |S|).
     pub fn backward<T: Real>(&self, x: &[T], p: Option<&[T]>, q: Option<&[T]>, gy: &[T], want_x: bool) -> NhwcGrads<T> {
+        if let (true, Some(p), Some(q)) = (want_x, p, q) {
+            if let Some(grads) = self.backward_one_pass(x, p, q, gy) {
+                return grads;
+            }
+        }
+        self.backward_separate(x, p, q, gy, want_x)
+    }
+
+    /// [`Self::backward`] as a pass per gradient.
+    fn backward_separate<T: Real>(
+        &self,
+        x: &[T],
+        p: Option<&[T]>,
+        q: Option<&[T]>,
+        gy: &[T],
+        want_x: bool,
+    ) -> NhwcGrads<T> {
         let pointwise = p.filter(|_| self.pointwise).map(|_| {
             let xs = self.subsampled(x);
             self.pointwise_weight_grad(xs.as_deref().unwrap_or(x), gy)
@@ -765,6 +790,83 @@ impl NhwcConv {
             pointwise,
             stencil,
         }
+    }
+
+    /// All three gradients of a stride-1 lean convolution (pointwise + depthwise stencil) in
+    /// one pass over x and gy: each task takes bands of rows small enough to stay in the
+    /// core's L2 and computes, per band, gx's rows (the GEMM gy·P, then the flipped stencil
+    /// added while they are in cache), gP's and gQ's contributions. Separate passes read x
+    /// and gy twice more and gx once more from memory (at 64 channels, 32x32, batch 64:
+    /// 16 MiB tensors, the stencil passes ~2 ms each). `None` where it does not apply: the
+    /// composite passes run instead.
+    ///
+    /// The reductions are deterministic and independent of the number of threads: gP and gQ
+    /// are summed per task (fixed bands, in order), then the tasks' sums in task order.
+    fn backward_one_pass<T: Real>(&self, x: &[T], p: &[T], q: &[T], gy: &[T]) -> Option<NhwcGrads<T>> {
+        let st = self.stencil.as_ref()?;
+        let (cin, cout, w) = (self.cin, self.cout, self.w);
+        // Weights small against the activations: per-task partial sums of gP cost little.
+        let pixels = self.rows_out();
+        if !self.pointwise || pixels < ONE_PASS_MIN_PIXELS_PER_WEIGHT * cout {
+            return None;
+        }
+        let (t, flipped) = self.flipped(q)?;
+        let tst = t.stencil.clone()?;
+        t.depthwise_opg(&tst)?;
+        let qflip = t.taps_major(&tst, &flipped);
+        let (nt, g) = (st.taps.len(), st.g);
+        let band_rows = (ONE_PASS_BAND_VALUES / (w * cin.max(cout))).max(1);
+        // Tasks of up to PGRAD_PIXELS pixels, at least ONE_PASS_MIN_TASKS of them (a
+        // property of the geometry, not of the machine: the sums' order stays fixed).
+        let task_pixels = PGRAD_PIXELS.min(pixels / ONE_PASS_MIN_TASKS);
+        let task_rows = band_rows * (task_pixels / (band_rows * w)).max(1);
+        let rows = self.n * self.h;
+        let row_in = w * cin;
+        let mut gx: Vec<T> = Vec::with_capacity(rows * row_in);
+        let partials: Vec<(Vec<T>, Vec<T>)> = gx.spare_capacity_mut()[..rows * row_in]
+            .par_chunks_mut(task_rows * row_in)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let r0 = i * task_rows;
+                let mut gpt = vec![T::zero(); cin * cout];
+                let mut gq = vec![T::zero(); nt * g * cout];
+                for (b, band) in chunk.chunks_mut(band_rows * row_in).enumerate() {
+                    let rb = r0 + b * band_rows;
+                    let px = band.len() / cin;
+                    let (gyb, xb) = (
+                        &gy[rb * w * cout..(rb * w + px) * cout],
+                        &x[rb * w * cin..(rb * w + px) * cin],
+                    );
+                    let gxb = gemm_write((px, cin, cout), band, gyb, (cout, 1), p, (cin, 1), Parallelism::None);
+                    crate::isa::isa_dispatch!(t.finish_rows(Some((&tst, &qflip)), None, rb, gy, gxb));
+                    // gPᵀ (Cin x Cout) += xbᵀ · gyb (see `pointwise_weight_grad`).
+                    gemm_rm(
+                        cin,
+                        cout,
+                        px,
+                        &mut gpt,
+                        true,
+                        xb,
+                        (1, cin),
+                        gyb,
+                        (cout, 1),
+                        Parallelism::None,
+                    );
+                    for r in rb..rb + px / w {
+                        crate::isa::isa_dispatch!(self.stencil_weight_grad_row(st, r, x, gy, &mut gq));
+                    }
+                }
+                (gpt, gq)
+            })
+            .collect();
+        // SAFETY: every band of every task was written whole by `gemm_write`.
+        unsafe { gx.set_len(rows * row_in) };
+        let (gpts, gqs): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+        Some(NhwcGrads {
+            x: Some(gx),
+            pointwise: Some(transpose_samples(&sum_in_order(gpts), 1, cin, cout)),
+            stencil: Some(self.stencil_grad_layout(st, &sum_in_order(gqs))),
+        })
     }
 
     fn input_grad<T: Real>(&self, p: Option<&[T]>, q: Option<&[T]>, gy: &[T]) -> Vec<T> {
@@ -987,8 +1089,12 @@ impl NhwcConv {
                 acc
             })
             .collect();
-        let qt = sum_in_order(partials);
-        // (|S|, g, Cout) -> (Cout, g, |S|).
+        self.stencil_grad_layout(st, &sum_in_order(partials))
+    }
+
+    /// A stencil weight gradient summed as (|S|, g, Cout), laid out as Q: (Cout, g, |S|).
+    fn stencil_grad_layout<T: Real>(&self, st: &NhwcStencil, qt: &[T]) -> Vec<T> {
+        let (g, nt, cout) = (st.g, st.taps.len(), self.cout);
         let mut gq = vec![T::zero(); qt.len()];
         for co in 0..cout {
             for j in 0..g {
@@ -1277,6 +1383,78 @@ fn transpose_strips<T: Real, const R: usize>(xn: &[T], yn: &mut [std::mem::Maybe
             for (d, r) in dst.iter_mut().zip(r0..r1) {
                 d.write(xn[r * cols + c]);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass backward against the pass-per-gradient one, where its tasks hold several
+    /// bands and the last band and task are short (f32 and f64, both stencils).
+    #[test]
+    fn one_pass_backward_equals_the_separate_passes() {
+        const FIVE: &[(isize, isize)] = &[(-1, 0), (0, -1), (0, 0), (0, 1), (1, 0)];
+        const FULL: &[(isize, isize)] = &[
+            (-1, -1),
+            (-1, 0),
+            (-1, 1),
+            (0, -1),
+            (0, 0),
+            (0, 1),
+            (1, -1),
+            (1, 0),
+            (1, 1),
+        ];
+        fn check<T: Real>(taps: &'static [(isize, isize)], tol: f64) {
+            // 64 channels, 48 wide: 10-row bands, 80-row tasks (8 bands), 182 rows in all.
+            let (n, h, w, c) = (7, 26, 48, 64);
+            let g = NhwcConv {
+                n,
+                h,
+                w,
+                cin: c,
+                cout: c,
+                stride: 1,
+                ho: h,
+                wo: w,
+                pointwise: true,
+                stencil: Some(NhwcStencil { g: 1, dil: 1, taps }),
+            };
+            let val = |i: usize, m: usize| T::from_f64(((i * m) % 1009) as f64 / 1009.0 - 0.5);
+            let x: Vec<T> = (0..g.rows_in() * c).map(|i| val(i, 7919)).collect();
+            let gy: Vec<T> = (0..g.rows_out() * c).map(|i| val(i, 104729)).collect();
+            let p: Vec<T> = (0..c * c).map(|i| val(i, 31)).collect();
+            let q: Vec<T> = (0..c * taps.len()).map(|i| val(i, 13)).collect();
+            let band_rows = ONE_PASS_BAND_VALUES / (w * c);
+            let task_rows = band_rows * (PGRAD_PIXELS / (band_rows * w));
+            assert!(task_rows >= 2 * band_rows && (n * h) % task_rows != 0 && (n * h) % band_rows != 0);
+            let one = g
+                .backward_one_pass(&x, &p, &q, &gy)
+                .expect("the one-pass backward applies");
+            let sep = g.backward_separate(&x, Some(&p), Some(&q), &gy, true);
+            let pairs = [
+                (&one.x, &sep.x, "x"),
+                (&one.pointwise, &sep.pointwise, "P"),
+                (&one.stencil, &sep.stencil, "Q"),
+            ];
+            for (a, b, name) in pairs {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                assert_eq!(a.len(), b.len(), "gradient of {name}: length");
+                for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                    let (u, v) = (u.f(), v.f());
+                    assert!(
+                        (u - v).abs() <= tol * (1.0 + v.abs()),
+                        "gradient of {name} [{i}]: {u} vs {v} ({} taps)",
+                        taps.len()
+                    );
+                }
+            }
+        }
+        for taps in [FIVE, FULL] {
+            check::<f32>(taps, 1e-4);
+            check::<f64>(taps, 1e-12);
         }
     }
 }
