@@ -1467,23 +1467,12 @@ fn transpose_strips<T: Real, const R: usize>(xn: &[T], yn: &mut [std::mem::Maybe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Stencil;
 
     /// The one-pass backward against the pass-per-gradient one, where its tasks hold several
     /// bands and the last band and task are short (f32 and f64, both stencils).
     #[test]
     fn one_pass_backward_equals_the_separate_passes() {
-        const FIVE: &[(isize, isize)] = &[(-1, 0), (0, -1), (0, 0), (0, 1), (1, 0)];
-        const FULL: &[(isize, isize)] = &[
-            (-1, -1),
-            (-1, 0),
-            (-1, 1),
-            (0, -1),
-            (0, 0),
-            (0, 1),
-            (1, -1),
-            (1, 0),
-            (1, 1),
-        ];
         fn check<T: Real>(taps: &'static [(isize, isize)], tol: f64) {
             // 64 channels, 48 wide: 10-row bands, 80-row tasks (8 bands), 182 rows in all.
             let (n, h, w, c) = (7, 26, 48, 64);
@@ -1529,7 +1518,7 @@ mod tests {
                 }
             }
         }
-        for taps in [FIVE, FULL] {
+        for taps in [Stencil::Five.taps(), Stencil::Full.taps()] {
             check::<f32>(taps, 1e-4);
             check::<f64>(taps, 1e-12);
         }
@@ -1539,17 +1528,6 @@ mod tests {
     /// several bands per task, short last ones, strides 1 and 2 and dilation 2.
     #[test]
     fn dense_stencil_weight_grad_equals_the_per_tap_passes() {
-        const FULL: &[(isize, isize)] = &[
-            (-1, -1),
-            (-1, 0),
-            (-1, 1),
-            (0, -1),
-            (0, 0),
-            (0, 1),
-            (1, -1),
-            (1, 0),
-            (1, 1),
-        ];
         for (stride, dil) in [(1, 1), (2, 1), (1, 2)] {
             // 3 -> 24 channels, 40 wide: (|S|·Cin = 27) 34-row bands.
             let (n, h, w, cin, cout) = (11, 41, 40, 3, 24);
@@ -1567,7 +1545,7 @@ mod tests {
                 stencil: Some(NhwcStencil {
                     g: cin,
                     dil,
-                    taps: FULL,
+                    taps: Stencil::Full.taps(),
                 }),
             };
             let val = |i: usize, m: usize| ((i * m) % 1009) as f64 / 1009.0 - 0.5;
