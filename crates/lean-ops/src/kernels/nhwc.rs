@@ -1143,8 +1143,17 @@ impl NhwcConv {
                 acc
             })
             .collect();
-        // (Cout, |S|·Cin) -> (|S|, g = Cin, Cout).
-        self.stencil_grad_layout(st, &transpose_samples(&sum_in_order(partials), 1, cout, k))
+        // (Cout, |S|, Cin) -> Q's layout (Cout, g = Cin, |S|).
+        let (nt, sum) = (st.taps.len(), sum_in_order(partials));
+        let mut gq = vec![T::zero(); sum.len()];
+        for co in 0..cout {
+            for t in 0..nt {
+                for j in 0..cin {
+                    gq[(co * cin + j) * nt + t] = sum[co * k + t * cin + j];
+                }
+            }
+        }
+        gq
     }
 
     /// Writes output row `r`'s im2col rows into `cols` (Wo x |S|·Cin): per output pixel, each
