@@ -732,12 +732,18 @@ impl GradStore {
     ///
     /// lean-convnets patch: upstream 0.11.1 seeds every gradient with `zeros_like` and adds into
     /// it (`or_insert` + `add`), one memset and one full elementwise pass per gradient edge.
-    /// Tensors are immutable, so storing the first gradient itself is equivalent.
+    /// Tensors are immutable, so storing the first gradient itself is equivalent. Later
+    /// gradients are added in place into the stored sum where no other handle shares it
+    /// (`Tensor::add_assign_unshared`): then nobody can observe the change.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
-                entry.insert(sum);
+                // In place where the stored sum is this store's alone (no allocation, one
+                // stream fewer); else as upstream.
+                if !entry.get().add_assign_unshared(grad)? {
+                    let sum = entry.get().add(grad)?;
+                    entry.insert(sum);
+                }
             }
             Entry::Vacant(entry) => {
                 if grad.shape() != tensor.shape() {

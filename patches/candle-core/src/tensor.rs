@@ -2757,6 +2757,43 @@ impl Tensor {
         m.forward_t(self, train)
     }
 
+    /// lean-convnets patch: `self += rhs` in place, for the backward pass's gradient sums
+    /// (`GradStore::accumulate`), where nothing else can see `self`'s values: this handle is
+    /// the tensor's only one and its storage is not shared. Both must be contiguous CPU
+    /// tensors of f32 or f64 with the same shape; answers whether it added (else the caller
+    /// adds out of place). The values are those of `self.add(rhs)`, bit for bit.
+    pub(crate) fn add_assign_unshared(&self, rhs: &Tensor) -> Result<bool> {
+        use crate::CpuStorage;
+        use rayon::prelude::*;
+        if Arc::strong_count(&self.0) != 1
+            || Arc::strong_count(&self.storage) != 1
+            || Arc::ptr_eq(&self.storage, &rhs.storage)
+            || self.shape() != rhs.shape()
+            || self.dtype() != rhs.dtype()
+        {
+            return Ok(false);
+        }
+        let (Some((a0, a1)), Some((b0, b1))) = (self.layout.contiguous_offsets(), rhs.layout.contiguous_offsets())
+        else {
+            return Ok(false);
+        };
+        fn add<T: Copy + Send + Sync + std::ops::Add<Output = T>>(a: &mut [T], b: &[T]) {
+            const CHUNK: usize = 1 << 15;
+            a.par_chunks_mut(CHUNK)
+                .zip(b.par_chunks(CHUNK))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(u, v)| *u = *u + *v));
+        }
+        // Two different locks (the storages are not the same, checked above).
+        let mut lhs = self.storage_mut();
+        let rhs = rhs.storage();
+        match (&mut *lhs, &*rhs) {
+            (Storage::Cpu(CpuStorage::F32(a)), Storage::Cpu(CpuStorage::F32(b))) => add(&mut a[a0..a1], &b[b0..b1]),
+            (Storage::Cpu(CpuStorage::F64(a)), Storage::Cpu(CpuStorage::F64(b))) => add(&mut a[a0..a1], &b[b0..b1]),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
     /// Acquire read lock on storage and returns guard.
     /// `read_recursive` allows for shared read access.
     pub(crate) fn storage(&self) -> StorageRef<'_> {
