@@ -1144,16 +1144,8 @@ impl NhwcConv {
             })
             .collect();
         // (Cout, |S|, Cin) -> Q's layout (Cout, g = Cin, |S|).
-        let (nt, sum) = (st.taps.len(), sum_in_order(partials));
-        let mut gq = vec![T::zero(); sum.len()];
-        for co in 0..cout {
-            for t in 0..nt {
-                for j in 0..cin {
-                    gq[(co * cin + j) * nt + t] = sum[co * k + t * cin + j];
-                }
-            }
-        }
-        gq
+        let sum = sum_in_order(partials);
+        q_layout((cout, cin, st.taps.len()), |co, j, t| sum[co * k + t * cin + j])
     }
 
     /// Writes output row `r`'s im2col rows into `cols` (Wo x |S|·Cin): per output pixel, each
@@ -1180,16 +1172,8 @@ impl NhwcConv {
 
     /// A stencil weight gradient summed as (|S|, g, Cout), laid out as Q: (Cout, g, |S|).
     fn stencil_grad_layout<T: Real>(&self, st: &NhwcStencil, qt: &[T]) -> Vec<T> {
-        let (g, nt, cout) = (st.g, st.taps.len(), self.cout);
-        let mut gq = vec![T::zero(); qt.len()];
-        for co in 0..cout {
-            for j in 0..g {
-                for t in 0..nt {
-                    gq[(co * g + j) * nt + t] = qt[(t * g + j) * cout + co];
-                }
-            }
-        }
-        gq
+        let (g, cout) = (st.g, self.cout);
+        q_layout((cout, g, st.taps.len()), |co, j, t| qt[(t * g + j) * cout + co])
     }
 
     /// acc (|S|, g, Cout) += the stencil weight gradient of output row `r` = (sample, yo).
@@ -1291,6 +1275,17 @@ fn expand<'a, T: Real>(xp: &[T], opg: usize, buf: &'a mut [T]) -> &'a [T] {
         chunk.fill(*v);
     }
     buf
+}
+
+/// A stencil weight gradient in Q's layout (Cout, g, |S|), value (co, j, t) taken from `at`.
+fn q_layout<T: Real>((cout, g, nt): (usize, usize, usize), at: impl Fn(usize, usize, usize) -> T) -> Vec<T> {
+    let mut gq = Vec::with_capacity(cout * g * nt);
+    for co in 0..cout {
+        for j in 0..g {
+            gq.extend((0..nt).map(|t| at(co, j, t)));
+        }
+    }
+    gq
 }
 
 /// The elementwise sum of equally long partial results, in their order.

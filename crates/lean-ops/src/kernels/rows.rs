@@ -112,6 +112,8 @@ fn split_rows<T>(v: &[T], c: usize) -> [&[T]; UNROLL] {
 /// (2x slower at 64 channels); each row is still added in row order, so the sums are the same
 /// to the bit.
 const UNROLL: usize = 4;
+// `moments_chunk` spells out the four terms.
+const _: () = assert!(UNROLL == 4);
 
 /// Per channel, (Σ gz·(x - centre), Σ gz) over all rows, where gz = d(gy, y) is the gradient
 /// before the activation whose output is `y` (computed on the fly, never stored).
